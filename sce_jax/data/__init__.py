@@ -1,0 +1,1 @@
+"""Input pipelines: host crops (tf.data or grain) and accelerator colour augmentations."""

@@ -1,0 +1,79 @@
+"""The SCE objective (spec section 1) and the crop pairing (spec section 2).
+
+Per row, over the columns [positives / in-batch keys, queue]:
+  online logits  s_q = q . keys / temp
+  target logits  s_z = z . keys / temp_m, with the positive's own column set to m
+  w = coeff * onehot(positive) + (1 - coeff) * softmax(s_z)
+  L = - sum_j w_j log_softmax(s_q)_j
+"""
+import jax
+import jax.numpy as jnp
+
+POSITIVE_MODES = ("zero_logit", "exclude")
+
+
+def soft_contrastive(sim_q, sim_z, pos, *, temp, temp_m, coeff, positive="zero_logit"):
+  """SCE from raw similarities.
+
+  Args:
+    sim_q: (N, C) online similarities q . keys.
+    sim_z: (N, C) target similarities z . keys (no gradient).
+    pos: (N,) column of each row's positive.
+  Returns:
+    (per-row loss (N,), target distribution w (N, C)).
+  """
+  if positive not in POSITIVE_MODES:
+    raise ValueError(f"positive must be one of {POSITIVE_MODES}, got {positive!r}")
+  sim_z = jax.lax.stop_gradient(sim_z)
+  onehot = jax.nn.one_hot(pos, sim_q.shape[1], dtype=sim_q.dtype)
+  # The authors' code sets the positive's target similarity to 0 (logit m = 0); the paper
+  # leaves the positive out of the relational distribution (m = -inf). Spec 1.
+  m = 0.0 if positive == "zero_logit" else -jnp.inf
+  logits_z = jnp.where(onehot > 0, m, sim_z / temp_m)
+  w = coeff * onehot + (1 - coeff) * jax.nn.softmax(logits_z, axis=-1)
+  log_p = jax.nn.log_softmax(sim_q / temp, axis=-1)
+  return -jnp.sum(w * log_p, axis=-1), w
+
+
+def sce_loss(q, z, queue, *, temp, temp_m, coeff, positive="zero_logit", **negatives):
+  """Mean SCE loss over the rows of q (arguments as in `sce_terms`)."""
+  loss, _ = sce_terms(q, z, queue, temp=temp, temp_m=temp_m, coeff=coeff, positive=positive,
+                      **negatives)
+  return jnp.mean(loss)
+
+
+def sce_terms(q, z, queue, *, temp, temp_m, coeff, positive="zero_logit",
+              batch_keys=None, batch_index=None):
+  """Per-row SCE loss (N,) and target distribution (N, C).
+
+  Args:
+    q: (N, D) L2-normalised online embeddings.
+    z: (N, D) L2-normalised target embeddings of the other view (the positives).
+    queue: (K, D) past target embeddings used as negatives, or None.
+    batch_keys: optional (M, D) target embeddings of the global batch (all devices); when
+      given they replace the positive column: every other row is an in-batch negative.
+    batch_index: (N,) index of each row's own positive in batch_keys.
+  """
+  if batch_keys is None:
+    sim_q = [jnp.sum(q * z, axis=-1, keepdims=True)]
+    sim_z = [jnp.zeros_like(sim_q[0])]  # replaced by m below
+    pos = jnp.zeros(q.shape[0], jnp.int32)
+  else:
+    sim_q, sim_z, pos = [q @ batch_keys.T], [z @ batch_keys.T], batch_index
+  if queue is not None:
+    sim_q.append(q @ queue.T)
+    sim_z.append(z @ queue.T)
+  return soft_contrastive(jnp.concatenate(sim_q, 1), jnp.concatenate(sim_z, 1), pos,
+                          temp=temp, temp_m=temp_m, coeff=coeff, positive=positive)
+
+
+def crop_pairs(num_views, num_global, symmetric):
+  """(target view, online view) pairs whose losses are averaged (spec 2).
+
+  Symmetric (ImageNet): target view i over the global crops, online view j != i over all
+  crops: 2 pairs for 2 crops, 10 for 2 + 4. Asymmetric (CIFAR): target view 0, online views
+  1 .. num_views - 1.
+  """
+  if symmetric:
+    return [(i, j) for i in range(num_global) for j in range(num_views) if j != i]
+  return [(0, j) for j in range(1, num_views)]

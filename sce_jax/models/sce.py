@@ -1,0 +1,44 @@
+"""The SCE network: trunk -> projector -> predictor, plus the online linear probe.
+
+The online network has all four parts; the target (EMA) network is the same module built with
+`with_predictor=False, num_classes=0`, so its parameters are the online `trunk` and `projector`
+subtrees (spec 3: same trunk + projector, no predictor).
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sce_jax.models import heads, resnet
+
+
+class SCENet(nn.Module):
+  model: Any            # config.model (trunk, width, small_stem, projector, predictor, dtype)
+  with_predictor: bool = True
+  num_classes: int = 0  # > 0 adds the online linear probe on stop-gradient features.
+
+  def setup(self):
+    cfg = self.model
+    dtype = jnp.dtype(cfg.dtype)
+    self.trunk = resnet.resnet(cfg.trunk, width=cfg.width, small_stem=cfg.small_stem, dtype=dtype)
+    self.projector = heads.MLP(**cfg.projector, dtype=dtype)
+    if self.with_predictor and cfg.predictor.num_layers > 0:
+      self.predictor = heads.MLP(**cfg.predictor, dtype=dtype)
+    if self.num_classes:
+      self.probe = nn.Dense(self.num_classes, kernel_init=nn.initializers.normal(0.01),
+                            name="probe")
+
+  def __call__(self, x, train: bool = True):
+    """Returns dict(feat, proj, pred[, logits]); pred is proj when there is no predictor."""
+    feat = self.trunk(x, train)
+    out = {"feat": feat, "proj": self.projector(feat, train)}
+    out["pred"] = (self.predictor(out["proj"], train)
+                   if hasattr(self, "predictor") else out["proj"])
+    if self.num_classes:
+      out["logits"] = self.probe(jax.lax.stop_gradient(feat).astype(jnp.float32))
+    return out
+
+  def features(self, x):
+    """Trunk features in inference mode (BN running statistics), for evaluation."""
+    return self.trunk(x, train=False)

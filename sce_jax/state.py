@@ -1,0 +1,52 @@
+"""The training state as one pytree (spec section 3), and its initialisation."""
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from sce_jax.models import SCENet
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any               # online: trunk, projector, predictor, probe
+  batch_stats: Any
+  target_params: Any        # EMA of the online trunk and projector
+  target_batch_stats: Any   # the target's own running BN statistics (not EMA'd, spec 3)
+  opt_state: Any
+  queue: jax.Array          # (K, D) FIFO ring of target embeddings, K may be 0
+  queue_ptr: jax.Array
+  rng: jax.Array
+
+
+def make_models(config, num_classes):
+  """Online network (with predictor and probe) and target network (trunk + projector)."""
+  probe_classes = num_classes if config.probe.enabled else 0
+  return (SCENet(config.model, with_predictor=True, num_classes=probe_classes),
+          SCENet(config.model, with_predictor=False, num_classes=0))
+
+
+def init_state(config, online, target, tx, rng, image_size):
+  """A fresh state. The target is a copy of the online trunk and projector, or (config
+  sce.target_init='random') an independent random init like the authors' code allows."""
+  init_rng, target_rng, queue_rng, rng = jax.random.split(rng, 4)
+  x = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
+  variables = online.init(init_rng, x, train=True)
+  params, batch_stats = variables["params"], variables["batch_stats"]
+  if config.sce.target_init == "copy":
+    t_vars = {k: {n: variables[k][n] for n in ("trunk", "projector")} for k in variables}
+  elif config.sce.target_init == "random":
+    t_vars = target.init(target_rng, x, train=True)
+  else:
+    raise ValueError(f"sce.target_init must be 'copy' or 'random', got {config.sce.target_init!r}")
+  dim = config.model.projector.out_dim
+  size = config.sce.queue if config.sce.negatives in ("queue", "both") else 0
+  queue = jax.random.normal(queue_rng, (size, dim), jnp.float32)
+  queue = queue / jnp.linalg.norm(queue, axis=1, keepdims=True)
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+      target_params=jax.tree.map(jnp.copy, t_vars["params"]),
+      target_batch_stats=jax.tree.map(jnp.copy, t_vars["batch_stats"]),
+      opt_state=tx.init(params), queue=queue, queue_ptr=jnp.zeros((), jnp.int32), rng=rng)

@@ -1,0 +1,197 @@
+"""One SCE training step, jitted over a `data` mesh (spec sections 1-3).
+
+Shape of the step: colour augmentations on the accelerator; the target branch on the global
+crops; the online branch on every crop it sees (crops of one resolution in one forward pass);
+the loss inside `jax.shard_map`, where each device gathers the target embeddings of all
+devices; optax update; EMA of the target after it; FIFO queue update with the target
+embeddings of the whole global batch. Everything outside the shard_map is written for the
+global batch, so BatchNorm statistics are those of the global batch (synchronised BN).
+"""
+import functools
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from sce_jax import losses, optim
+from sce_jax import state as state_lib
+from sce_jax.models import SCENet
+
+DATA = "data"
+
+
+def make_mesh(devices=None):
+  """A 1-D data-parallel mesh over all (or the given) devices."""
+  devices = jax.devices() if devices is None else devices
+  return jax.make_mesh((len(devices),), (DATA,), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=devices)
+
+
+def _normalize(x):
+  x = x.astype(jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def _groups(views, indices):
+  """Consecutive runs of same-resolution views among `indices`: [(indices, shape)]."""
+  groups = []
+  for i in indices:
+    if groups and views[groups[-1][0][-1]].shape == views[i].shape:
+      groups[-1][0].append(i)
+    else:
+      groups.append([[i]])
+  return [g[0] for g in groups]
+
+
+def _forward(model, params, batch_stats, views, indices):
+  """Runs `model` once per resolution group; returns outputs per view and the new BN stats."""
+  outs = {}
+  for group in _groups(views, indices):
+    x = jnp.concatenate([views[i] for i in group])
+    out, upd = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
+                           mutable=["batch_stats"])
+    batch_stats = upd["batch_stats"]
+    for k, i in enumerate(group):
+      outs[i] = jax.tree.map(lambda a: jnp.split(a, len(group))[k], out)
+  return outs, batch_stats
+
+
+def make_loss_fn(sce_cfg, mesh, pairs):
+  """The pair-averaged SCE loss over the mesh, with cross-device in-batch negatives.
+
+  Returns f(qs, zs, queue) -> (loss, metrics) where qs / zs map view index to (B, D)
+  embeddings sharded over `data`, and queue is (K, D) replicated or None.
+  """
+  use_batch = sce_cfg.negatives in ("batch", "both")
+  kw = dict(temp=sce_cfg.temp, temp_m=sce_cfg.temp_m, coeff=sce_cfg.coeff,
+            positive=sce_cfg.positive)
+
+  def local(qs, zs, queue):
+    total, pos_sim, entropy = 0.0, 0.0, 0.0
+    keys = {}
+    for i, j in pairs:
+      q, z = qs[j], zs[i]
+      neg = {}
+      if use_batch:
+        if i not in keys:  # every device's target embeddings of view i, in global order
+          keys[i] = jax.lax.all_gather(z, DATA, tiled=True)
+        n = z.shape[0]
+        neg = dict(batch_keys=keys[i],
+                   batch_index=jax.lax.axis_index(DATA) * n + jnp.arange(n))
+      loss, w = losses.sce_terms(q, z, queue, **kw, **neg)
+      total += jnp.mean(loss)
+      pos_sim += jnp.mean(jnp.sum(q * z, axis=-1))
+      entropy += jnp.mean(-jnp.sum(jnp.where(w > 0, w * jnp.log(w), 0.0), axis=-1))
+    terms = jnp.stack([total, pos_sim, entropy]) / len(pairs)
+    terms = jax.lax.pmean(terms, DATA)
+    return terms[0], {"pos_sim": terms[1], "target_entropy": terms[2]}
+
+  def loss_fn(qs, zs, queue):
+    specs = ({k: P(DATA) for k in qs}, {k: P(DATA) for k in zs})
+    out_specs = (P(), {"pos_sim": P(), "target_entropy": P()})
+    if queue is None:
+      fn = jax.shard_map(lambda q, z: local(q, z, None), mesh=mesh, in_specs=specs,
+                         out_specs=out_specs)
+      return fn(qs, zs)
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(*specs, P()), out_specs=out_specs)
+    return fn(qs, zs, queue)
+
+  return loss_fn
+
+
+def make_train_step(config, mesh, online, target, tx, lr_fn, ema_fn, augment_fn=None):
+  """Builds the jitted step(state, batch) -> (state, metrics).
+
+  batch: {'views': tuple of (B, H_v, W_v, 3) images, 'label': (B,) int32}. With augment_fn,
+  views are uint8 crops and augment_fn(key, views) returns normalised float views; without
+  it, views are used as given.
+  """
+  sce = config.sce
+
+  def step(state, batch):
+    views = list(batch["views"])
+    rng, aug_key = jax.random.split(state.rng)
+    if augment_fn is not None:
+      views = list(augment_fn(aug_key, views))
+    pairs = losses.crop_pairs(len(views), sce.num_global, sce.symmetric)
+    target_views = sorted({i for i, _ in pairs})
+    online_views = sorted({j for _, j in pairs})
+
+    t_out, t_stats = _forward(target, state.target_params, state.target_batch_stats, views,
+                              target_views)
+    zs = {i: jax.lax.stop_gradient(_normalize(t_out[i]["proj"])) for i in target_views}
+    queue = state.queue if state.queue.shape[0] else None
+    sce_loss_fn = make_loss_fn(sce, mesh, pairs)
+
+    def objective(params):
+      o_out, stats = _forward(online, params, state.batch_stats, views, online_views)
+      qs = {j: _normalize(o_out[j]["pred"]) for j in online_views}
+      loss, metrics = sce_loss_fn(qs, zs, queue)
+      total = loss
+      if "logits" in o_out[online_views[0]]:
+        probed = [j for j in online_views if views[j].shape == views[online_views[0]].shape]
+        logits = jnp.concatenate([o_out[j]["logits"] for j in probed])
+        labels = jnp.tile(batch["label"], len(probed))
+        probe_loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        metrics["probe_loss"] = probe_loss
+        metrics["probe_top1"] = jnp.mean(jnp.argmax(logits, -1) == labels)
+        total = total + probe_loss
+      metrics["loss"] = loss
+      return total, (metrics, stats)
+
+    grads, (metrics, stats) = jax.grad(objective, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+
+    m = ema_fn(state.step)
+    target_params = jax.tree.map(lambda t, o: m * t + (1.0 - m) * o, state.target_params,
+                                 {k: params[k] for k in state.target_params})
+
+    queue_arr, ptr = state.queue, state.queue_ptr
+    if queue is not None:
+      keys = jnp.concatenate([zs[i] for i in target_views])
+      if queue_arr.shape[0] % keys.shape[0]:
+        raise ValueError(f"sce.queue={queue_arr.shape[0]} must be a multiple of the "
+                         f"{keys.shape[0]} target embeddings written per step.")
+      queue_arr = jax.lax.dynamic_update_slice(queue_arr, keys.astype(queue_arr.dtype), (ptr, 0))
+      ptr = (ptr + keys.shape[0]) % queue_arr.shape[0]
+
+    metrics.update(lr=lr_fn(state.step), ema_momentum=m,
+                   grad_norm=optax.global_norm({k: v for k, v in grads.items() if k != "probe"}))
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=stats,
+                              target_params=target_params, target_batch_stats=t_stats,
+                              opt_state=opt_state, queue=queue_arr, queue_ptr=ptr, rng=rng)
+    return new_state, metrics
+
+  replicated = NamedSharding(mesh, P())
+  return jax.jit(step, in_shardings=(replicated, NamedSharding(mesh, P(DATA))),
+                 out_shardings=(replicated, replicated), donate_argnums=0)
+
+
+class Parts(NamedTuple):
+  """What a run needs, assembled once from the config."""
+  online: SCENet
+  target: SCENet
+  tx: optax.GradientTransformation
+  lr_fn: Callable
+  ema_fn: Callable
+  total_steps: int
+  init: Callable   # rng -> TrainState, placed replicated on the mesh
+  step: Callable   # (state, batch) -> (state, metrics), jitted, state donated
+
+
+def build(config, mesh, *, num_classes, steps_per_epoch, augment_fn=None):
+  """Models, optimiser, schedules, state initialiser and the jitted step for `config`."""
+  total_steps = int(config.epochs * steps_per_epoch)
+  online, target = state_lib.make_models(config, num_classes)
+  lr_fn = optim.lr_schedule(config.optim, global_batch=config.batch_size,
+                            steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+  ema_fn = optim.ema_schedule(config.sce, total_steps)
+  tx = optim.make_optimizer(config, lr_fn, total_steps)
+  init = jax.jit(functools.partial(state_lib.init_state, config, online, target, tx,
+                                   image_size=config.data.image_size),
+                 out_shardings=NamedSharding(mesh, P()))
+  step = make_train_step(config, mesh, online, target, tx, lr_fn, ema_fn, augment_fn)
+  return Parts(online, target, tx, lr_fn, ema_fn, total_steps, init, step)
