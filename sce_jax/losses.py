@@ -24,7 +24,6 @@ def soft_contrastive(sim_q, sim_z, pos, *, temp, temp_m, coeff, positive="zero_l
   """
   if positive not in POSITIVE_MODES:
     raise ValueError(f"positive must be one of {POSITIVE_MODES}, got {positive!r}")
-  sim_z = jax.lax.stop_gradient(sim_z)
   onehot = jax.nn.one_hot(pos, sim_q.shape[1], dtype=sim_q.dtype)
   # The authors' code sets the positive's target similarity to 0 (logit m = 0); the paper
   # leaves the positive out of the relational distribution (m = -inf). Spec 1.
@@ -54,6 +53,8 @@ def sce_terms(q, z, queue, *, temp, temp_m, coeff, positive="zero_logit",
       given they replace the positive column: every other row is an in-batch negative.
     batch_index: (N,) index of each row's own positive in batch_keys.
   """
+  # Target embeddings, the queue and the gathered keys carry no gradient (spec 1).
+  z, queue, batch_keys = jax.lax.stop_gradient((z, queue, batch_keys))
   if batch_keys is None:
     sim_q = [jnp.sum(q * z, axis=-1, keepdims=True)]
     sim_z = [jnp.zeros_like(sim_q[0])]  # replaced by m below

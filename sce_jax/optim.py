@@ -39,7 +39,7 @@ def _matrices(params):
 def lars(learning_rate, *, weight_decay, momentum=0.9, trust_coefficient=1e-3):
   return optax.chain(
       optax.add_decayed_weights(weight_decay, mask=_matrices),
-      optax.masked(optax.scale_by_trust_ratio(trust_coefficient), _matrices),
+      optax.masked(optax.scale_by_trust_ratio(trust_coefficient=trust_coefficient), _matrices),
       optax.trace(decay=momentum),
       optax.scale_by_learning_rate(learning_rate))
 

@@ -16,7 +16,7 @@ class TrainState:
   target_params: Any        # EMA of the online trunk and projector
   target_batch_stats: Any   # the target's own running BN statistics (not EMA'd, spec 3)
   opt_state: Any
-  queue: jax.Array          # (K, D) FIFO ring of target embeddings, K may be 0
+  queue: Any               # (K, D) FIFO ring of target embeddings; None without a queue
   queue_ptr: jax.Array
   rng: jax.Array
 
@@ -41,10 +41,10 @@ def init_state(config, online, target, tx, rng, image_size):
     t_vars = target.init(target_rng, x, train=True)
   else:
     raise ValueError(f"sce.target_init must be 'copy' or 'random', got {config.sce.target_init!r}")
-  dim = config.model.projector.out_dim
-  size = config.sce.queue if config.sce.negatives in ("queue", "both") else 0
-  queue = jax.random.normal(queue_rng, (size, dim), jnp.float32)
-  queue = queue / jnp.linalg.norm(queue, axis=1, keepdims=True)
+  queue = None
+  if config.sce.negatives in ("queue", "both"):  # random unit vectors, as the reference
+    queue = jax.random.normal(queue_rng, (config.sce.queue, config.model.projector.out_dim))
+    queue = queue / jnp.linalg.norm(queue, axis=1, keepdims=True)
   return TrainState(
       step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
       target_params=jax.tree.map(jnp.copy, t_vars["params"]),

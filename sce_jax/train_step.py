@@ -34,6 +34,10 @@ def _normalize(x):
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
+def _global_norm(tree):
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+
+
 def _groups(views, indices):
   """Consecutive runs of same-resolution views among `indices`: [(indices, shape)]."""
   groups = []
@@ -56,6 +60,21 @@ def _forward(model, params, batch_stats, views, indices):
     for k, i in enumerate(group):
       outs[i] = jax.tree.map(lambda a: jnp.split(a, len(group))[k], out)
   return outs, batch_stats
+
+
+def ema_update(target_params, online_params, m):
+  """t = m * t + (1 - m) * o over the target's parameters (spec 3), after the optimiser."""
+  return jax.tree.map(lambda t, o: m * t + (1.0 - m) * o, target_params,
+                      {k: online_params[k] for k in target_params})
+
+
+def enqueue(queue, ptr, keys):
+  """Writes `keys` (all devices' target embeddings, in global order) at the FIFO pointer."""
+  if queue.shape[0] % keys.shape[0]:
+    raise ValueError(f"sce.queue={queue.shape[0]} must be a multiple of the {keys.shape[0]} "
+                     "target embeddings written per step (batch_size x target views).")
+  queue = jax.lax.dynamic_update_slice(queue, keys.astype(queue.dtype), (ptr, 0))
+  return queue, (ptr + keys.shape[0]) % queue.shape[0]
 
 
 def make_loss_fn(sce_cfg, mesh, pairs):
@@ -122,13 +141,12 @@ def make_train_step(config, mesh, online, target, tx, lr_fn, ema_fn, augment_fn=
     t_out, t_stats = _forward(target, state.target_params, state.target_batch_stats, views,
                               target_views)
     zs = {i: jax.lax.stop_gradient(_normalize(t_out[i]["proj"])) for i in target_views}
-    queue = state.queue if state.queue.shape[0] else None
     sce_loss_fn = make_loss_fn(sce, mesh, pairs)
 
     def objective(params):
       o_out, stats = _forward(online, params, state.batch_stats, views, online_views)
       qs = {j: _normalize(o_out[j]["pred"]) for j in online_views}
-      loss, metrics = sce_loss_fn(qs, zs, queue)
+      loss, metrics = sce_loss_fn(qs, zs, state.queue)
       total = loss
       if "logits" in o_out[online_views[0]]:
         probed = [j for j in online_views if views[j].shape == views[online_views[0]].shape]
@@ -146,23 +164,16 @@ def make_train_step(config, mesh, online, target, tx, lr_fn, ema_fn, augment_fn=
     params = optax.apply_updates(state.params, updates)
 
     m = ema_fn(state.step)
-    target_params = jax.tree.map(lambda t, o: m * t + (1.0 - m) * o, state.target_params,
-                                 {k: params[k] for k in state.target_params})
-
-    queue_arr, ptr = state.queue, state.queue_ptr
+    target_params = ema_update(state.target_params, params, m)
+    queue, ptr = state.queue, state.queue_ptr
     if queue is not None:
-      keys = jnp.concatenate([zs[i] for i in target_views])
-      if queue_arr.shape[0] % keys.shape[0]:
-        raise ValueError(f"sce.queue={queue_arr.shape[0]} must be a multiple of the "
-                         f"{keys.shape[0]} target embeddings written per step.")
-      queue_arr = jax.lax.dynamic_update_slice(queue_arr, keys.astype(queue_arr.dtype), (ptr, 0))
-      ptr = (ptr + keys.shape[0]) % queue_arr.shape[0]
+      queue, ptr = enqueue(queue, ptr, jnp.concatenate([zs[i] for i in target_views]))
 
     metrics.update(lr=lr_fn(state.step), ema_momentum=m,
-                   grad_norm=optax.global_norm({k: v for k, v in grads.items() if k != "probe"}))
+                   grad_norm=_global_norm({k: v for k, v in grads.items() if k != "probe"}))
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=stats,
                               target_params=target_params, target_batch_stats=t_stats,
-                              opt_state=opt_state, queue=queue_arr, queue_ptr=ptr, rng=rng)
+                              opt_state=opt_state, queue=queue, queue_ptr=ptr, rng=rng)
     return new_state, metrics
 
   replicated = NamedSharding(mesh, P())

@@ -3,8 +3,14 @@ import os
 import pathlib
 import tarfile
 
-import jax
-import pytest
+# XLA's CPU backend spends most of a test's time in LLVM optimisation (a tiny ResNet's init
+# takes ~40 s to compile at the default level, ~4 s at level 0); tests run tiny models, so
+# compile speed matters more than kernel speed. Subprocesses inherit this.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_backend_optimization_level=0").strip()
+
+import jax  # noqa: E402  (after XLA_FLAGS)
+import pytest  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 

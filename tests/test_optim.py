@@ -1,0 +1,85 @@
+"""LARS order of operations, schedules (spec sections 3 and 5)."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from sce_jax import optim
+
+
+def numpy_lars(params, grads_seq, lrs, wd, momentum, eta):
+  """The authors' LARS in float64: decay + trust ratio on ndim > 1, momentum, then lr."""
+  params = {k: v.astype(np.float64) for k, v in params.items()}
+  buf = {k: np.zeros_like(v) for k, v in params.items()}
+  for grads, lr in zip(grads_seq, lrs):
+    for k, p in params.items():
+      d = grads[k].astype(np.float64)
+      if p.ndim > 1:
+        d = d + wd * p
+        pn, dn = np.linalg.norm(p), np.linalg.norm(d)
+        d = d * (eta * pn / dn if pn > 0 and dn > 0 else 1.0)
+      buf[k] = momentum * buf[k] + d
+      params[k] = p - lr * buf[k]
+  return params
+
+
+def _run(tx, params, grads_seq):
+  state = tx.init(params)
+  for g in grads_seq:
+    updates, state = tx.update(g, state, params)
+    params = optax.apply_updates(params, updates)
+  return params
+
+
+def test_lars_applies_lr_after_momentum():
+  rng = np.random.default_rng(0)
+  params = {"w": rng.normal(size=(8, 4)).astype(np.float32),
+            "b": rng.normal(size=(4,)).astype(np.float32)}
+  grads_seq = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in params.items()}
+               for _ in range(6)]
+  lrs = [0.5, 1.0, 2.0, 1.5, 0.7, 0.1]  # a changing learning rate makes the order visible
+  schedule = lambda count: jnp.asarray(lrs)[count]
+  kw = dict(weight_decay=1e-2, momentum=0.9)
+  ours = _run(optim.lars(schedule, trust_coefficient=1e-3, **kw), params, grads_seq)
+  want = numpy_lars(params, grads_seq, lrs, wd=1e-2, momentum=0.9, eta=1e-3)
+  for k in params:
+    np.testing.assert_allclose(ours[k], want[k], rtol=1e-5, atol=1e-6)
+  # optax.lars scales by the learning rate before its momentum trace: a different optimiser.
+  masks = lambda p: jax.tree.map(lambda x: x.ndim > 1, p)
+  theirs = _run(optax.lars(schedule, weight_decay_mask=masks, trust_ratio_mask=masks, **kw),
+                params, grads_seq)
+  assert not np.allclose(theirs["b"], want["b"], rtol=1e-3)
+
+
+def test_sgd_is_torch_sgd_with_coupled_decay():
+  rng = np.random.default_rng(1)
+  p = {"w": rng.normal(size=(3, 3)).astype(np.float32)}
+  grads = [{"w": rng.normal(size=(3, 3)).astype(np.float32)} for _ in range(3)]
+  ours = _run(optim.sgd(0.1, weight_decay=0.01), p, grads)
+  w, buf = p["w"].astype(np.float64), 0.0
+  for g in grads:
+    buf = 0.9 * buf + g["w"] + 0.01 * w
+    w = w - 0.1 * buf
+  np.testing.assert_allclose(ours["w"], w, rtol=1e-5)
+
+
+def test_lr_schedule_scales_warms_up_and_decays():
+  cfg = ml_collections.ConfigDict(dict(base_lr=0.3, warmup_epochs=2))
+  fn = optim.lr_schedule(cfg, global_batch=512, steps_per_epoch=10, total_steps=100)
+  peak = 0.3 * 512 / 256
+  assert float(fn(0)) == 0.0
+  np.testing.assert_allclose(float(fn(10)), peak / 2, rtol=1e-6)
+  np.testing.assert_allclose(float(fn(20)), peak, rtol=1e-6)
+  np.testing.assert_allclose(float(fn(60)), peak * 0.5 * (1 + np.cos(np.pi * 0.5)), rtol=1e-5)
+  assert float(fn(100)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_ema_schedule():
+  cos = optim.ema_schedule(ml_collections.ConfigDict(dict(m0=0.99, m_schedule="cosine")), 101)
+  assert float(cos(0)) == pytest.approx(0.99)
+  assert float(cos(50)) == pytest.approx(0.995)
+  assert float(cos(100)) == pytest.approx(1.0)
+  const = optim.ema_schedule(ml_collections.ConfigDict(dict(m0=0.99, m_schedule="constant")), 9)
+  assert float(const(7)) == pytest.approx(0.99)
