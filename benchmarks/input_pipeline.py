@@ -1,0 +1,99 @@
+"""Throughput of the input pipeline's two stages (spec section 6), as a Markdown table.
+
+Host stage: decode + two 224-px random resized crops (imagenet_two_crop) from ~400x350 JPEGs,
+tf.data and grain, in images/s and images/s per CPU core. Accelerator stage: augment_views
+(jitted) on the first JAX device, in images/s (each image = both views).
+
+  python benchmarks/input_pipeline.py --images 256 --batch 32 --steps 8
+"""
+import argparse
+import importlib
+import os
+import pathlib
+import tempfile
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from sce_jax.data import augment
+from sce_jax.data import presets
+
+
+def make_jpegs(root, count, seed=0):
+  """Random-texture JPEGs of 400x350 (smooth blobs plus grain, quality 90) in 10 classes."""
+  rng = np.random.default_rng(seed)
+  for i in range(count):
+    blobs = Image.fromarray(rng.integers(0, 256, (14, 16, 3), np.uint8)).resize(
+        (400, 350), Image.BICUBIC)
+    pixels = np.asarray(blobs, np.int16) + rng.integers(-20, 21, (350, 400, 3))
+    folder = pathlib.Path(root) / f"class{i % 10}"
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{i}.jpg", quality=90)
+
+
+def host_rate(root, loader, batch, steps, **overrides):
+  """Images/s of the host stage after two warm-up batches."""
+  module = importlib.import_module(f"sce_jax.data.{loader}_pipeline")
+  cfg = ml_collections.ConfigDict(dict(
+      source="folder", name="", path=str(root), eval_path="", data_dir=None, train_split="train",
+      eval_split="test", image_size=224, loader=loader, shuffle_buffer=1024, num_workers=0,
+      prefetch=os.cpu_count(), cache=False))
+  cfg.update(overrides)
+  it = module.train_batches(cfg, views=presets.imagenet_two_crop(224), batch_size=batch, seed=0,
+                            start_step=0, process_index=0, process_count=1)
+  next(it), next(it)
+  start = time.perf_counter()
+  for _ in range(steps):
+    next(it)
+  rate = batch * steps / (time.perf_counter() - start)
+  if hasattr(it, "close"):
+    it.close()
+  return rate
+
+
+def accelerator_rate(batch, steps):
+  """Images/s of augment_views on two 224-px uint8 views, compiled beforehand."""
+  specs = presets.imagenet_two_crop(224)
+  views = [jax.device_put(np.random.default_rng(i).integers(0, 256, (batch, 224, 224, 3),
+                                                            np.uint8)) for i in range(2)]
+  fn = jax.jit(lambda key, views: augment.augment_views(
+      key, views, specs, presets.IMAGENET_MEAN, presets.IMAGENET_STD))
+  jax.block_until_ready(fn(jax.random.key(0), views))
+  start = time.perf_counter()
+  for step in range(steps):
+    out = fn(jax.random.key(step), views)
+  jax.block_until_ready(out)
+  return batch * steps / (time.perf_counter() - start)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--images", type=int, default=256, help="JPEGs written to a temp dir")
+  parser.add_argument("--batch", type=int, default=32)
+  parser.add_argument("--steps", type=int, default=8, help="timed batches per row")
+  parser.add_argument("--workers", type=int, default=os.cpu_count(), help="grain processes")
+  args = parser.parse_args()
+  cores = os.cpu_count()
+  rows = []
+  with tempfile.TemporaryDirectory() as root:
+    make_jpegs(root, args.images)
+    for name, loader, overrides in [
+        ("tf.data", "tf", {}),
+        ("grain, threads", "grain", {}),
+        (f"grain, {args.workers} processes", "grain", {"num_workers": args.workers})]:
+      rate = host_rate(root, loader, args.batch, args.steps, **overrides)
+      rows.append((f"host: {name}", f"{rate:.0f}", f"{rate / cores:.0f}"))
+  rate = accelerator_rate(args.batch, args.steps)
+  rows.append((f"accelerator: augment_views ({jax.devices()[0].device_kind})", f"{rate:.0f}", "-"))
+  print(f"| stage ({cores} CPU cores, batch {args.batch}, two 224-px crops) | images/s "
+        "| images/s per core |")
+  print("|---|---|---|")
+  for row in rows:
+    print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+  main()

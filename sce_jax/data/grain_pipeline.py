@@ -1,0 +1,102 @@
+"""Host stage on grain, without TensorFlow (spec section 6 CPU stage, section 7 evaluation).
+
+Pillow decodes; crops follow torchvision's RandomResizedCrop rule (`crop.crop_window`) with
+PIL's bilinear resize, as the reference's PIL pipeline. Everything is a grain MapDataset indexed
+by position in the infinite stream, so a batch depends only on (seed, process, step): resuming
+at `start_step` is slicing, and the number of worker processes does not change the batches.
+"""
+import functools
+import math
+import os
+
+from absl import flags
+import grain
+import numpy as np
+from PIL import Image
+
+from sce_jax.data import crop
+from sce_jax.data import sources
+
+
+def random_resized_crop(image: Image.Image, size, scale, ratio, rng) -> np.ndarray:
+  """torchvision RandomResizedCrop on a PIL image; rng is a np.random.Generator."""
+  top, left, h, w = (int(v) for v in crop.crop_window(
+      rng.random((crop.ATTEMPTS, 4)), image.height, image.width, scale, ratio))
+  return np.asarray(image.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h)))
+
+
+def center_crop(image: Image.Image, image_size) -> np.ndarray:
+  """Evaluation crop: resize the shorter side (`crop.eval_resize`), centre crop image_size."""
+  (h, w), (top, left) = crop.eval_geometry(image.height, image.width, image_size)
+  if (h, w) != (image.height, image.width):
+    image = image.resize((w, h), Image.BILINEAR)
+  return np.asarray(image.crop((left, top, left + image_size, top + image_size)))
+
+
+def _crop_views(record, rng, views):
+  image = sources.decode(record)
+  return {"views": tuple(random_resized_crop(image, v.size, v.scale, v.ratio, rng)
+                         for v in views),
+          "label": np.int32(record["label"])}
+
+
+def _eval_example(shard, image_size, i):
+  """Example i of this process's share, or a masked zero example past its end (padding)."""
+  if i >= len(shard):
+    return {"image": np.zeros((image_size, image_size, 3), np.uint8),
+            "label": np.int32(0), "mask": False}
+  record = shard[i]
+  return {"image": center_crop(sources.decode(record), image_size),
+          "label": np.int32(record["label"]), "mask": True}
+
+
+def _decoded(record):
+  return {"image": np.asarray(sources.decode(record)), "label": record["label"]}
+
+
+def _shard(data_cfg, split, process_index, process_count, equal):
+  """This process's share of the split (the same size on every process when `equal`),
+  decoded into memory once when data_cfg.cache."""
+  source = sources.from_config(data_cfg, split)
+  ds = grain.MapDataset.source(source)[process_index::process_count]
+  if equal:
+    ds = ds[:len(source) // process_count]
+  if data_cfg.cache:
+    ds = grain.MapDataset.source(list(
+        ds.map(_decoded).to_iter_dataset(grain.ReadOptions(num_threads=os.cpu_count()))))
+  return ds, len(source)
+
+
+def _iterate(ds, data_cfg):
+  """Batches computed `prefetch` at a time on threads, in `num_workers` processes if > 0."""
+  parallel = max(1, data_cfg.prefetch)
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=parallel, prefetch_buffer_size=parallel))
+  if data_cfg.num_workers:
+    if not flags.FLAGS.is_parsed():  # Grain's worker start-up reads absl flags (no app.run).
+      flags.FLAGS.mark_as_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.num_workers))
+  return iter(it)
+
+
+def train_batches(data_cfg, *, views, batch_size, seed, start_step, process_index,
+                  process_count):
+  """Infinite host batches {'views': tuple of uint8 (B, s, s, 3), 'label': int32 (B,)}.
+
+  Reshuffled every epoch (grain folds the epoch into the shuffle seed); batches run across
+  epoch boundaries, so none is ever short.
+  """
+  ds, _ = _shard(data_cfg, data_cfg.train_split, process_index, process_count, equal=True)
+  shuffle_seed, crop_seed = np.random.SeedSequence([seed, process_index]).generate_state(2)
+  ds = ds.shuffle(int(shuffle_seed)).repeat()
+  ds = ds.random_map(functools.partial(_crop_views, views=views), seed=int(crop_seed))
+  return _iterate(ds.batch(batch_size, drop_remainder=True)[start_step:], data_cfg)
+
+
+def eval_batches(data_cfg, split, *, batch_size, process_index, process_count):
+  """Host batches {'image', 'label', 'mask'} of `split`, every example once, padded at the end
+  so that all processes yield the same number of batches."""
+  shard, total = _shard(data_cfg, split, process_index, process_count, equal=False)
+  num_batches = math.ceil(math.ceil(total / process_count) / batch_size)
+  ds = grain.MapDataset.range(num_batches * batch_size).map(
+      functools.partial(_eval_example, shard, data_cfg.image_size))
+  return _iterate(ds.batch(batch_size), data_cfg)

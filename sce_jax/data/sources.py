@@ -1,0 +1,199 @@
+"""Random-access sources both host pipelines read (spec section 6, CPU stage).
+
+A source has `__len__` and `__getitem__(i) -> {'image', 'label'}` (grain's RandomAccessDataSource
+protocol). 'image' is encoded bytes (`ImageFolder`), or a decoded uint8 (H, W, 3) array
+(`InMemory`, `Tfds`); `decode` turns either into a PIL image. Nothing here imports TensorFlow at
+module level; `Tfds` imports tensorflow_datasets when first used.
+"""
+import atexit
+import functools
+import io
+import os
+import pathlib
+import shutil
+import tarfile
+import tempfile
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+EVAL_SPLITS = ("test", "val", "validation")
+_ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+
+def is_archive(path) -> bool:
+  """A .tar / .tar.gz / .tgz file, read through a temporary unpacked copy."""
+  return str(path).endswith(_ARCHIVE_SUFFIXES)
+
+
+@functools.cache
+def _extract(archive: str) -> pathlib.Path:
+  """Unpacks `archive` once per process into a temporary folder (never beside the archive)."""
+  dest = pathlib.Path(tempfile.mkdtemp(prefix="sce_jax_"))
+  atexit.register(shutil.rmtree, dest, ignore_errors=True)
+  with tarfile.open(archive) as tar:
+    tar.extractall(dest, filter="data")
+  return dest
+
+
+def _has_images(folder: pathlib.Path) -> bool:
+  return any(f.name.lower().endswith(IMAGE_EXTENSIONS) for f in folder.iterdir() if f.is_file())
+
+
+def _class_root(root: pathlib.Path, split: str) -> pathlib.Path:
+  """`root/split` when it exists, else `root` itself if it holds class folders."""
+  if (root / split).is_dir():
+    return root / split
+  subdirs = sorted(d for d in root.iterdir() if d.is_dir())
+  if len(subdirs) == 1 and not _has_images(subdirs[0]):  # An archive's single split folder.
+    return subdirs[0]
+  if subdirs and not any(_has_images(d) for d in subdirs):
+    raise ValueError(f"no split {split!r} in {root}; found {[d.name for d in subdirs]}")
+  return root
+
+
+class ImageFolder:
+  """A class-folder tree `root/<class>/<image>` (JPEG/PNG), classes sorted by name.
+
+  `path` is such a tree, a folder with split subfolders (`path/<split>/<class>/...`), or a .tar
+  / .tar.gz archive of either, unpacked once into a temporary folder.
+  """
+
+  def __init__(self, path, split: str = "train"):
+    path = pathlib.Path(path)
+    if not path.exists():
+      raise FileNotFoundError(
+          f"dataset not found at {path}; set --config.data.path=... (a class-folder tree or a "
+          ".tar/.tar.gz of one)")
+    self.root = _class_root(_extract(str(path.resolve())) if is_archive(path) else path, split)
+    self.classes = sorted(d.name for d in self.root.iterdir() if d.is_dir())
+    paths, labels = [], []
+    for label, name in enumerate(self.classes):
+      for folder, _, files in sorted(os.walk(self.root / name)):
+        found = sorted(f for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
+        paths += [os.path.join(folder, f) for f in found]
+        labels += [label] * len(found)
+    if not paths:
+      raise ValueError(f"no {'/'.join(IMAGE_EXTENSIONS)} images in class folders under {path}")
+    self.paths = paths
+    self.labels = np.asarray(labels, np.int32)
+
+  def __len__(self):
+    return len(self.paths)
+
+  def __getitem__(self, i):
+    with open(self.paths[i], "rb") as f:
+      return {"image": f.read(), "label": self.labels[i], "name": self.paths[i]}
+
+
+class InMemory:
+  """Decoded images held by the host: uint8 (N, H, W, 3) (or a list of (H, W, 3)) and labels."""
+
+  def __init__(self, images, labels):
+    if len(images) != len(labels):
+      raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    self.images = images
+    self.labels = np.asarray(labels, np.int32)
+
+  def __len__(self):
+    return len(self.labels)
+
+  def __getitem__(self, i):
+    return {"image": self.images[i], "label": self.labels[i]}
+
+
+def import_tfds():
+  """tensorflow_datasets, or an ImportError that says what to install or use instead."""
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(
+        "source='tfds' needs tensorflow and tensorflow_datasets (pip install 'sce_jax[tf]'); "
+        "without them use source='folder' or 'memory'") from e
+  return tfds
+
+
+class Tfds:
+  """A TFDS split by name; random access through `tfds.data_source` (ArrayRecord datasets)."""
+
+  def __init__(self, name: str, split: str, data_dir=None):
+    self.name, self.split, self.data_dir = name, split, data_dir or None  # "" = TFDS default.
+
+  @functools.cached_property
+  def builder(self):
+    return import_tfds().builder(self.name, data_dir=self.data_dir)
+
+  @functools.cached_property
+  def _source(self):
+    return import_tfds().data_source(self.name, split=self.split, data_dir=self.data_dir)
+
+  def __len__(self):
+    return len(self._source)
+
+  def __getitem__(self, i):
+    example = self._source[i]
+    return {"image": example["image"], "label": example["label"]}
+
+  def __getstate__(self):  # Grain workers reopen the source rather than pickle it.
+    return {"name": self.name, "split": self.split, "data_dir": self.data_dir}
+
+
+def decode(record) -> Image.Image:
+  """The record's image as an RGB PIL image; names the file when it cannot be decoded."""
+  image = record["image"]
+  if not isinstance(image, bytes):
+    return Image.fromarray(np.asarray(image, np.uint8))
+  try:
+    with Image.open(io.BytesIO(image)) as im:
+      return im.convert("RGB")
+  except (OSError, SyntaxError, ValueError) as e:
+    raise ValueError(f"cannot decode image {record.get('name', '<bytes>')}: {e}") from e
+
+
+def find_eval_path(path, split: str = "test"):
+  """Where the evaluation split of training data `path` lives.
+
+  A folder with a `split` (else test/val/validation) subfolder: that subfolder. An archive
+  whose name contains 'train': its sibling with that name in place of 'train'.
+  """
+  path = pathlib.Path(path)
+  names = (split,) + tuple(s for s in EVAL_SPLITS if s != split)
+  if path.is_dir():
+    candidates = [path / name for name in names]
+  else:
+    candidates = [path.with_name(path.name.replace("train", name))
+                  for name in names if "train" in path.name]
+  for candidate in candidates:
+    if candidate.exists():
+      return candidate
+  raise FileNotFoundError(
+      f"no {split!r} split found for {path}; set --config.data.eval_path=...")
+
+
+@functools.cache
+def image_folder(path: str, split: str) -> ImageFolder:
+  """An `ImageFolder`, scanned once per process (listing ImageNet takes seconds)."""
+  return ImageFolder(path, split)
+
+
+def folder_path(data_cfg, split: str) -> str:
+  """The path holding `split` for source='folder': `path` for the training split, else
+  `eval_path`, found next to `path` when empty."""
+  if split == data_cfg.train_split:
+    return str(data_cfg.path)
+  return str(data_cfg.eval_path or find_eval_path(data_cfg.path, split))
+
+
+def from_config(data_cfg, split: str):
+  """The source of `split` described by a data config (see pipeline.py for the keys).
+
+  source='memory' reads `data_cfg.arrays[split] = (images, labels)`.
+  """
+  if data_cfg.source == "folder":
+    return image_folder(folder_path(data_cfg, split), split)
+  if data_cfg.source == "memory":
+    return InMemory(*data_cfg.arrays[split])
+  if data_cfg.source == "tfds":
+    return Tfds(data_cfg.name, split, data_cfg.data_dir)
+  raise ValueError(f"unknown data source {data_cfg.source!r}; use 'folder', 'tfds' or 'memory'")

@@ -1,0 +1,276 @@
+"""Host input pipelines (tf.data and grain), sources and the trainer's entry points (spec 6, 7)."""
+import importlib
+import subprocess
+import sys
+import tarfile
+import textwrap
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from PIL import Image
+
+from sce_jax.data import crop
+from sce_jax.data import grain_pipeline
+from sce_jax.data import pipeline
+from sce_jax.data import presets
+from sce_jax.data import sources
+
+LOADERS = ("tf", "grain")
+WHOLE = presets.ViewSpec(32, scale=(1.0, 1.0), ratio=(1.0, 1.0))  # The crop is the image.
+
+
+@pytest.fixture(scope="module")
+def sharding():
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  return NamedSharding(mesh, P("data"))
+
+
+def _cfg(**overrides):
+  cfg = dict(source="folder", name="", path="", eval_path="", data_dir=None, train_split="train",
+             eval_split="test", image_size=32, loader="auto", shuffle_buffer=64, num_workers=0,
+             prefetch=2, cache=False)
+  return ml_collections.ConfigDict({**cfg, **overrides})
+
+
+def _take(iterator, n):
+  return [jax.tree.map(np.asarray, next(iterator)) for _ in range(n)]
+
+
+def _equal(a, b):
+  return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.mark.parametrize("scale", [(0.2, 1.0), (0.086, 0.429)])
+@pytest.mark.parametrize("host", LOADERS)
+def test_host_crop_window_law(host, scale):
+  """10,000 host crop windows of a 350x400 image: area within `scale` and covering it."""
+  shape, ratio, n = (350, 400), (3 / 4, 4 / 3), 10_000
+  if host == "tf":
+    tf = pytest.importorskip("tensorflow")
+    from sce_jax.data import tf_pipeline  # pylint: disable=g-import-not-at-top
+    ds = tf.data.Dataset.range(n).map(lambda i: tf_pipeline.crop_window(
+        tf.stack([tf.constant(0, tf.int64), i]), (*shape, 3), scale, ratio)[1])
+    h, w = next(ds.batch(n).as_numpy_iterator()).T[:2]
+  else:
+    _, _, h, w = crop.crop_window(np.random.default_rng(0).random((n, crop.ATTEMPTS, 4)),
+                                  *shape, scale, ratio)
+  area = h * w / np.prod(shape)
+  assert scale[0] - 0.005 <= area.min() < scale[0] + 0.01
+  assert scale[1] - 0.02 < area.max() <= scale[1] + 0.005
+  assert np.histogram(area, 4)[0].min() > n / 20  # Covers the whole range.
+
+
+def _identify(seen, folder):
+  """Index in `folder` of each image in `seen` (TF and Pillow decode JPEG ~1/255 apart)."""
+  images = np.stack([np.asarray(sources.decode(folder[i])) for i in range(len(folder))])
+  distance = np.abs(seen[:, None].astype(np.float32) - images[None].astype(np.float32))
+  distance = distance.mean(axis=(2, 3, 4))
+  assert distance.min(axis=1).max() < 3.0  # Each one is an image of the folder, uncropped.
+  return distance.argmin(axis=1)
+
+
+@pytest.mark.parametrize("cache", [False, True])
+@pytest.mark.parametrize("loader", LOADERS)
+def test_folder_train_iterator(cifar_root, sharding, loader, cache):
+  """Shapes, dtypes, labels, an epoch is a permutation, determinism, and resume at a step."""
+  cfg = _cfg(path=str(cifar_root), loader=loader, cache=cache)
+  views = (WHOLE, presets.cifar(32)[1])
+  make = lambda seed=0, start_step=0: pipeline.train_iterator(
+      cfg, global_batch_size=16, views=views, seed=seed, start_step=start_step, sharding=sharding)
+  batches = _take(make(), 14)  # 200 images: an epoch is 12.5 batches.
+  first = next(make())
+  assert first["label"].sharding == sharding and first["views"][1].sharding == sharding
+  batch = batches[0]
+  assert [v.shape for v in batch["views"]] == [(16, 32, 32, 3)] * 2
+  assert all(v.dtype == np.uint8 for v in batch["views"]) and batch["label"].dtype == np.int32
+
+  folder = sources.image_folder(str(cifar_root), "train")
+  index = _identify(np.concatenate([b["views"][0] for b in batches[:12]]), folder)
+  assert len(set(index)) == len(index)  # No image twice within an epoch.
+  np.testing.assert_array_equal(
+      folder.labels[index], np.concatenate([b["label"] for b in batches[:12]]))
+
+  assert _equal(first, batches[0])  # Deterministic for a seed.
+  assert not _equal(next(make(seed=1)), batches[0])
+  for step in (3, 13):  # Inside the first epoch, and in the second.
+    assert _equal(_take(make(start_step=step), 1)[0], batches[step])
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_tfds_train_iterator(sharding, loader):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  cfg = _cfg(source="tfds", name="cifar10", loader=loader)
+  with tfds.testing.mock_data(num_examples=40):
+    batches = _take(pipeline.train_iterator(
+        cfg, global_batch_size=16, views=presets.get("cifar", 32), seed=0, sharding=sharding), 3)
+    assert pipeline.num_classes(cfg) == 10
+  for batch in batches:
+    assert [v.shape for v in batch["views"]] == [(16, 32, 32, 3)] * 2
+    assert batch["views"][0].dtype == np.uint8 and batch["label"].dtype == np.int32
+    assert ((batch["label"] >= 0) & (batch["label"] < 10)).all()
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_eval_sees_every_example_once(cifar_root, sharding, loader):
+  """100 test images, global batch 16 over 8 devices: 7 batches, the last ragged and masked."""
+  cfg = _cfg(path=str(cifar_root), loader=loader)
+  batches = list(pipeline.eval_iterator(cfg, "test", global_batch_size=16, sharding=sharding))
+  assert len(batches) == 7 and batches[0]["image"].sharding == sharding
+  batches = [jax.tree.map(np.asarray, b) for b in batches]
+  mask = np.concatenate([b["mask"] for b in batches])
+  assert mask.sum() == 100 and not mask[100:].any()
+  seen = np.concatenate([b["image"] for b in batches])[mask]
+  labels = np.concatenate([b["label"] for b in batches])[mask]
+  folder = sources.image_folder(str(cifar_root / "test"), "test")
+  index = _identify(seen, folder)
+  assert sorted(index) == list(range(100))
+  np.testing.assert_array_equal(folder.labels[index], labels)
+  assert pipeline.num_examples(cfg, "test") == 100 and pipeline.num_classes(cfg) == 10
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_processes_share_the_data(cifar_root, loader):
+  """Two processes (host level): evaluation covers the split once with as many batches on
+  each; training epochs are disjoint shares."""
+  module = importlib.import_module(f"sce_jax.data.{loader}_pipeline")
+  cfg = _cfg(path=str(cifar_root), loader=loader)
+  evals = [list(module.eval_batches(cfg, "test", batch_size=8, process_index=i,
+                                    process_count=2)) for i in range(2)]
+  assert len(evals[0]) == len(evals[1]) == 7
+  seen = np.concatenate([b["image"][b["mask"]] for batches in evals for b in batches])
+  assert sorted(_identify(seen, sources.image_folder(str(cifar_root / "test"), "test"))) == (
+      list(range(100)))
+  train = [module.train_batches(cfg, views=(WHOLE,), batch_size=10, seed=0, start_step=0,
+                                process_index=i, process_count=2) for i in range(2)]
+  seen = np.concatenate([next(it)["views"][0] for it in train for _ in range(10)])
+  index = _identify(seen, sources.image_folder(str(cifar_root), "train"))
+  assert sorted(index) == list(range(200))
+
+
+def test_grain_workers_do_not_change_batches(cifar_root, sharding):
+  make = lambda workers: pipeline.train_iterator(
+      _cfg(path=str(cifar_root), loader="grain", num_workers=workers), global_batch_size=16,
+      views=presets.get("cifar", 32), seed=0, sharding=sharding)
+  in_process, workers = make(0), make(2)
+  assert all(_equal(a, b) for a, b in zip(_take(in_process, 3), _take(workers, 3)))
+  workers.close()
+
+
+@pytest.fixture(scope="module")
+def large_root(cifar_root, tmp_path_factory):
+  """ImageNet-like JPEGs: 12 CIFAR images upscaled to 300x220 and 220x300, two classes."""
+  root = tmp_path_factory.mktemp("large")
+  for i, path in enumerate(sorted(cifar_root.glob("test/*/*.jpg"))[:12]):
+    size = (300, 220) if i % 2 else (220, 300)
+    (root / f"c{i % 2}").mkdir(exist_ok=True)
+    Image.open(path).resize(size, Image.BICUBIC).save(root / f"c{i % 2}" / f"{i}.jpg", quality=95)
+  return root
+
+
+def test_eval_resize_and_centre_crop(large_root, sharding):
+  """ImageNet-size evaluation (resize 256/224 + centre crop) agrees between the two loaders and
+  with Pillow."""
+  cfg = _cfg(path=str(large_root), eval_path=str(large_root), image_size=128)
+  out = {loader: next(pipeline.eval_iterator(
+      _cfg(**{**cfg.to_dict(), "loader": loader}), "test", global_batch_size=16,
+      sharding=sharding)) for loader in LOADERS}
+  folder = sources.image_folder(str(large_root), "test")
+  ref = np.stack([grain_pipeline.center_crop(sources.decode(folder[i]), 128)
+                  for i in range(len(folder))])
+  for loader, batch in out.items():
+    image = np.asarray(batch["image"], np.float32)[np.asarray(batch["mask"])]
+    assert image.shape == (12, 128, 128, 3), loader
+    assert np.abs(image - ref).mean() < 2.0, loader
+  assert crop.eval_geometry(220, 300, 224) == ((256, 349), (16, 62))
+
+
+def test_train_iterator_without_tensorflow(cifar_root):
+  """With TensorFlow unimportable, the folder path runs on grain; TFDS gives a clear error."""
+  script = textwrap.dedent(f"""
+      import sys
+      class Block:
+        def find_spec(self, name, path=None, target=None):
+          if name.split(".")[0] in ("tensorflow", "tensorflow_datasets"):
+            raise ImportError("blocked " + name)
+      sys.meta_path.insert(0, Block())
+      import jax, ml_collections
+      from jax.sharding import NamedSharding, PartitionSpec as P
+      from sce_jax.data import pipeline, presets
+      cfg = ml_collections.ConfigDict(dict(
+          source="folder", name="", path={str(cifar_root)!r}, eval_path="", data_dir=None,
+          train_split="train", eval_split="test", image_size=32, loader="auto",
+          shuffle_buffer=64, num_workers=0, prefetch=2, cache=False))
+      sharding = NamedSharding(jax.make_mesh((1,), ("data",)), P("data"))
+      batch = next(pipeline.train_iterator(cfg, global_batch_size=8,
+                                           views=presets.get("cifar", 32), seed=0,
+                                           sharding=sharding))
+      print([v.shape for v in batch["views"]], batch["label"].dtype)
+      assert "tensorflow" not in sys.modules
+      cfg.source, cfg.name = "tfds", "cifar10"
+      try:
+        pipeline.train_iterator(cfg, global_batch_size=8, views=presets.get("cifar", 32),
+                                seed=0, sharding=sharding)
+      except ImportError as e:
+        print("tfds:", e)
+      """)
+  result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, check=False)
+  assert result.returncode == 0, result.stderr
+  assert "[(8, 32, 32, 3), (8, 32, 32, 3)] int32" in result.stdout
+  assert "tfds: source='tfds' needs tensorflow" in result.stdout
+
+
+def test_memory_source_on_grain(sharding):
+  rng = np.random.default_rng(0)
+  arrays = {"train": (rng.integers(0, 256, (40, 32, 32, 3), np.uint8), np.arange(40) % 4),
+            "test": (rng.integers(0, 256, (20, 32, 32, 3), np.uint8), np.arange(20) % 4)}
+  cfg = _cfg(source="memory")
+  cfg.arrays = arrays
+  batch = next(pipeline.train_iterator(cfg, global_batch_size=8, views=(WHOLE,), seed=0,
+                                       sharding=sharding))
+  index = [next(i for i in range(40) if np.array_equal(v, arrays["train"][0][i]))
+           for v in np.asarray(batch["views"][0])]
+  np.testing.assert_array_equal(np.asarray(batch["label"]), arrays["train"][1][index])
+  assert pipeline.num_examples(cfg, "test") == 20 and pipeline.num_classes(cfg) == 4
+  with pytest.raises(ValueError, match="loader='grain'"):
+    next(pipeline.train_iterator(_cfg(**{**cfg.to_dict(), "loader": "tf"}), global_batch_size=8,
+                                 views=(WHOLE,), seed=0, sharding=sharding))
+
+
+def test_archive_and_eval_path(cifar_root, tmp_path):
+  """A .tar.gz of split folders reads like the folder; the test archive is found from the
+  train archive's name; a folder's eval split from its subfolders."""
+  for split in ("train", "test"):
+    with tarfile.open(tmp_path / f"slice_{split}.tar.gz", "w:gz") as tar:
+      tar.add(cifar_root / split, arcname=split)
+  train = tmp_path / "slice_train.tar.gz"
+  archive = sources.ImageFolder(train, "train")
+  folder = sources.ImageFolder(cifar_root, "train")
+  assert archive.classes == folder.classes and len(archive) == len(folder) == 200
+  assert archive[7]["image"] == folder[7]["image"] and archive[7]["label"] == folder[7]["label"]
+  assert not str(archive.root).startswith(str(tmp_path))  # Unpacked elsewhere.
+  assert sources.find_eval_path(train, "test") == tmp_path / "slice_test.tar.gz"
+  assert sources.find_eval_path(cifar_root, "test") == cifar_root / "test"
+  (tmp_path / "tree" / "train" / "a").mkdir(parents=True)
+  (tmp_path / "tree" / "val" / "a").mkdir(parents=True)
+  assert sources.find_eval_path(tmp_path / "tree", "test") == tmp_path / "tree" / "val"
+  assert len(sources.ImageFolder(sources.find_eval_path(train, "test"), "test")) == 100
+
+
+def test_clear_errors(tmp_path, cifar_root):
+  with pytest.raises(FileNotFoundError, match="dataset not found at .*data.path"):
+    sources.ImageFolder(tmp_path / "missing")
+  (tmp_path / "empty" / "cls").mkdir(parents=True)
+  with pytest.raises(ValueError, match="no .* images"):
+    sources.ImageFolder(tmp_path / "empty")
+  bad = tmp_path / "bad" / "cls" / "broken.jpg"
+  bad.parent.mkdir(parents=True)
+  bad.write_bytes(b"not a jpeg")
+  with pytest.raises(ValueError, match="cannot decode image .*broken.jpg"):
+    sources.decode(sources.ImageFolder(tmp_path / "bad")[0])
+  with pytest.raises(FileNotFoundError, match="eval_path"):
+    sources.find_eval_path(cifar_root / "train", "test")
