@@ -1,9 +1,13 @@
 """Host stage on grain, without TensorFlow (spec section 6 CPU stage, section 7 evaluation).
 
 Pillow decodes; crops follow torchvision's RandomResizedCrop rule (`crop.crop_window`) with
-PIL's bilinear resize, as the reference's PIL pipeline. Everything is a grain MapDataset indexed
-by position in the infinite stream, so a batch depends only on (seed, process, step): resuming
-at `start_step` is slicing, and the number of worker processes does not change the batches.
+PIL's bilinear resize, as the reference's PIL pipeline. Windows are drawn on the full-resolution
+image from its header; when every window is at least 2x (4x, 8x) its output size, libjpeg decodes
+at 1/2 (1/4, 1/8) scale and the windows are mapped onto the smaller image. Each crop is resized
+straight from the decoded image (PIL's `box`), with no intermediate copy. Everything is a grain
+MapDataset indexed by position in the infinite stream, so a batch depends only on (seed, process,
+step): resuming at `start_step` is slicing, and the number of worker processes does not change
+the batches.
 """
 import functools
 import math
@@ -25,6 +29,28 @@ def random_resized_crop(image: Image.Image, size, scale, ratio, rng) -> np.ndarr
   return np.asarray(image.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h)))
 
 
+def _windows(u, height, width, views):
+  """(top, left, h, w) of each view's crop from uniforms u (len(views), ATTEMPTS, 4), as
+  `random_resized_crop` draws them one view after the other; views that share (scale, ratio)
+  are drawn in one vectorised call."""
+  windows = [None] * len(views)
+  groups = {}
+  for i, v in enumerate(views):
+    groups.setdefault((tuple(v.scale), tuple(v.ratio)), []).append(i)
+  for (scale, ratio), index in groups.items():
+    drawn = crop.crop_window(u[index], height, width, scale, ratio)
+    for j, i in enumerate(index):
+      windows[i] = tuple(int(a[j]) for a in drawn)
+  return windows
+
+
+def _draft_scale(windows, views):
+  """The largest JPEG decode scale (1, 2, 4, 8) that leaves every window at least as large as
+  its output, so each crop is still a bilinear downscale (or a copy) of decoded pixels."""
+  fit = min(min(h, w) // v.size for (_, _, h, w), v in zip(windows, views))
+  return next((s for s in (8, 4, 2) if fit >= s), 1)
+
+
 def center_crop(image: Image.Image, image_size) -> np.ndarray:
   """Evaluation crop: resize the shorter side (`crop.eval_resize`), centre crop image_size."""
   (h, w), (top, left) = crop.eval_geometry(image.height, image.width, image_size)
@@ -34,10 +60,26 @@ def center_crop(image: Image.Image, image_size) -> np.ndarray:
 
 
 def _crop_views(record, rng, views):
-  image = sources.decode(record)
-  return {"views": tuple(random_resized_crop(image, v.size, v.scale, v.ratio, rng)
-                         for v in views),
-          "label": np.int32(record["label"])}
+  """One random resized crop per view from one decode: the same windows (and random stream)
+  as `random_resized_crop` on the full-resolution image, view after view."""
+  u = rng.random((len(views), crop.ATTEMPTS, 4))
+  full = {}
+
+  def draft(width, height):  # Called with the JPEG header's size, before decoding.
+    full["size"], full["windows"] = (width, height), _windows(u, height, width, views)
+    s = _draft_scale(full["windows"], views)
+    return (width // s, height // s) if s > 1 else None
+
+  image = sources.decode(record, draft)
+  if "windows" not in full:  # An already-decoded array.
+    full["size"], full["windows"] = image.size, _windows(u, image.height, image.width, views)
+  s = round(full["size"][0] / image.width)  # 1, or the decode scale: image is ceil(size / s).
+  out = []
+  for (top, left, h, w), v in zip(full["windows"], views):
+    box = (left, top, left + w, top + h) if s == 1 else (
+        left / s, top / s, (left + w) / s, (top + h) / s)
+    out.append(np.asarray(image.resize((v.size, v.size), Image.BILINEAR, box=box)))
+  return {"views": tuple(out), "label": np.int32(record["label"])}
 
 
 def _eval_example(shard, image_size, i):

@@ -139,14 +139,23 @@ class Tfds:
     return {"name": self.name, "split": self.split, "data_dir": self.data_dir}
 
 
-def decode(record) -> Image.Image:
-  """The record's image as an RGB PIL image; names the file when it cannot be decoded."""
+def decode(record, draft=None) -> Image.Image:
+  """The record's image as an RGB PIL image; names the file when it cannot be decoded.
+
+  draft: optional `(width, height) -> (w, h) or None`, called with the encoded image's size
+  before decoding; a JPEG is then decoded by libjpeg at 1/2, 1/4 or 1/8 scale, as small as it
+  can be while still at least (w, h) (`PIL.Image.Image.draft`).
+  """
   image = record["image"]
   if not isinstance(image, bytes):
     return Image.fromarray(np.asarray(image, np.uint8))
   try:
-    with Image.open(io.BytesIO(image)) as im:
-      return im.convert("RGB")
+    im = Image.open(io.BytesIO(image))
+    size = draft(*im.size) if draft is not None else None
+    if size:
+      im.draft("RGB", size)
+    im.load()
+    return im if im.mode == "RGB" else im.convert("RGB")  # No copy when already RGB.
   except (OSError, SyntaxError, ValueError) as e:
     raise ValueError(f"cannot decode image {record.get('name', '<bytes>')}: {e}") from e
 

@@ -34,7 +34,13 @@ def crop_window(seed, shape, scale, ratio):
 
 
 def _resize(image, size):
-  """Bilinear with antialiasing on downscale, as PIL; rounded back to uint8."""
+  """Bilinear with antialiasing on downscale, as PIL; rounded back to uint8.
+
+  Most of the host stage's CPU time. antialias=False would about double the tf.data rate, but
+  differs from PIL's bilinear ~5x more (mean |diff| ~1.4 vs ~0.3 grey levels on the benchmark's
+  JPEGs), so it is not used; decode_and_crop_jpeg per crop and dct_method='INTEGER_FAST' were
+  measured and gave nothing here (benchmarks/RESULTS.md, Input pipeline).
+  """
   out = tf.image.resize(image, size, method="bilinear", antialias=True)
   return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)
 
