@@ -2,11 +2,17 @@
 
 Config files in configs/ start from `base()` and change values only; the dict is locked, so a
 misspelt key (in a file or in a --config.key=value override) is an error, not a silent no-op.
-Names follow spec section 5.
+Names follow spec section 5. `parse_arg` reads a config file's variant string; `validate`
+stops a run that cannot work before anything compiles.
 """
-import ml_collections
+import uuid
 
-from sce_jax.data import presets
+import ml_collections
+from etils import epath
+
+from sce_jax import losses
+from sce_jax.data import presets, sources
+from sce_jax.models import resnet
 
 
 def base() -> ml_collections.ConfigDict:
@@ -74,8 +80,154 @@ def base() -> ml_collections.ConfigDict:
   c.eval.knn_temp = 0.1
   c.eval.every_epochs = 10       # kNN monitoring during pretraining; 0 = only at the end
   c.eval.linear = ml_collections.ConfigDict(dict(
-      epochs=90, batch_size=256, base_lr=0.1, weight_decay=0.0, momentum=0.9))
+      epochs=90, batch_size=256, base_lr=0.1, weight_decay=0.0, momentum=0.9,
+      max_steps=-1))           # max_steps > 0 stops early (smoke runs); the cosine uses epochs
+  c.eval.checkpoint = ""       # imported trunk weights to evaluate (sce_jax.convert.load_trunk)
 
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3))
   c.log_every_steps = 50
+  # XLA backend optimisation level 0 (set by the command line before JAX starts): a tiny CPU
+  # run compiles in seconds instead of minutes, its kernels run slower.
+  c.fast_compile = False
   return c
+
+
+def smoke(c):
+  """Shrinks config `c` in place to a tiny float32 network, quick to compile: 24 steps of 32
+  images, frequent logs and checkpoints, no kNN. The schedules still see `epochs` (max_steps
+  stops early)."""
+  c.batch_size = 32
+  c.epochs = 2
+  c.max_steps = 24
+  c.model.width = 4
+  c.model.dtype = "float32"
+  c.model.projector.hidden_dim = 32
+  c.model.projector.out_dim = 16
+  c.model.predictor.hidden_dim = 32
+  c.sce.queue = 128
+  c.data.cache = False  # decode only the images the few steps read
+  c.eval.batch_size = 256
+  c.eval.every_epochs = -1  # no kNN while training; --mode=knn evaluates the result
+  c.eval.linear.batch_size = 32
+  c.eval.linear.max_steps = 8
+  c.checkpoint.every_steps = 8
+  c.log_every_steps = 4
+  c.fast_compile = True
+
+
+class ConfigError(ValueError):
+  """A config that cannot run; the message says what is wrong and how to fix it."""
+
+
+def parse_arg(arg, **defaults) -> ml_collections.ConfigDict:
+  """A config file's variant string, e.g. 'multicrop,epochs=200', over `defaults`.
+
+  A bare name sets a boolean variant; name=value converts value to the default's type.
+  """
+  out = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    name, eq, value = item.partition("=")
+    if name not in defaults:
+      raise ConfigError(f"Unknown config variant {name!r}; known: {sorted(defaults)} "
+                        "(e.g. --config=configs/FILE.py:name,key=value).")
+    kind = type(defaults[name])
+    if kind is bool:
+      if eq and value not in ("true", "false"):
+        raise ConfigError(f"Variant {name} is a switch: write {name} or {name}=false.")
+      out[name] = not eq or value == "true"
+    elif not eq:
+      raise ConfigError(f"Variant {name} needs a value: {name}=<{kind.__name__}>.")
+    else:
+      out[name] = kind(value)
+  return out
+
+
+# Keys with a fixed set of values (the modules that read them raise too, but only once compiled).
+ENUMS = {
+    "model.trunk": tuple(resnet.ARCHS),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "sce.positive": losses.POSITIVE_MODES,
+    "sce.negatives": ("queue", "batch", "both"),
+    "sce.m_schedule": ("constant", "cosine"),
+    "sce.target_init": ("copy", "random"),
+    "optim.name": ("sgd", "lars"),
+    "data.source": ("folder", "tfds", "memory"),
+    "data.loader": ("auto", "tf", "grain"),
+    "data.views": tuple(presets.PRESETS),
+}
+
+
+def num_target_views(config) -> int:
+  """Views the target embeds each step (spec 2): every global crop if symmetric, else one."""
+  views = presets.get(config.data.views, config.data.image_size)
+  pairs = losses.crop_pairs(len(views), config.sce.num_global, config.sce.symmetric)
+  return len({i for i, _ in pairs})
+
+
+def validate(config, num_devices, num_processes, workdir=None):
+  """Raises ConfigError, naming the key and a fix, for a run that cannot work: a value outside
+  ENUMS, a batch that does not split over the devices and processes, a queue that is not a
+  multiple of the keys written each step, data that are not there, a workdir (if given) that
+  cannot be written."""
+  for key, allowed in ENUMS.items():
+    value = config[key]
+    if value not in allowed:
+      raise ConfigError(f"{key}={value!r} is not a known value; set --config.{key} to one of "
+                        f"{', '.join(map(repr, allowed))}.")
+  for key in ("batch_size", "eval.batch_size", "eval.linear.batch_size"):
+    for count, what in ((num_devices, "devices"), (num_processes, "processes")):
+      if config[key] % count:
+        raise ConfigError(
+            f"{key}={config[key]} does not split evenly over {count} {what}; set "
+            f"--config.{key} to a multiple of {count}, e.g. {_multiple(config[key], count)}.")
+  if config.sce.negatives in ("queue", "both"):
+    written = config.batch_size * num_target_views(config)
+    if config.sce.queue % written:
+      raise ConfigError(
+          f"sce.queue={config.sce.queue} is not a multiple of the {written} target embeddings "
+          f"written to it each step (batch_size {config.batch_size} x "
+          f"{num_target_views(config)} target views); set --config.sce.queue="
+          f"{_multiple(config.sce.queue, written)} or another multiple of {written}.")
+  _check_data(config.data)
+  if workdir is not None:
+    _check_writable(workdir)
+
+
+def _multiple(value, divisor):
+  return max(divisor, round(value / divisor) * divisor)
+
+
+def _check_data(data):
+  if data.source == "folder":
+    if not data.path:
+      raise ConfigError("data.path is empty; set --config.data.path to a class-folder tree or "
+                        "a .tar/.tar.gz of one (e.g. cifar10_jpg_train.tar.gz).")
+    if not epath.Path(data.path).exists():
+      raise ConfigError(f"data.path={data.path} does not exist; set --config.data.path to a "
+                        "class-folder tree or a .tar/.tar.gz of one.")
+  elif data.source == "tfds":
+    try:
+      tfds = sources.import_tfds()
+    except ImportError as e:
+      raise ConfigError(str(e)) from e
+    try:
+      prepared = tfds.builder(data.name, data_dir=data.data_dir or None).is_prepared()
+    except tfds.core.registered.DatasetNotFoundError as e:
+      raise ConfigError(f"data.name={data.name!r} is not a TFDS dataset ({e}).") from e
+    if not prepared:
+      raise ConfigError(
+          f"TFDS dataset {data.name!r} is not prepared in data_dir={data.data_dir or 'default'}; "
+          f"run `tfds build {data.name} --data_dir=DIR` (ImageNet needs its manual download) "
+          "and set --config.data.data_dir=DIR.")
+
+
+def _check_writable(workdir):
+  path = epath.Path(workdir)
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / f".write_test.{uuid.uuid4().hex}"
+    probe.write_text("")
+    probe.unlink()
+  except OSError as e:
+    raise ConfigError(f"workdir {workdir} is not writable ({e}); pass --workdir=<a directory "
+                      "this job can write>.") from e

@@ -1,0 +1,127 @@
+"""Command line: pretrain SCE, or evaluate a trunk (issue 4).
+
+  python -m sce_jax.main --config=configs/cifar10_r18.py:smoke \\
+      --config.data.path=cifar10_jpg_train.tar.gz --workdir=/tmp/w
+  python -m sce_jax.main --config=configs/imagenet_r50.py:multicrop,epochs=200 --workdir=DIR
+
+--mode=train (default) pretrains, resuming from the workdir's latest checkpoint, then runs a
+final kNN evaluation (unless eval.every_epochs < 0). --mode=knn and --mode=linear evaluate the
+workdir's latest checkpoint, or imported weights with --config.eval.checkpoint=PATH, and write
+<workdir>/eval_<mode>.json. Config values are overridden with --config.KEY=VALUE.
+
+Several processes (TPU pods, GPU clusters): --distributed lets jax.distributed.initialize()
+find the cluster (also when JAX_COORDINATOR_ADDRESS is set); or name it explicitly:
+--coordinator_address=HOST:PORT --num_processes=N --process_id=I. Each process reads its share
+of the data; process 0 alone writes logs and metrics. On a CPU, JAX's own setting
+JAX_NUM_CPU_DEVICES=8 makes 8 devices (tests).
+"""
+import json
+import os
+import sys
+
+import jax
+from absl import app, flags, logging
+from etils import epath
+from ml_collections import config_flags
+
+from sce_jax import checkpoint, convert, evaluate, train, train_step
+from sce_jax import config as sce_config
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. "
+                                          "configs/cifar10_r18.py:smoke.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and results go here.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "knn", "linear"],
+                          "Pretrain, or evaluate a trunk by kNN or linear probe.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Several processes: jax.distributed.initialize() finds them (SLURM, "
+    "Open MPI, Cloud TPU, Kubernetes). Implied by --coordinator_address or the environment "
+    "variable JAX_COORDINATOR_ADDRESS.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "HOST:PORT of process 0, for an explicit multi-process run.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --coordinator_address.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --coordinator_address.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _parse_flags(argv):
+  """absl's flag parsing; a bad config key or variant is reported by its message alone.
+
+  ml_collections raises these as they come (an unknown key of the locked ConfigDict) or
+  re-raised with a traceback as their text (errors in a config file); the original is in the
+  exception's context chain.
+  """
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # pylint: disable=broad-except
+    chain = [e]
+    while chain[-1].__context__ is not None:
+      chain.append(chain[-1].__context__)
+    config_errors = [x for x in chain if isinstance(x, sce_config.ConfigError)]
+    if config_errors:
+      sys.exit(f"Config error: {config_errors[-1]}")
+    key_errors = [x for x in chain if isinstance(x, (AttributeError, KeyError))]
+    if key_errors:
+      message = key_errors[0]
+      while isinstance(message, BaseException) and message.args:
+        message = message.args[0]
+      sys.exit(f"Config error: no such key: {message}\nEvery key is declared in "
+               "sce_jax/config.py (base()); fix the --config.KEY=VALUE override or the config "
+               "file.")
+    if isinstance(e, flags.Error):
+      sys.exit(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help "
+               "on flags.")
+    raise
+
+
+def _set_xla_flags(config):
+  """Before JAX starts its backend, which reads XLA_FLAGS once."""
+  if config.fast_compile:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_backend_optimization_level=0").strip()
+
+
+def _initialize_distributed():
+  if not (_DISTRIBUTED.value or _COORDINATOR.value or os.environ.get("JAX_COORDINATOR_ADDRESS")):
+    return
+  # Cross-process collectives on CPU devices (tests); no effect on TPU and GPU.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+
+
+def _evaluate(config, workdir, mode, mesh):
+  """kNN or linear evaluation of eval.checkpoint, or of the workdir's latest checkpoint."""
+  source = config.eval.checkpoint or workdir
+  trunk = convert.load_trunk(source, config.model)
+  if mode == "knn":
+    results = evaluate.knn_eval(config, trunk, mesh)
+  else:
+    results = evaluate.linear_eval(config, trunk, mesh, workdir)
+  logging.info("%s evaluation of %s: %s", mode, source, results)
+  if jax.process_index() == 0:
+    (epath.Path(workdir) / f"eval_{mode}.json").write_text(
+        json.dumps({"checkpoint": str(source), **results}))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  _set_xla_flags(config)
+  _initialize_distributed()
+  if jax.process_index() > 0:  # Process 0 logs the run; the others only what goes wrong.
+    logging.set_verbosity(logging.WARNING)
+  logging.info("Process %d of %d, %d of %d devices; config:\n%s", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count(), config)
+  try:
+    sce_config.validate(config, jax.device_count(), jax.process_count(), workdir)
+    mesh = train_step.make_mesh()
+    if _MODE.value == "train":
+      train.train(config, workdir, mesh)
+    else:
+      _evaluate(config, workdir, _MODE.value, mesh)
+  except (sce_config.ConfigError, checkpoint.CheckpointError, FloatingPointError) as e:
+    sys.exit(f"Error: {e}")
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=_parse_flags)

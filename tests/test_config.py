@@ -1,0 +1,182 @@
+"""Config files (spec section 5), variants, and `validate`'s message for each bad input."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from sce_jax import config as sce_config
+from tests.helpers import CONFIGS, load_config
+
+ROOT = CONFIGS.parent
+
+
+def spec_values(c):
+  return (c.batch_size, c.optim.name, c.optim.weight_decay, c.optim.base_lr,
+          c.optim.warmup_epochs, c.epochs, c.sce.temp, c.sce.temp_m, c.sce.coeff, c.sce.queue,
+          c.sce.m0, c.sce.m_schedule)
+
+
+@pytest.mark.parametrize("arg, expected", [
+    ("epochs=100", (4096, "lars", 1e-6, 0.6, 10, 100, 0.1, 0.07, 0.5, 65536, 0.99, "cosine")),
+    (None, (4096, "lars", 1e-6, 0.3, 10, 200, 0.1, 0.07, 0.5, 65536, 0.99, "cosine")),
+    ("epochs=300", (4096, "lars", 1e-6, 0.3, 10, 300, 0.1, 0.07, 0.5, 65536, 0.99, "cosine")),
+    ("epochs=1000", (4096, "lars", 1.5e-6, 0.3, 10, 1000, 0.1, 0.07, 0.5, 65536, 0.99,
+                     "cosine")),
+    ("multicrop,epochs=200", (4096, "lars", 1e-6, 0.3, 10, 200, 0.1, 0.07, 0.5, 65536, 0.99,
+                              "cosine")),
+])
+def test_imagenet_published_values(arg, expected):
+  c = load_config("imagenet_r50", arg)
+  assert spec_values(c) == expected
+  assert (c.model.trunk, c.model.small_stem, c.model.dtype) == ("resnet50", False, "bfloat16")
+  assert c.sce.symmetric and c.data.name == "imagenet2012" and c.data.image_size == 224
+  multicrop = arg is not None and "multicrop" in arg
+  assert c.model.projector.hidden_dim == (4096 if multicrop else 2048)
+  assert c.data.views == ("imagenet_multi_crop" if multicrop else "imagenet_two_crop")
+  assert (c.model.projector.num_layers, c.model.projector.out_dim, c.model.projector.last_bn,
+          c.model.predictor.hidden_dim, c.model.predictor.out_dim) == (3, 256, True, 4096, 256)
+
+
+def test_cifar10_published_values():
+  c = load_config("cifar10_r18")
+  assert spec_values(c) == (256, "sgd", 5e-4, 0.06, 5, 200, 0.1, 0.05, 0.5, 4096, 0.99,
+                            "constant")
+  assert c.model.small_stem and not c.sce.symmetric
+
+
+@pytest.mark.parametrize("name, size, source", [
+    ("cifar10_r18", 32, "folder"), ("cifar100_r18", 32, "tfds"), ("stl10_r18", 96, "tfds"),
+    ("tiny_imagenet_r18", 64, "folder")])
+def test_small_configs(name, size, source):
+  """Every small-data config takes `smoke` and `epochs=N`, and its queue fits the batch."""
+  c = load_config(name, "smoke")
+  assert (c.data.image_size, c.data.source) == (size, source)
+  assert (c.model.width, c.fast_compile) == (4, True)
+  assert c.sce.queue % (c.batch_size * sce_config.num_target_views(c)) == 0
+  c = load_config(name, "epochs=3")
+  assert (c.epochs, c.model.width) == (3, 64)
+  assert c.sce.queue % (c.batch_size * sce_config.num_target_views(c)) == 0
+
+
+def test_parse_arg():
+  arg = sce_config.parse_arg("multicrop,epochs=100", multicrop=False, epochs=200, name="a")
+  assert (arg.multicrop, arg.epochs, arg.name) == (True, 100, "a")
+  assert sce_config.parse_arg("multicrop=false", multicrop=True).multicrop is False
+  with pytest.raises(sce_config.ConfigError, match=r"Unknown config variant 'multcrop'; "
+                     r"known: \['epochs', 'multicrop'\]"):
+    sce_config.parse_arg("multcrop", multicrop=False, epochs=200)
+  with pytest.raises(sce_config.ConfigError, match="needs a value: epochs=<int>"):
+    sce_config.parse_arg("epochs", epochs=200)
+
+
+# --- validate: one test per bad input -------------------------------------------------------
+
+
+@pytest.fixture
+def good(cifar_root):
+  c = load_config("cifar10_r18", "smoke")
+  c.data.path = str(cifar_root)
+  return c
+
+
+def test_valid_config_passes_and_probes_workdir(good, tmp_path):
+  sce_config.validate(good, 8, 2, tmp_path / "new" / "workdir")
+  assert (tmp_path / "new" / "workdir").is_dir()
+  assert not list((tmp_path / "new" / "workdir").iterdir())  # the write probe is gone
+
+
+@pytest.mark.parametrize("key", sorted(sce_config.ENUMS))
+def test_bad_enum_value(good, key):
+  section, name = key.split(".")
+  good[section][name] = "bogus"
+  with pytest.raises(sce_config.ConfigError) as e:
+    sce_config.validate(good, 1, 1)
+  assert str(e.value).startswith(f"{key}='bogus' is not a known value; set --config.{key} to "
+                                 "one of ")
+  assert repr(sce_config.ENUMS[key][0]) in str(e.value)
+
+
+def test_batch_not_divisible_by_devices(good):
+  good.batch_size = 36
+  with pytest.raises(sce_config.ConfigError, match=r"batch_size=36 does not split evenly over "
+                     r"8 devices; set --config.batch_size to a multiple of 8, e.g. 32\."):
+    sce_config.validate(good, 8, 1)
+
+
+def test_batch_not_divisible_by_processes(good):
+  good.batch_size = 33
+  with pytest.raises(sce_config.ConfigError, match=r"batch_size=33 does not split evenly over "
+                     r"2 processes; set --config.batch_size to a multiple of 2, e.g. 32\."):
+    sce_config.validate(good, 1, 2)
+
+
+def test_queue_not_a_multiple_of_keys_per_step(good):
+  good.sce.queue = 100  # 32 keys a step (CIFAR: one target view)
+  with pytest.raises(sce_config.ConfigError, match=r"sce.queue=100 is not a multiple of the 32 "
+                     r"target embeddings written to it each step \(batch_size 32 x 1 target "
+                     r"views\); set --config.sce.queue=96 or another multiple of 32\."):
+    sce_config.validate(good, 1, 1)
+  good.sce.symmetric = True  # ImageNet pairing: both global views enter the queue.
+  good.sce.queue = 96
+  with pytest.raises(sce_config.ConfigError, match=r"multiple of the 64 .* x 2 target views"):
+    sce_config.validate(good, 1, 1)
+
+
+def test_missing_dataset(good, tmp_path):
+  good.data.path = str(tmp_path / "nowhere.tar.gz")
+  with pytest.raises(sce_config.ConfigError, match=r"data.path=.*nowhere.tar.gz does not exist; "
+                     r"set --config.data.path to a class-folder tree"):
+    sce_config.validate(good, 1, 1)
+  good.data.path = ""
+  with pytest.raises(sce_config.ConfigError, match=r"data.path is empty; set --config.data.path"):
+    sce_config.validate(good, 1, 1)
+
+
+def test_unprepared_tfds_dataset(good, tmp_path):
+  pytest.importorskip("tensorflow_datasets")
+  good.data.source = "tfds"
+  good.data.data_dir = str(tmp_path)
+  with pytest.raises(sce_config.ConfigError, match=r"TFDS dataset 'cifar10' is not prepared in "
+                     r"data_dir=.*; run `tfds build cifar10 --data_dir=DIR`"):
+    sce_config.validate(good, 1, 1)
+
+
+def test_unwritable_workdir(good, tmp_path):
+  (tmp_path / "file").write_text("")
+  with pytest.raises(sce_config.ConfigError, match=r"workdir .*file/run is not writable \(.*\); "
+                     r"pass --workdir=<a directory this job can write>"):
+    sce_config.validate(good, 1, 1, tmp_path / "file" / "run")
+
+
+def cli(*args):
+  """The command line up to its first error (no JAX computation runs before it)."""
+  env = {**os.environ, "JAX_NUM_CPU_DEVICES": "8", "JAX_PLATFORMS": "cpu"}
+  return subprocess.run([sys.executable, "-m", "sce_jax.main", *args], capture_output=True,
+                        text=True, cwd=ROOT, env=env, timeout=120)
+
+
+def test_cli_unknown_key_and_variant(tmp_path):
+  out = cli("--config=configs/cifar10_r18.py:smoke", "--config.batchsize=32",
+            f"--workdir={tmp_path}")
+  assert out.returncode == 1
+  assert out.stderr.splitlines()[-3:] == [
+      "Config error: no such key: 'batchsize'",
+      'Did you mean "batch_size" instead of "batchsize"?',
+      "Every key is declared in sce_jax/config.py (base()); fix the --config.KEY=VALUE "
+      "override or the config file."]
+  out = cli("--config=configs/imagenet_r50.py:multicrop,epoch=100", f"--workdir={tmp_path}")
+  assert out.returncode == 1
+  assert out.stderr.splitlines()[-1] == (
+      "Config error: Unknown config variant 'epoch'; known: ['epochs', 'multicrop'] "
+      "(e.g. --config=configs/FILE.py:name,key=value).")
+
+
+def test_cli_validates_before_compiling(cifar_root, tmp_path):
+  out = cli("--config=configs/cifar10_r18.py:smoke", "--config.batch_size=36",
+            f"--config.data.path={cifar_root}", f"--workdir={tmp_path}")
+  assert out.returncode == 1
+  assert out.stderr.splitlines()[-1] == (
+      "Error: batch_size=36 does not split evenly over 8 devices; set --config.batch_size to "
+      "a multiple of 8, e.g. 32.")
+  assert not (tmp_path / "checkpoints").exists()

@@ -1,0 +1,137 @@
+"""Evaluation (spec section 7): weighted kNN, feature extraction and the linear probe."""
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from sce_jax import evaluate, optim
+from sce_jax.train_step import make_mesh
+from tests.helpers import load_config
+
+
+def _numpy_knn(train, train_labels, test, k, temp, num_classes):
+  """Float64 reference: InstDisc / lightly weighted kNN on L2-normalised features."""
+  train = train / np.linalg.norm(train, axis=1, keepdims=True)
+  test = test / np.linalg.norm(test, axis=1, keepdims=True)
+  sims = test.astype(np.float64) @ train.astype(np.float64).T
+  scores = np.zeros((len(test), num_classes))
+  for i, row in enumerate(sims):
+    top = np.argsort(-row)[:k]
+    np.add.at(scores[i], train_labels[top], np.exp(row[top] / temp))
+  return scores
+
+
+def _features(n, m, dim=16, num_classes=7, seed=0):
+  rng = np.random.default_rng(seed)
+  return (rng.normal(size=(n, dim)).astype(np.float32), rng.integers(0, num_classes, n),
+          rng.normal(size=(m, dim)).astype(np.float32))
+
+
+def test_knn_predict_matches_numpy():
+  train, labels, test = _features(300, 50)
+  unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+  got = evaluate.knn_predict(jnp.asarray(unit(train)), jnp.asarray(labels),
+                             jnp.asarray(unit(test)), k=20, temp=0.1, num_classes=7)
+  np.testing.assert_allclose(got, _numpy_knn(train, labels, test, 20, 0.1, 7), rtol=1e-4)
+
+
+@pytest.mark.parametrize("n,k", [(301, 20), (100, 60), (100, 200)])
+def test_knn_scores_sharded_and_chunked_match_numpy(n, k):
+  """8 devices, a train set that does not divide over them (padding), a ragged last chunk of
+  test rows, k above one device's share of rows, and k above the train set size."""
+  train, labels, test = _features(n, 45, seed=n + k)
+  got = evaluate.knn_scores(train, labels, test, k=k, temp=0.1, num_classes=7,
+                            mesh=make_mesh(), chunk=16)
+  assert got.shape == (45, 7)
+  np.testing.assert_allclose(got, _numpy_knn(train, labels, test, k, 0.1, 7), rtol=1e-4)
+
+
+def test_topk_accuracy():
+  scores = np.array([[0.1, 0.5, 0.4], [0.9, 0.05, 0.05], [0.2, 0.3, 0.5]])
+  assert evaluate.topk_accuracy(scores, np.array([1, 1, 0]), ks=(1, 2, 5)) == [
+      pytest.approx(1 / 3), pytest.approx(2 / 3), 1.0]
+
+
+def test_random_pad_crop_is_a_window_of_the_padded_image():
+  images = jnp.arange(4 * 6 * 6 * 3, dtype=jnp.int32).reshape(4, 6, 6, 3) + 1
+  out = np.asarray(evaluate.random_pad_crop(jax.random.key(0), images, 2))
+  padded = np.pad(np.asarray(images), ((0, 0), (2, 2), (2, 2), (0, 0)))
+  for image, crop in zip(padded, out):
+    assert any(np.array_equal(image[i:i + 6, j:j + 6], crop)
+               for i in range(5) for j in range(5))
+
+
+def test_extract_features_sees_every_example_once():
+  """37 images in batches of 16 on 8 devices: the padded rows of the last batch are dropped."""
+  n = 37
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8)
+  data = ml_collections.ConfigDict(dict(
+      source="memory", arrays={"test": (images, np.arange(n))}, image_size=8, loader="grain",
+      num_workers=0, prefetch=2, cache=True, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3)))
+  trunk = evaluate.make_trunk(ml_collections.ConfigDict(dict(
+      trunk="resnet18", width=2, small_stem=True, dtype="float32")))
+  variables = jax.jit(trunk.init, static_argnames="train")(
+      jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False)
+  feats, labels = evaluate.extract_features(trunk, variables, data, "test", batch_size=16,
+                                            mesh=make_mesh())
+  assert sorted(labels.tolist()) == list(range(n))
+  x = (images / 255.0 - np.array(data.mean)) / np.array(data.std)
+  want = jax.jit(trunk.apply, static_argnames="train")(variables, x.astype(np.float32),
+                                                       train=False)
+  np.testing.assert_allclose(feats, np.asarray(want)[labels], rtol=1e-4, atol=1e-5)
+
+
+def test_linear_probe_learns_separable_features():
+  """The probe step on given features (identity features_fn) separates Gaussian clusters."""
+  num_classes, dim, mesh = 10, 32, make_mesh()
+  rng = np.random.default_rng(0)
+  centres = rng.normal(size=(num_classes, dim)) * 3
+
+  def sample(n):
+    labels = rng.integers(0, num_classes, n)
+    return (centres[labels] + rng.normal(size=(n, dim))).astype(np.float32), labels
+
+  head = evaluate.linear_head(num_classes)
+  tx = optim.sgd(optax.cosine_decay_schedule(0.1, 100), weight_decay=0.0, momentum=0.9)
+  step = evaluate.make_linear_step(head, tx, lambda frozen, key, x: x, mesh)
+  params = head.init(jax.random.key(0), jnp.zeros((1, dim)))["params"]
+  assert float(jnp.std(params["kernel"])) == pytest.approx(0.01, rel=0.1)
+  assert not np.any(params["bias"])
+  opt_state = tx.init(params)
+  for i in range(100):
+    x, y = sample(64)
+    params, opt_state, metrics = step(params, opt_state, {}, x, y, jax.random.key(i))
+  x, y = sample(1000)
+  params = jax.device_get(params)
+  top1, top5 = evaluate.topk_accuracy(x @ params["kernel"] + params["bias"], y)
+  assert top1 > 0.9 and top5 >= top1
+  assert metrics["loss"] < 0.5
+
+
+def test_knn_and_linear_eval_on_cifar_slice(cifar_root, tmp_path):
+  """Both evaluations end to end on a tiny random trunk: 200 train / 100 test images."""
+  config = load_config("cifar10_r18", "smoke")
+  config.data.path = str(cifar_root)
+  config.model.width = 2
+  config.eval.batch_size = 64
+  config.eval.linear.batch_size = 32
+  config.eval.linear.max_steps = 3
+  config.log_every_steps = 2
+  trunk = evaluate.make_trunk(config.model)
+  variables = jax.jit(trunk.init, static_argnames="train")(
+      jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+  mesh = make_mesh()
+
+  knn = evaluate.knn_eval(config, variables, mesh)
+  assert 0.0 <= knn["knn_top1"] <= knn["knn_top5"] <= 1.0
+
+  linear = evaluate.linear_eval(config, variables, mesh, workdir=str(tmp_path))
+  assert 0.0 <= linear["linear_top1"] <= linear["linear_top5"] <= 1.0
+  log = [json.loads(line) for line in (tmp_path / "linear_metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in log] == [2, 3]
+  assert all(np.isfinite(r["linear_loss"]) for r in log)

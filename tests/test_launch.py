@@ -1,0 +1,109 @@
+"""Launchers: shellcheck, the commands their dry runs print, and the Colab notebook (smoke)."""
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+LAUNCH = ROOT / "launch"
+SCRIPTS = sorted(LAUNCH.glob("*.sh"))
+
+
+def _dry_run(script, *args, env=None):
+  out = subprocess.run([LAUNCH / script, "--dry-run", *args], capture_output=True, text=True,
+                       check=True, env={**os.environ, **(env or {})})
+  return out.stdout.splitlines()
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None,
+                    reason="shellcheck is not installed (apt-get install shellcheck)")
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_shellcheck(script):
+  out = subprocess.run(["shellcheck", "-x", script], capture_output=True, text=True, cwd=ROOT)
+  assert out.returncode == 0, out.stdout
+
+
+def test_tpu_pod_dry_run():
+  lines = _dry_run("tpu_pod.sh", "--name", "sce", "--zone", "us-central2-b", "--type", "v4-32",
+                   "--config", "configs/cifar10_r18.py", "--workdir", "gs://bucket/run",
+                   "--", "--config.batch_size=4096")
+  assert lines[0] == ("gcloud compute tpus tpu-vm create sce --zone=us-central2-b "
+                      "--accelerator-type=v4-32 --version=tpu-ubuntu2204-base")
+  assert lines[1].startswith(f"git -C {ROOT} archive")
+  assert lines[2].startswith("gcloud compute tpus tpu-vm scp ")
+  assert lines[2].endswith("sce:sce_jax.tar.gz --zone=us-central2-b --worker=all")
+  install, main = lines[3:]
+  for line in (install, main):
+    assert line.startswith("gcloud compute tpus tpu-vm ssh sce --zone=us-central2-b --worker=all ")
+  assert "pip install -U " in install and "jax[tpu]" in install
+  assert ("--command=cd ~/sce_jax && python3 -m sce_jax.main --distributed --config=configs/cifar10_r18.py "
+          "--workdir=gs://bucket/run --mode=train --config.batch_size=4096") in main
+
+
+def test_tpu_pod_git_source_detached_existing_slice():
+  lines = _dry_run("tpu_pod.sh", "--name", "sce", "--zone", "z", "--config", "c.py",
+                   "--workdir", "gs://b/r", "--skip-create", "--detach", "--mode", "linear",
+                   "--source", "https://example.com/sce_jax.git")
+  assert len(lines) == 2  # no create, no archive copy
+  assert "git clone --depth=1 https://example.com/sce_jax.git ~/sce_jax" in lines[0]
+  assert ("nohup python3 -m sce_jax.main --distributed --config=c.py --workdir=gs://b/r --mode=linear "
+          "> ~/sce_jax.log 2>&1 < /dev/null &") in lines[1]
+
+
+def test_tpu_pod_needs_a_gcs_workdir():
+  out = subprocess.run([LAUNCH / "tpu_pod.sh", "--dry-run", "--name", "n", "--zone", "z",
+                        "--config", "c", "--workdir", "/local"], capture_output=True, text=True)
+  assert out.returncode == 2 and "gs://" in out.stderr
+
+
+def test_slurm_submit_dry_run():
+  (line,) = _dry_run("slurm_gpu.sh", "--config", "configs/cifar10_r18.py", "--workdir",
+                     "/shared/run", "--nodes", "2", "--gpus-per-node", "4",
+                     "--partition", "gpu", "--", "--config.batch_size=1024",
+                     env={"SLURM_JOB_ID": ""})
+  assert line.startswith("sbatch --job-name=sce_jax --nodes=2 --ntasks-per-node=4 "
+                         "--gpus-per-node=4 --partition=gpu ")
+  # The job runs this script again, without --dry-run.
+  assert (f"--wrap={LAUNCH}/slurm_gpu.sh --config configs/cifar10_r18.py --workdir /shared/run "
+          "--nodes 2 --gpus-per-node 4 --partition gpu -- --config.batch_size=1024") in line
+
+
+@pytest.mark.parametrize("per_node", [False, True])
+def test_slurm_job_step_dry_run(tmp_path, per_node):
+  """Inside the allocation: coordinator on the first node; GPUs per process set for --per-node."""
+  scontrol = tmp_path / "scontrol"  # stands in for SLURM's hostlist expansion
+  scontrol.write_text("#!/bin/sh\necho node07\necho node08\n")
+  scontrol.chmod(0o755)
+  env = {"PATH": f"{tmp_path}:{os.environ['PATH']}", "SLURM_JOB_ID": "1234",
+         "SLURM_JOB_NODELIST": "node[07-08]"}
+  args = ["--config", "c.py", "--workdir", "/w", "--nodes", "2", "--gpus-per-node", "4"]
+  (line,) = _dry_run("slurm_gpu.sh", *args, *(["--per-node"] if per_node else []), env=env)
+  port = 1234 % 4096 + 61440
+  devices = " JAX_LOCAL_DEVICE_IDS=0,1,2,3" if per_node else ""
+  assert line == (f"env JAX_COORDINATOR_ADDRESS=node07:{port}{devices} srun --kill-on-bad-exit=1 "
+                  f"--nodes=2 --ntasks-per-node={1 if per_node else 4} python3 -m sce_jax.main "
+                  "--distributed --config=c.py --workdir=/w --mode=train")
+
+
+def test_notebook_smoke(cifar_root, tmp_path):
+  """The Colab notebook top to bottom on the CPU with the smoke parameters injected (papermill
+  style, a cell after the `parameters` one): sce_jax.main's smoke run, then the plots. The
+  data is the 200-image slice of CIFAR-10: a kNN pass over the whole archive would take
+  minutes on a small CPU."""
+  nb = nbformat.read(LAUNCH / "colab_sce_cifar10.ipynb", as_version=4)
+  index = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
+  workdir = tmp_path / "workdir"
+  nb.cells.insert(index + 1, nbformat.v4.new_code_cell(
+      f"SMOKE = True\nDATA_PATH = {str(cifar_root)!r}\nWORKDIR = {str(workdir)!r}"))
+  NotebookClient(nb, timeout=600, kernel_name="python3",
+                 resources={"metadata": {"path": str(ROOT)}}).execute()
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert any("loss" in r for r in records)
+  assert 0.0 <= [r for r in records if "knn_top1" in r][-1]["knn_top1"] <= 1.0
+  assert (workdir / "curves.png").stat().st_size > 0

@@ -1,0 +1,139 @@
+"""The training program: exact resume, divergence, and the command line end to end (issue 4)."""
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import pytest
+
+from sce_jax import checkpoint, metrics, train, train_step
+from tests.helpers import load_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+COMPARED = ("loss", "probe_loss", "pos_sim", "target_entropy", "grad_norm", "lr")
+
+
+def smoke_config(cifar_root, max_steps=-1, knn_every_epochs=-1):
+  """The smoke config on the 200-image slice: 6 steps an epoch, 12 in the schedules."""
+  c = load_config("cifar10_r18", "smoke")
+  c.data.path = str(cifar_root)
+  c.max_steps = max_steps
+  c.eval.every_epochs = knn_every_epochs
+  c.log_every_steps = 1
+  c.checkpoint.every_steps = 8
+  return c
+
+
+@pytest.fixture(scope="module")
+def mesh():
+  """One device: the sharded runs are the command line's and test_multihost's."""
+  return train_step.make_mesh(jax.devices()[:1])
+
+
+def test_resume_is_exact_and_divergence_stops(cifar_root, tmp_path, mesh):
+  """An uninterrupted run of 8 steps with kNN monitoring every epoch (6 steps) and at the end,
+  and one stopped after 4 and resumed to 8 (crossing an epoch boundary at 6), log the same
+  metrics step for step. Then a diverging continuation stops at its first NaN loss, naming
+  the step and the last checkpoint. (One test: the runs are the expensive part.)"""
+  whole, split = tmp_path / "whole", tmp_path / "split"
+  train.train(smoke_config(cifar_root, max_steps=8, knn_every_epochs=1), whole, mesh)
+  train.train(smoke_config(cifar_root, max_steps=4), split, mesh)
+  first = metrics.read(split)
+  train.train(smoke_config(cifar_root, max_steps=8), split, mesh)
+
+  assert sorted(first) == [1, 2, 3, 4]
+  config = smoke_config(cifar_root, max_steps=12)
+  assert checkpoint.manager(split, config.checkpoint).all_steps() == [4, 8]
+  a, b = metrics.read(whole), metrics.read(split)
+  assert sorted(a) == sorted(b) == list(range(1, 9))
+  for step in range(1, 9):
+    assert {k: a[step][k] for k in COMPARED} == {k: b[step][k] for k in COMPARED}, step
+  assert {k: first[s][k] for s in first for k in COMPARED} == {
+      k: a[s][k] for s in first for k in COMPARED}
+  assert all(b[s]["images_per_sec"] > 0 and b[s]["eta_seconds"] >= 0 for s in b)
+  # kNN monitoring reads the state without changing the run.
+  assert [s for s in a if "knn_top1" in a[s]] == [6, 8]
+  assert all(0 <= a[s]["knn_top1"] <= a[s]["knn_top5"] <= 1 for s in (6, 8))
+  assert not any("knn_top1" in b[s] for s in b)
+
+  config.sce.temp = 0.0  # infinite logits: the loss of step 9 is NaN
+  with pytest.raises(FloatingPointError) as e:
+    train.train(config, split, mesh)
+  assert str(e.value).startswith(
+      f"The loss is nan at step 9: training diverged. The last good checkpoint is "
+      f"{split}/checkpoints/8 (step 8); a restart resumes from it.")
+  assert checkpoint.manager(split, config.checkpoint).all_steps() == [4, 8]
+
+
+# --- The command line, as a user runs it, here without TensorFlow (grain input, JSONL only).
+
+
+@pytest.fixture(scope="module")
+def no_tf(tmp_path_factory):
+  """A PYTHONPATH entry on which `import tensorflow` (and tensorflow_datasets) fails."""
+  path = tmp_path_factory.mktemp("no_tf")
+  for name in ("tensorflow", "tensorflow_datasets"):
+    (path / f"{name}.py").write_text("raise ImportError('TensorFlow is blocked in this test')\n")
+  return path
+
+
+def command(cifar_root, workdir, *flags):
+  return [sys.executable, "-m", "sce_jax.main", "--config=configs/cifar10_r18.py:smoke",
+          f"--config.data.path={cifar_root}", f"--workdir={workdir}", *flags]
+
+
+def environment(no_tf):
+  return {**os.environ, "JAX_NUM_CPU_DEVICES": "8", "JAX_PLATFORMS": "cpu",
+          "PYTHONPATH": str(no_tf)}
+
+
+def run(cmd, no_tf):
+  out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=environment(no_tf),
+                       timeout=240)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return out.stderr
+
+
+def test_command_line_preempt_resume_evaluate(cifar_root, no_tf, tmp_path):
+  """Smoke pretraining stopped by SIGTERM saves and exits cleanly, resumes from that step,
+  and its final checkpoint is evaluated by kNN and by a linear probe."""
+  workdir = tmp_path / "work"
+  long_run = ("--config.epochs=50", "--config.max_steps=-1")  # 300 steps: time to kill it
+  with open(tmp_path / "train.log", "w") as log_file:
+    proc = subprocess.Popen(command(cifar_root, workdir, *long_run), cwd=ROOT,
+                            env=environment(no_tf), stdout=subprocess.DEVNULL, stderr=log_file)
+    log = workdir / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (log.exists() and log.read_text()) and proc.poll() is None:
+      assert time.time() < deadline, "no step logged in time"
+      time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+  stderr = (tmp_path / "train.log").read_text()
+  assert proc.returncode == 0, stderr[-3000:]
+  mngr = checkpoint.manager(workdir, smoke_config(cifar_root).checkpoint)
+  stopped = mngr.latest_step()
+  assert 4 <= stopped < 300
+  assert f"Preempted: saved step {stopped} to {workdir}/checkpoints/{stopped}" in stderr
+  assert max(metrics.read(workdir)) == stopped  # the last step is logged before its save
+
+  stderr = run(command(cifar_root, workdir, *long_run, f"--config.max_steps={stopped + 4}"),
+               no_tf)
+  assert f"Restored the checkpoint of step {stopped}" in stderr
+  assert max(metrics.read(workdir)) == stopped + 4
+  assert checkpoint.manager(workdir, smoke_config(cifar_root).checkpoint).latest_step() == (
+      stopped + 4)
+
+  run(command(cifar_root, workdir, "--mode=knn"), no_tf)
+  knn = json.loads((workdir / "eval_knn.json").read_text())
+  assert knn["checkpoint"] == str(workdir) and 0 <= knn["knn_top5"] <= 1
+  assert knn["knn_top1"] <= knn["knn_top5"]
+
+  run(command(cifar_root, workdir, "--mode=linear"), no_tf)
+  linear = json.loads((workdir / "eval_linear.json").read_text())
+  assert 0 <= linear["linear_top1"] <= linear["linear_top5"] <= 1
+  assert (workdir / "linear_metrics.jsonl").read_text().splitlines()
