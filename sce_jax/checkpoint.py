@@ -33,10 +33,10 @@ def manager(workdir, ckpt_cfg) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(directory(workdir), item_names=("state",), options=options)
 
 
-def save(mngr, step, state, *, force=False) -> bool:
-  """Starts an asynchronous save of `state` at `step` when due (or forced); True if started."""
-  return mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
-                   force=force)
+def save(mngr, step, state):
+  """Starts an asynchronous save of `state` at `step`; the caller decides when
+  (mngr.should_save, preemption, the last step)."""
+  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True)
 
 
 def restore(mngr, abstract_state):

@@ -123,7 +123,7 @@ def train(config, workdir, mesh=None):
       if save or step % config.log_every_steps == 0:
         log.flush()
       if save:
-        checkpoint.save(mngr, step, state, force=True)
+        checkpoint.save(mngr, step, state)
       if preempted:
         logging.warning("Preempted: saved step %d to %s; a restart resumes from it.", step,
                         checkpoint.directory_of(mngr, step))

@@ -31,7 +31,7 @@ def saved(tmp_path, mesh, steps):
   mngr = checkpoint.manager(tmp_path, CFG)
   init = make(mesh)
   for step in steps:
-    checkpoint.save(mngr, step, init(jax.random.key(0), float(step)), force=True)
+    checkpoint.save(mngr, step, init(jax.random.key(0), float(step)))
   mngr.wait_until_finished()
   return mngr, jax.eval_shape(init, jax.random.key(0), 1.0)
 
