@@ -78,7 +78,7 @@ def base() -> ml_collections.ConfigDict:
   c.eval.batch_size = 512
   c.eval.knn_k = 200
   c.eval.knn_temp = 0.1
-  c.eval.every_epochs = 10       # kNN monitoring during pretraining; 0 = only at the end
+  c.eval.every_epochs = 10       # kNN during pretraining; 0: only at the end; < 0: never
   c.eval.linear = ml_collections.ConfigDict(dict(
       epochs=90, batch_size=256, base_lr=0.1, weight_decay=0.0, momentum=0.9,
       max_steps=-1))           # max_steps > 0 stops early (smoke runs); the cosine uses epochs
