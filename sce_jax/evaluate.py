@@ -17,7 +17,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from sce_jax import optim
+from sce_jax import losses, optim
 from sce_jax.data import augment, pipeline
 from sce_jax.data.presets import ViewSpec
 from sce_jax.models import resnet
@@ -33,11 +33,6 @@ def make_trunk(model_cfg):
   """The trunk alone, built as SCENet builds it, so a TrainState's trunk variables fit."""
   return resnet.resnet(model_cfg.trunk, width=model_cfg.width, small_stem=model_cfg.small_stem,
                        dtype=jnp.dtype(model_cfg.dtype))
-
-
-def _normalize(images, mean, std):
-  x = images.astype(jnp.float32) / 255.0
-  return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
 def _to_host(x):
@@ -63,7 +58,7 @@ def extract_features(trunk, variables, data_cfg, split, *, batch_size, mesh):
 
   @jax.jit
   def forward(variables, images):
-    x = _normalize(images, data_cfg.mean, data_cfg.std)
+    x = augment.normalize(images.astype(jnp.float32) / 255.0, data_cfg.mean, data_cfg.std)
     return trunk.apply(variables, x, train=False).astype(jnp.float32)
 
   variables = jax.device_put(variables, replicated)
@@ -72,10 +67,6 @@ def extract_features(trunk, variables, data_cfg, split, *, batch_size, mesh):
                                              sharding=rows)]
   feats, labels, mask = (np.concatenate([_to_host(o[i]) for o in outputs]) for i in range(3))
   return feats[mask], labels[mask].astype(np.int32)
-
-
-def _l2_normalize(x):
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def _nearest(train_feats, train_labels, test_feats, k):
@@ -115,7 +106,8 @@ def knn_scores(train_feats, train_labels, test_feats, *, k, temp, num_classes, m
   k_local = min(k, train_feats.shape[0] // n_dev)
 
   def local(train_feats, train_labels, test_feats):
-    sims, labels = _nearest(_l2_normalize(train_feats), train_labels, _l2_normalize(test_feats),
+    unit = losses.l2_normalize
+    sims, labels = _nearest(unit(train_feats), train_labels, unit(test_feats),
                             k_local)
     sims = jax.lax.all_gather(sims, DATA, axis=1, tiled=True)
     labels = jax.lax.all_gather(labels, DATA, axis=1, tiled=True)

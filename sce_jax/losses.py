@@ -12,6 +12,12 @@ import jax.numpy as jnp
 POSITIVE_MODES = ("zero_logit", "exclude")
 
 
+def l2_normalize(x):
+  """Rows of x to unit length, in float32 (embeddings of a bf16 network included)."""
+  x = x.astype(jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
 def soft_contrastive(sim_q, sim_z, pos, *, temp, temp_m, coeff, positive="zero_logit"):
   """SCE from raw similarities.
 

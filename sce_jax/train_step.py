@@ -29,11 +29,6 @@ def make_mesh(devices=None):
                        devices=devices)
 
 
-def _normalize(x):
-  x = x.astype(jnp.float32)
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 def _global_norm(tree):
   return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
 
@@ -140,12 +135,13 @@ def make_train_step(config, mesh, online, target, tx, lr_fn, ema_fn, augment_fn=
 
     t_out, t_stats = _forward(target, state.target_params, state.target_batch_stats, views,
                               target_views)
-    zs = {i: jax.lax.stop_gradient(_normalize(t_out[i]["proj"])) for i in target_views}
+    zs = {i: jax.lax.stop_gradient(losses.l2_normalize(t_out[i]["proj"]))
+          for i in target_views}
     sce_loss_fn = make_loss_fn(sce, mesh, pairs)
 
     def objective(params):
       o_out, stats = _forward(online, params, state.batch_stats, views, online_views)
-      qs = {j: _normalize(o_out[j]["pred"]) for j in online_views}
+      qs = {j: losses.l2_normalize(o_out[j]["pred"]) for j in online_views}
       loss, metrics = sce_loss_fn(qs, zs, state.queue)
       total = loss
       if "logits" in o_out[online_views[0]]:

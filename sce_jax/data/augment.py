@@ -113,6 +113,11 @@ def augment_view(key, images, spec: ViewSpec, mean, std):
   params = jax.vmap(sample_params, in_axes=(0, None))(keys, spec)
   x = images.astype(jnp.float32) / 255.0
   x = jax.vmap(apply_params, in_axes=(0, 0, None))(x, params, spec)
+  return normalize(x, mean, std)
+
+
+def normalize(x, mean, std):
+  """[0, 1] float images to the networks' input scale with the dataset's mean/std (spec 6)."""
   return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 

@@ -38,7 +38,3 @@ class SCENet(nn.Module):
     if self.num_classes:
       out["logits"] = self.probe(jax.lax.stop_gradient(feat).astype(jnp.float32))
     return out
-
-  def features(self, x):
-    """Trunk features in inference mode (BN running statistics), for evaluation."""
-    return self.trunk(x, train=False)
