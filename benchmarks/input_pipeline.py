@@ -1,4 +1,4 @@
-"""Throughput of the input pipeline's two stages (spec section 6), as a Markdown table.
+"""Throughput of the input pipeline's two stages (docs/SCE.md section 6), as a Markdown table.
 
 Host stage: decode + two 224-px random resized crops (imagenet_two_crop) from ~400x350 JPEGs,
 tf.data and grain, in images/s (wall clock) and images per CPU-second. The CPU time is that of
@@ -10,7 +10,6 @@ core sustains. Accelerator stage: augment_views (jitted) on the first JAX device
   python benchmarks/input_pipeline.py --images 256 --batch 32 --steps 8
 """
 import argparse
-import importlib
 import os
 import pathlib
 import tempfile
@@ -23,6 +22,7 @@ from PIL import Image
 
 from sce_jax.data import augment
 from sce_jax.data import presets
+from sce_jax.data import sources
 
 
 def make_jpegs(root, count, seed=0):
@@ -55,14 +55,18 @@ def _cpu_seconds():
 
 def host_rate(root, loader, batch, steps, **overrides):
   """(images/s, images per CPU-second) of the host stage after two warm-up batches."""
-  module = importlib.import_module(f"sce_jax.data.{loader}_pipeline")
+  if loader == "tf":
+    from sce_jax.data import tf_pipeline as module  # pylint: disable=g-import-not-at-top
+  else:
+    from sce_jax.data import grain_pipeline as module  # pylint: disable=g-import-not-at-top
   cfg = ml_collections.ConfigDict(dict(
       source="folder", name="", path=str(root), eval_path="", data_dir=None, train_split="train",
       eval_split="test", image_size=224, loader=loader, shuffle_buffer=1024, num_workers=0,
       prefetch=os.cpu_count(), cache=False))
   cfg.update(overrides)
-  it = module.train_batches(cfg, views=presets.imagenet_two_crop(224), batch_size=batch, seed=0,
-                            start_step=0, process_index=0, process_count=1)
+  it = module.train_batches(sources.ImageFolder(root), cfg, views=presets.imagenet_two_crop(224),
+                            batch_size=batch, seed=0, start_step=0, process_index=0,
+                            process_count=1)
   next(it), next(it)
   start, cpu = time.perf_counter(), _cpu_seconds()
   for _ in range(steps):

@@ -1,4 +1,4 @@
-"""SCE on CIFAR-100 with ResNet-18: the CIFAR-10 recipe (spec 5) with CIFAR-100 statistics.
+"""SCE on CIFAR-100 with ResNet-18: the CIFAR-10 recipe (docs/SCE.md 5) with CIFAR-100 statistics.
 
 Data from TFDS ('cifar100' downloads without manual steps); a class-folder tree works too:
 --config.data.source=folder --config.data.path=PATH. Variants: `smoke`, `epochs=N`.

@@ -1,4 +1,4 @@
-"""SCE on CIFAR-10 with ResNet-18 (spec section 5, CIFAR-10 column).
+"""SCE on CIFAR-10 with ResNet-18 (docs/SCE.md section 5, CIFAR-10 column).
 
 Variants, after the file name and comma-separated: `smoke` (a tiny network for a few dozen
 steps on the CPU), `epochs=N`. E.g. --config=configs/cifar10_r18.py:smoke.

@@ -1,4 +1,4 @@
-"""SCE on ImageNet with ResNet-50 (spec section 5, ImageNet columns).
+"""SCE on ImageNet with ResNet-50 (docs/SCE.md section 5, ImageNet columns).
 
 Variants, after the file name and comma-separated: `epochs=N` (100, 200, 300 or 1000 are the
 published runs; default 200) and `multicrop` (2 x 224 + 192, 160, 128, 96 crops, projector
@@ -8,7 +8,7 @@ Data: TFDS imagenet2012 (manual download; --config.data.data_dir=DIR).
 from sce_jax import config as sce_config
 from sce_jax.data import presets
 
-# (base_lr, weight_decay) of the published 2-crop runs by epochs (spec 5); other epoch counts
+# (base_lr, weight_decay) of the published 2-crop runs by epochs (docs/SCE.md 5); other epoch counts
 # and the multi-crop run use the 200-epoch values.
 PUBLISHED = {100: (0.6, 1e-6), 200: (0.3, 1e-6), 300: (0.3, 1e-6), 1000: (0.3, 1.5e-6)}
 

@@ -3,7 +3,7 @@
 Pretraining reads the 100k-image 'unlabelled' TFDS split; its labels are -1, so the online
 probe and kNN monitoring are off. Evaluate with the labelled split: --mode=knn or linear
 with --config.data.train_split=train (test split 'test'). Otherwise the CIFAR recipe of
-spec 5 (batch 256, SGD, lr 0.06, wd 5e-4, temp_m 0.05, queue 4096, asymmetric weak/strong
+docs/SCE.md 5 (batch 256, SGD, lr 0.06, wd 5e-4, temp_m 0.05, queue 4096, asymmetric weak/strong
 views at 96 px) with the torchvision stem (7x7 stride 2 and max-pool, 96 -> 24 px), which
 keeps the cost near CIFAR's, and ImageNet statistics.
 Variants: `smoke`, `epochs=N`.

@@ -1,6 +1,6 @@
 """SCE on Tiny ImageNet (200 classes, 64 px) with ResNet-18. Not a published setting: ours.
 
-The CIFAR recipe of spec 5 (batch 256, SGD, lr 0.06, wd 5e-4, temp_m 0.05, queue 4096,
+The CIFAR recipe of docs/SCE.md 5 (batch 256, SGD, lr 0.06, wd 5e-4, temp_m 0.05, queue 4096,
 asymmetric weak/strong views) at 64 px with the 3x3 stride-1 stem and ImageNet statistics.
 Data: a class-folder tree (--config.data.path=PATH with train/<wnid>/*.JPEG and
 val/<wnid>/*.JPEG; the official archive's val/ must first be sorted into class folders using

@@ -1,16 +1,21 @@
-"""Checkpoints of the TrainState: orbax CheckpointManager, one item 'state' (issue 4).
+"""Checkpoints of the TrainState: orbax CheckpointManager, one item 'state'.
 
-Layout: <workdir>/checkpoints/<step>/state (sce_jax.convert reads the same). Saves are
-asynchronous and atomic: orbax writes into a temporary directory and renames it when complete,
-so a step directory that exists is whole, and a run killed mid-save leaves the previous one as
-the latest. Preemption (SIGTERM) is handled by the training loop through `Preemption`.
+Layout: <workdir>/checkpoints/<step>/state; `read_numpy` reads it back without a model (for
+evaluation and weight conversion). Saves are asynchronous and atomic: orbax writes into a
+temporary directory and renames it when complete, so a step directory that exists is whole,
+and a run killed mid-save leaves the previous one as the latest. Preemption (SIGTERM) is
+handled by the training loop through `Preemption`.
 """
+import pathlib
 import signal
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+
+ITEM = "state"
 
 
 class CheckpointError(RuntimeError):
@@ -30,7 +35,7 @@ def manager(workdir, ckpt_cfg) -> ocp.CheckpointManager:
       save_decision_policy=policies.AnySavePolicy([
           policies.FixedIntervalPolicy(ckpt_cfg.every_steps),
           policies.PreemptionCheckpointingPolicy()]))
-  return ocp.CheckpointManager(directory(workdir), item_names=("state",), options=options)
+  return ocp.CheckpointManager(directory(workdir), item_names=(ITEM,), options=options)
 
 
 def save(mngr, step, state):
@@ -65,6 +70,40 @@ def restore(mngr, abstract_state):
 
 def directory_of(mngr, step) -> epath.Path:
   return mngr.directory / str(step)
+
+
+def item_directory(path) -> pathlib.Path:
+  """The saved state under a workdir, a checkpoints dir (its latest step), a step dir, or the
+  item dir itself."""
+  path = pathlib.Path(path)
+  if (path / "checkpoints").is_dir():
+    path = path / "checkpoints"
+  if (path / ITEM).is_dir():
+    return path / ITEM
+  if (path / "_METADATA").exists():
+    return path
+  mngr = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True))
+  step = mngr.latest_step()
+  mngr.close()
+  if step is None or not (path / str(step) / ITEM).is_dir():
+    raise ValueError(f"No sce_jax checkpoint found in {path} (expected <workdir>/checkpoints/"
+                     f"<step>/{ITEM}, a step directory, or an orbax item directory).")
+  return path / str(step) / ITEM
+
+
+def read_numpy(path, select):
+  """Part of a saved TrainState as NumPy arrays, without building a model.
+
+  select(metadata) -> the subtree of the saved tree's metadata to read (e.g. the weights
+  without the optimiser state and the queue); what it leaves out is not read.
+  """
+  item = item_directory(path)
+  checkpointer = ocp.PyTreeCheckpointer()
+  metadata = checkpointer.metadata(item)
+  wanted = select(getattr(metadata, "item_metadata", metadata))
+  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+  return checkpointer.restore(item, args=ocp.args.PyTreeRestore(
+      item=wanted, restore_args=args, partial_restore=True))
 
 
 class Preemption:

@@ -2,17 +2,20 @@
 
 Config files in configs/ start from `base()` and change values only; the dict is locked, so a
 misspelt key (in a file or in a --config.key=value override) is an error, not a silent no-op.
-Names follow spec section 5. `parse_arg` reads a config file's variant string; `validate`
-stops a run that cannot work before anything compiles.
+Names follow docs/SCE.md section 5. `load` reads a config file as the command line does,
+`parse_arg` a config file's variant string; `validate` stops a run that cannot work before
+anything compiles.
 """
+import importlib.util
+import pathlib
 import uuid
 
 import ml_collections
 from etils import epath
 
-from sce_jax import losses
-from sce_jax.data import presets, sources
-from sce_jax.models import resnet
+from sce_jax import losses, optim, state
+from sce_jax.data import pipeline, presets, sources
+from sce_jax.models import resnet, sce
 
 
 def base() -> ml_collections.ConfigDict:
@@ -39,7 +42,7 @@ def base() -> ml_collections.ConfigDict:
   c.sce.coeff = 0.5
   c.sce.positive = "zero_logit"  # the authors' code; "exclude" is the paper's formula
   c.sce.queue = 4096
-  c.sce.negatives = "queue"      # "queue" | "batch" (all devices' keys) | "both"
+  c.sce.negatives = "queue"      # or "batch" (all devices' keys), "both"
   c.sce.symmetric = False        # True: ImageNet crop pairing; False: CIFAR (target view 0)
   c.sce.num_global = 2
   c.sce.m0 = 0.99
@@ -57,7 +60,7 @@ def base() -> ml_collections.ConfigDict:
   c.probe = ml_collections.ConfigDict(dict(enabled=True, lr=0.1))  # online linear probe
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "folder"       # "folder" | "tfds" | "memory"
+  c.data.source = "folder"       # or "tfds", "memory" (sources.SOURCES)
   c.data.name = "cifar10"        # TFDS name
   c.data.path = ""               # class-folder tree or .tar/.tar.gz for source=folder
   c.data.eval_path = ""          # "" finds the test split beside path
@@ -65,10 +68,10 @@ def base() -> ml_collections.ConfigDict:
   c.data.train_split = "train"
   c.data.eval_split = "test"
   c.data.image_size = 32
-  c.data.views = "cifar"         # a preset of sce_jax/data/presets.py (spec 6)
+  c.data.views = "cifar"         # a preset of sce_jax/data/presets.py (docs/SCE.md 6)
   c.data.mean = presets.CIFAR10_MEAN
   c.data.std = presets.CIFAR10_STD
-  c.data.loader = "auto"         # "auto" | "tf" | "grain"
+  c.data.loader = "auto"         # or "tf", "grain" (pipeline.LOADERS)
   c.data.shuffle_buffer = 50_000
   c.data.num_workers = 0
   c.data.prefetch = 2
@@ -82,7 +85,7 @@ def base() -> ml_collections.ConfigDict:
   c.eval.linear = ml_collections.ConfigDict(dict(
       epochs=90, batch_size=256, base_lr=0.1, weight_decay=0.0, momentum=0.9,
       max_steps=-1))           # max_steps > 0 stops early (smoke runs); the cosine uses epochs
-  c.eval.checkpoint = ""       # imported trunk weights to evaluate (sce_jax.convert.load_trunk)
+  c.eval.checkpoint = ""       # imported trunk weights to evaluate (evaluate.load_trunk)
 
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3))
   c.log_every_steps = 50
@@ -119,6 +122,21 @@ class ConfigError(ValueError):
   """A config that cannot run; the message says what is wrong and how to fix it."""
 
 
+def load(spec) -> ml_collections.ConfigDict:
+  """'configs/FILE.py[:ARG]' -> the file's get_config(ARG), locked: what --config=SPEC gives
+  the command line (ml_collections' config_flags), for code and tests."""
+  file, _, arg = spec.partition(":")
+  if not pathlib.Path(file).is_file():
+    raise ConfigError(f"config file {file!r} does not exist; pass --config=configs/<name>.py"
+                      "[:variants] (e.g. configs/cifar10_r18.py:smoke).")
+  module_spec = importlib.util.spec_from_file_location(pathlib.Path(file).stem, file)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  config = module.get_config(arg) if arg else module.get_config()
+  config.lock()
+  return config
+
+
 def parse_arg(arg, **defaults) -> ml_collections.ConfigDict:
   """A config file's variant string, e.g. 'multicrop,epochs=200', over `defaults`.
 
@@ -142,33 +160,34 @@ def parse_arg(arg, **defaults) -> ml_collections.ConfigDict:
   return out
 
 
-# Keys with a fixed set of values (the modules that read them raise too, but only once compiled).
+# Keys with a fixed set of values, each list owned by the module that reads the key; checked
+# here, once, before anything compiles.
 ENUMS = {
     "model.trunk": tuple(resnet.ARCHS),
-    "model.dtype": ("float32", "bfloat16", "float16"),
-    "sce.positive": losses.POSITIVE_MODES,
-    "sce.negatives": ("queue", "batch", "both"),
-    "sce.m_schedule": ("constant", "cosine"),
-    "sce.target_init": ("copy", "random"),
-    "optim.name": ("sgd", "lars"),
-    "data.source": ("folder", "tfds", "memory"),
-    "data.loader": ("auto", "tf", "grain"),
+    "model.dtype": sce.DTYPES,
+    "sce.positive": tuple(losses.POSITIVE_LOGIT),
+    "sce.negatives": losses.NEGATIVES,
+    "sce.m_schedule": optim.M_SCHEDULES,
+    "sce.target_init": state.TARGET_INITS,
+    "optim.name": optim.OPTIMIZERS,
+    "data.source": tuple(sources.SOURCES),
+    "data.loader": pipeline.LOADERS,
     "data.views": tuple(presets.PRESETS),
 }
 
 
 def num_target_views(config) -> int:
-  """Views the target embeds each step (spec 2): every global crop if symmetric, else one."""
+  """Views the target embeds each step (docs/SCE.md 2): every global crop if symmetric, else one."""
   views = presets.get(config.data.views, config.data.image_size)
   pairs = losses.crop_pairs(len(views), config.sce.num_global, config.sce.symmetric)
-  return len({i for i, _ in pairs})
+  return len(losses.target_views(pairs))
 
 
 def validate(config, num_devices, num_processes, workdir=None):
   """Raises ConfigError, naming the key and a fix, for a run that cannot work: a value outside
   ENUMS, a batch that does not split over the devices and processes, a queue that is not a
-  multiple of the keys written each step, data that are not there, a workdir (if given) that
-  cannot be written."""
+  multiple of the keys written each step, a workdir (if given) that cannot be written. The data
+  are checked when they are opened (`sources.Splits`)."""
   for key, allowed in ENUMS.items():
     value = config[key]
     if value not in allowed:
@@ -180,7 +199,7 @@ def validate(config, num_devices, num_processes, workdir=None):
         raise ConfigError(
             f"{key}={config[key]} does not split evenly over {count} {what}; set "
             f"--config.{key} to a multiple of {count}, e.g. {_multiple(config[key], count)}.")
-  if config.sce.negatives in ("queue", "both"):
+  if losses.uses_queue(config.sce.negatives):
     written = config.batch_size * num_target_views(config)
     if config.sce.queue % written:
       raise ConfigError(
@@ -188,37 +207,12 @@ def validate(config, num_devices, num_processes, workdir=None):
           f"written to it each step (batch_size {config.batch_size} x "
           f"{num_target_views(config)} target views); set --config.sce.queue="
           f"{_multiple(config.sce.queue, written)} or another multiple of {written}.")
-  _check_data(config.data)
   if workdir is not None:
     _check_writable(workdir)
 
 
 def _multiple(value, divisor):
   return max(divisor, round(value / divisor) * divisor)
-
-
-def _check_data(data):
-  if data.source == "folder":
-    if not data.path:
-      raise ConfigError("data.path is empty; set --config.data.path to a class-folder tree or "
-                        "a .tar/.tar.gz of one (e.g. cifar10_jpg_train.tar.gz).")
-    if not epath.Path(data.path).exists():
-      raise ConfigError(f"data.path={data.path} does not exist; set --config.data.path to a "
-                        "class-folder tree or a .tar/.tar.gz of one.")
-  elif data.source == "tfds":
-    try:
-      tfds = sources.import_tfds()
-    except ImportError as e:
-      raise ConfigError(str(e)) from e
-    try:
-      prepared = tfds.builder(data.name, data_dir=data.data_dir or None).is_prepared()
-    except tfds.core.registered.DatasetNotFoundError as e:
-      raise ConfigError(f"data.name={data.name!r} is not a TFDS dataset ({e}).") from e
-    if not prepared:
-      raise ConfigError(
-          f"TFDS dataset {data.name!r} is not prepared in data_dir={data.data_dir or 'default'}; "
-          f"run `tfds build {data.name} --data_dir=DIR` (ImageNet needs its manual download) "
-          "and set --config.data.data_dir=DIR.")
 
 
 def _check_writable(workdir):

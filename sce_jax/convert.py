@@ -1,4 +1,4 @@
-"""Weights in and out: PyTorch ResNets and SCE checkpoints <-> sce_jax (spec section 4).
+"""Weights in and out: PyTorch ResNets and SCE checkpoints <-> sce_jax (docs/SCE.md 4).
 
 Three layouts, one name mapping (`_PARTS`, `_LEAVES`, `_MLP_STRIDE` below):
 
@@ -25,7 +25,6 @@ SRC: an sce_jax workdir / checkpoint dir, a .safetensors file (any layout), or a
 """
 import argparse
 import functools
-import importlib.util
 import json
 import pathlib
 import pickle
@@ -40,11 +39,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from sce_jax import checkpoint
+from sce_jax import config as sce_config
 from sce_jax.models import resnet, sce
 
 COLLECTIONS = ("params", "batch_stats", "target_params", "target_batch_stats")
 # Each network's (params, batch_stats) collections.
-_NETS = {"online": ("params", "batch_stats"), "target": ("target_params", "target_batch_stats")}
+NETS = {"online": ("params", "batch_stats"), "target": ("target_params", "target_batch_stats")}
 # sce_jax (network, part) <-> the authors' state-dict prefix.
 _PARTS = {
     ("online", "trunk"): "trunk.",
@@ -171,7 +172,7 @@ def from_torch(state_dict: Mapping[str, np.ndarray]) -> dict[str, Any]:
     kind, flax_leaf, x = _from_torch_leaf(leaf, np.asarray(x))
     if np.issubdtype(x.dtype, np.floating):
       x = x.astype(np.float32)
-    collection = _NETS[net][kind == "batch_stats"]
+    collection = NETS[net][kind == "batch_stats"]
     flat[(collection, part) + _flax_module(module, part != "trunk") + (flax_leaf,)] = x
   if skipped:
     logging.info("Skipped %d keys outside the networks: %s", len(skipped), skipped[:8])
@@ -184,7 +185,7 @@ def to_torch(variables, layout="torchvision", which="online") -> dict[str, np.nd
   torchvision: the `which` ('online' or 'target') trunk. authors: every network part present.
   """
   if layout == "torchvision":
-    collections = _NETS[which]
+    collections = NETS[which]
     if "trunk" not in variables.get(collections[0], {}):
       raise ValueError(f"No {which} trunk to export; found {describe(variables)}.")
     parts = {(which, "trunk")}
@@ -208,7 +209,7 @@ def to_torch(variables, layout="torchvision", which="online") -> dict[str, np.nd
 def describe(variables) -> str:
   """'online trunk, projector; target trunk', for messages."""
   nets = []
-  for net, (collection, _) in _NETS.items():
+  for net, (collection, _) in NETS.items():
     if variables.get(collection):
       nets.append(f"{net} {', '.join(sorted(variables[collection]))}")
   return "; ".join(nets) or "no networks"
@@ -241,48 +242,26 @@ def _torch_load(path, allow_pickle):
           for k, v in state_dict.items() if torch.is_tensor(v)}
 
 
-def _orbax_item(path):
-  """The orbax item directory for a workdir, a CheckpointManager dir (latest step), a step
-  dir or an item dir."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  path = pathlib.Path(path)
-  if (path / "checkpoints").is_dir():
-    path = path / "checkpoints"
-  if (path / "state").is_dir():
-    return path / "state"
-  if (path / "_METADATA").exists():
-    return path
-  manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True))
-  step = manager.latest_step()
-  manager.close()
-  if step is None or not (path / str(step) / "state").is_dir():
-    raise ValueError(f"No sce_jax checkpoint found in {path} (expected <workdir>/checkpoints/"
-                     "<step>/state, a step directory, or an orbax item directory).")
-  return path / str(step) / "state"
-
-
 def _read_orbax(path, only=None):
   """The weight collections of a TrainState checkpoint as numpy, skipping the optimiser state
   and the queue; `only` = (net, part), e.g. ('online', 'trunk'), restores just that."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  item = _orbax_item(path)
-  checkpointer = ocp.PyTreeCheckpointer()
-  metadata = checkpointer.metadata(item)
-  metadata = getattr(metadata, "item_metadata", metadata)
-  wanted = {k: metadata[k] for k in COLLECTIONS if k in metadata and metadata[k]}
-  if only is not None:
-    net, part = only
-    wanted = {k: {part: v[part]} for k, v in wanted.items() if k in _NETS[net] and part in v}
-  if not wanted:
-    raise ValueError(f"{item} holds none of {COLLECTIONS}; found {sorted(metadata)}.")
-  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
-  return checkpointer.restore(item, args=ocp.args.PyTreeRestore(
-      item=wanted, restore_args=args, partial_restore=True))
+
+  def select(metadata):
+    wanted = {k: metadata[k] for k in COLLECTIONS if k in metadata and metadata[k]}
+    if only is not None:
+      net, part = only
+      wanted = {k: {part: v[part]} for k, v in wanted.items() if k in NETS[net] and part in v}
+    if not wanted:
+      raise ValueError(f"{path} holds none of {COLLECTIONS}; found {sorted(metadata)}.")
+    return wanted
+
+  return checkpoint.read_numpy(path, select)
 
 
-def _read(path, allow_pickle=False, only=None):
-  """(variables, layout of the source: 'sce_jax' | 'torchvision' | 'authors'). `only` =
-  (net, part) lets an orbax read skip the rest."""
+def read(path, allow_pickle=False, only=None):
+  """Any supported checkpoint -> (sce_jax variables as numpy, without validation; the source's
+  layout: 'sce_jax' | 'torchvision' | 'authors'). `only` = (net, part) lets an orbax read skip
+  the rest."""
   path = pathlib.Path(path)
   if path.is_dir():
     return _read_orbax(path, only), "sce_jax"
@@ -300,11 +279,6 @@ def _read(path, allow_pickle=False, only=None):
     raise ValueError(f"Unknown checkpoint type {path}: expected a directory (orbax), "
                      f".safetensors, or one of {_TORCH_SUFFIXES}.")
   return from_torch(state_dict), torch_layout(state_dict)
-
-
-def read_variables(path, allow_pickle=False) -> dict[str, Any]:
-  """Any supported checkpoint -> sce_jax variables (numpy), without validation."""
-  return _read(path, allow_pickle)[0]
 
 
 def save_safetensors(variables, path, metadata=None):
@@ -387,7 +361,7 @@ def _mlp_config(params, stats):
 def infer_model_config(variables) -> ml_collections.ConfigDict:
   """The config.model that a checkpoint's shapes imply (its depth, width, stem, heads)."""
   net = "online" if variables.get("params", {}).get("trunk") else "target"
-  params, stats = (variables.get(c, {}) for c in _NETS[net])
+  params, stats = (variables.get(c, {}) for c in NETS[net])
   if "trunk" not in params:
     raise ValueError(f"No trunk in the checkpoint; found {describe(variables)}.")
   trunk = params["trunk"]
@@ -418,10 +392,10 @@ def check_variables(variables, model_cfg, parts=None, source="checkpoint", layou
   """
   model_cfg = getattr(model_cfg, "model", model_cfg)
   if parts is None:
-    parts = [(net, p) for net, (c, _) in _NETS.items() for p in variables.get(c, {})]
+    parts = [(net, p) for net, (c, _) in NETS.items() for p in variables.get(c, {})]
   problems = []
   for net, part in parts:
-    params = variables.get(_NETS[net][0], {})
+    params = variables.get(NETS[net][0], {})
     if part == "trunk":
       arch, got = _arch_of(params.get("trunk", {}))
       if arch != model_cfg.trunk:
@@ -438,7 +412,7 @@ def check_variables(variables, model_cfg, parts=None, source="checkpoint", layou
                              else json.dumps(model_cfg), net, classes)
     expected = {k: v for k, v in expected.items() if k[1] == part}
     got = {}
-    for kind, collection in zip(("params", "batch_stats"), _NETS[net]):
+    for kind, collection in zip(("params", "batch_stats"), NETS[net]):
       tree = variables.get(collection, {}).get(part)
       got.update({(kind, part) + k: np.shape(v) for k, v in _flat(tree).items()})
     problems += _compare(got, expected, net, layout)
@@ -474,39 +448,7 @@ def _compare(got, expected, net, layout):
 
 
 # ---------------------------------------------------------------------------------------------
-# The evaluation entry point.
-
-
-def load_trunk(path, model_cfg, which="online", allow_pickle=False) -> dict[str, Any]:
-  """A validated trunk for `resnet.resnet(...)`: {'params': ..., 'batch_stats': ...} (numpy).
-
-  path: an sce_jax workdir or checkpoint dir (orbax), an sce_jax .safetensors, or a
-  torchvision / authors' .safetensors, .pth, .pt or .ckpt (the last three need torch).
-  which: 'online' or 'target' (the authors' `momentum_trunk`).
-  allow_pickle: let torch.load unpickle arbitrary objects (Lightning .ckpt); trusted files only.
-  """
-  if which not in _NETS:
-    raise ValueError(f"which must be 'online' or 'target', got {which!r}")
-  variables, layout = _read(path, allow_pickle, only=(which, "trunk"))
-  params_c, stats_c = _NETS[which]
-  if "trunk" not in variables.get(params_c, {}):
-    raise ValueError(f"{path} has no {which} trunk; it holds {describe(variables)}.")
-  check_variables(variables, model_cfg, [(which, "trunk")], source=str(path), layout=layout)
-  return {"params": variables[params_c]["trunk"],
-          "batch_stats": variables.get(stats_c, {}).get("trunk", {})}
-
-
-# ---------------------------------------------------------------------------------------------
 # Command line.
-
-
-def _load_config(spec):
-  """'configs/x.py[:arg]' -> get_config(arg).model, like ml_collections' config_flags."""
-  file, _, arg = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location("_sce_convert_config", file)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg or None).model
 
 
 def main(argv=None):
@@ -517,7 +459,7 @@ def main(argv=None):
   parser.add_argument("src", help="workdir / checkpoint dir, .safetensors, .pth/.pt/.ckpt")
   parser.add_argument("dst", help="in: .safetensors; out: .safetensors or .pth/.pt")
   parser.add_argument("--config", help="FILE[:ARG] to validate against (default: inferred)")
-  parser.add_argument("--which", choices=tuple(_NETS), default="online",
+  parser.add_argument("--which", choices=tuple(NETS), default="online",
                       help="out, torchvision layout: which trunk to export")
   parser.add_argument("--layout", choices=("torchvision", "authors"), default="torchvision",
                       help="out: torchvision (trunk) or authors (all networks)")
@@ -525,8 +467,9 @@ def main(argv=None):
                       help="let torch.load unpickle objects (Lightning .ckpt); trusted files only")
   args = parser.parse_args(argv)
 
-  variables, layout = _read(args.src, args.allow_pickle)
-  model_cfg = _load_config(args.config) if args.config else infer_model_config(variables)
+  variables, layout = read(args.src, args.allow_pickle)
+  model_cfg = (sce_config.load(args.config).model if args.config
+               else infer_model_config(variables))
   check_variables(variables, model_cfg, source=args.src, layout=layout)
   if args.direction == "in":
     if not args.dst.endswith(".safetensors"):

@@ -1,4 +1,4 @@
-"""The SCE objective (spec section 1) and the crop pairing (spec section 2).
+"""The SCE objective (docs/SCE.md section 1) and the crop pairing (section 2).
 
 Per row, over the columns [positives / in-batch keys, queue]:
   online logits  s_q = q . keys / temp
@@ -9,7 +9,20 @@ Per row, over the columns [positives / in-batch keys, queue]:
 import jax
 import jax.numpy as jnp
 
-POSITIVE_MODES = ("zero_logit", "exclude")
+# sce.positive -> the positive's own target logit m. The authors' code sets the positive's
+# target similarity to 0 (m = 0); the paper leaves it out of the relational distribution
+# (m = -inf). Docs section 1.
+POSITIVE_LOGIT = {"zero_logit": 0.0, "exclude": -jnp.inf}
+# sce.negatives: the queue (the reference), the global batch's target keys, or both.
+NEGATIVES = ("queue", "batch", "both")
+
+
+def uses_queue(negatives) -> bool:
+  return negatives in ("queue", "both")
+
+
+def uses_batch(negatives) -> bool:
+  return negatives in ("batch", "both")
 
 
 def l2_normalize(x):
@@ -28,13 +41,8 @@ def soft_contrastive(sim_q, sim_z, pos, *, temp, temp_m, coeff, positive="zero_l
   Returns:
     (per-row loss (N,), target distribution w (N, C)).
   """
-  if positive not in POSITIVE_MODES:
-    raise ValueError(f"positive must be one of {POSITIVE_MODES}, got {positive!r}")
   onehot = jax.nn.one_hot(pos, sim_q.shape[1], dtype=sim_q.dtype)
-  # The authors' code sets the positive's target similarity to 0 (logit m = 0); the paper
-  # leaves the positive out of the relational distribution (m = -inf). Spec 1.
-  m = 0.0 if positive == "zero_logit" else -jnp.inf
-  logits_z = jnp.where(onehot > 0, m, sim_z / temp_m)
+  logits_z = jnp.where(onehot > 0, POSITIVE_LOGIT[positive], sim_z / temp_m)
   w = coeff * onehot + (1 - coeff) * jax.nn.softmax(logits_z, axis=-1)
   log_p = jax.nn.log_softmax(sim_q / temp, axis=-1)
   return -jnp.sum(w * log_p, axis=-1), w
@@ -59,7 +67,7 @@ def sce_terms(q, z, queue, *, temp, temp_m, coeff, positive="zero_logit",
       given they replace the positive column: every other row is an in-batch negative.
     batch_index: (N,) index of each row's own positive in batch_keys.
   """
-  # Target embeddings, the queue and the gathered keys carry no gradient (spec 1).
+  # Target embeddings, the queue and the gathered keys carry no gradient (docs/SCE.md section 1).
   z, queue, batch_keys = jax.lax.stop_gradient((z, queue, batch_keys))
   if batch_keys is None:
     sim_q = [jnp.sum(q * z, axis=-1, keepdims=True)]
@@ -75,7 +83,7 @@ def sce_terms(q, z, queue, *, temp, temp_m, coeff, positive="zero_logit",
 
 
 def crop_pairs(num_views, num_global, symmetric):
-  """(target view, online view) pairs whose losses are averaged (spec 2).
+  """(target view, online view) pairs whose losses are averaged (docs/SCE.md section 2).
 
   Symmetric (ImageNet): target view i over the global crops, online view j != i over all
   crops: 2 pairs for 2 crops, 10 for 2 + 4. Asymmetric (CIFAR): target view 0, online views
@@ -84,3 +92,12 @@ def crop_pairs(num_views, num_global, symmetric):
   if symmetric:
     return [(i, j) for i in range(num_global) for j in range(num_views) if j != i]
   return [(0, j) for j in range(1, num_views)]
+
+
+def target_views(pairs):
+  """The views the target embeds, in order: every global crop if symmetric, else view 0."""
+  return sorted({i for i, _ in pairs})
+
+
+def online_views(pairs):
+  return sorted({j for _, j in pairs})

@@ -1,4 +1,4 @@
-"""Command line: pretrain SCE, or evaluate a trunk (issue 4).
+"""Command line: pretrain SCE, or evaluate a trunk.
 
   python -m sce_jax.main --config=configs/cifar10_r18.py:smoke \\
       --config.data.path=cifar10_jpg_train.tar.gz --workdir=/tmp/w
@@ -24,8 +24,9 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from sce_jax import checkpoint, convert, evaluate, train, train_step
+from sce_jax import checkpoint, evaluate, linear, sharding, train
 from sce_jax import config as sce_config
+from sce_jax.data import sources
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. "
                                           "configs/cifar10_r18.py:smoke.", lock_config=True)
@@ -88,14 +89,14 @@ def _initialize_distributed():
   jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
 
-def _evaluate(config, workdir, mode, mesh):
+def _evaluate(config, workdir, mode, mesh, splits):
   """kNN or linear evaluation of eval.checkpoint, or of the workdir's latest checkpoint."""
   source = config.eval.checkpoint or workdir
-  trunk = convert.load_trunk(source, config.model)
+  trunk = evaluate.load_trunk(source, config.model)
   if mode == "knn":
-    results = evaluate.knn_eval(config, trunk, mesh)
+    results = evaluate.knn_eval(config, trunk, mesh, splits)
   else:
-    results = evaluate.linear_eval(config, trunk, mesh, workdir)
+    results = linear.linear_eval(config, trunk, mesh, splits, workdir)
   logging.info("%s evaluation of %s: %s", mode, source, results)
   if jax.process_index() == 0:
     (epath.Path(workdir) / f"eval_{mode}.json").write_text(
@@ -114,12 +115,14 @@ def main(argv):
                jax.process_count(), jax.local_device_count(), jax.device_count(), config)
   try:
     sce_config.validate(config, jax.device_count(), jax.process_count(), workdir)
-    mesh = train_step.make_mesh()
+    splits = sources.Splits(config.data)
+    mesh = sharding.make_mesh()
     if _MODE.value == "train":
-      train.train(config, workdir, mesh)
+      train.train(config, workdir, mesh, splits)
     else:
-      _evaluate(config, workdir, _MODE.value, mesh)
-  except (sce_config.ConfigError, checkpoint.CheckpointError, FloatingPointError) as e:
+      _evaluate(config, workdir, _MODE.value, mesh, splits)
+  except (sce_config.ConfigError, sources.DataError, checkpoint.CheckpointError,
+          FloatingPointError) as e:
     sys.exit(f"Error: {e}")
 
 

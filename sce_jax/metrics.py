@@ -1,4 +1,4 @@
-"""Where a run's scalars go (issue 4): process 0 only, every other process writes nothing.
+"""Where a run's scalars go: process 0 only, every other process writes nothing.
 
 Always `<workdir>/metrics.jsonl`, one JSON object per logged step (appended across restarts, so
 a resumed run repeats the steps after its checkpoint; the last line of a step wins). Also clu's

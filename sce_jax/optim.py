@@ -1,4 +1,4 @@
-"""Optimisers and schedules (spec sections 3 and 5), built from optax pieces.
+"""Optimisers and schedules (docs/SCE.md sections 3 and 5), built from optax pieces.
 
 `optax.lars` scales by the learning rate *before* its momentum trace; the authors' LARS (and
 PyTorch's SGD) accumulate the raw update and apply the learning rate after it:
@@ -11,20 +11,29 @@ import jax.numpy as jnp
 import optax
 
 
+# optim.name values; sce.m_schedule values.
+OPTIMIZERS = ("sgd", "lars")
+M_SCHEDULES = ("constant", "cosine")
+
+
+def scaled_lr(base_lr, batch_size):
+  """The linear scaling rule (docs/SCE.md section 3): base_lr is per 256 images."""
+  return base_lr * batch_size / 256
+
+
 def lr_schedule(optim_cfg, *, global_batch, steps_per_epoch, total_steps):
-  """Linear scaling lr = base_lr * batch / 256, linear warmup from 0, cosine to 0, per step."""
-  peak = optim_cfg.base_lr * global_batch / 256
+  """Linear scaling (`scaled_lr`), linear warmup from 0, cosine to 0, per step."""
+  peak = scaled_lr(optim_cfg.base_lr, global_batch)
   warmup = int(optim_cfg.warmup_epochs * steps_per_epoch)
   return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total_steps, warmup + 1))
 
 
 def ema_schedule(sce_cfg, total_steps):
-  """Target momentum m(step): cosine from m0 to 1 over the run, or constant m0 (spec 3)."""
+  """Target momentum m(step): cosine from m0 to 1 over the run, or constant m0 (docs/SCE.md 3)."""
   m0 = sce_cfg.m0
   if sce_cfg.m_schedule == "constant":
     return lambda step: jnp.asarray(m0, jnp.float32)
-  if sce_cfg.m_schedule != "cosine":
-    raise ValueError(f"sce.m_schedule must be 'cosine' or 'constant', got {sce_cfg.m_schedule!r}")
+
   def momentum(step):
     frac = jnp.asarray(step, jnp.float32) / max(total_steps - 1, 1)
     return 1.0 - (1.0 - m0) * (jnp.cos(jnp.pi * frac) + 1.0) / 2.0
@@ -58,11 +67,10 @@ def make_optimizer(config, lr_fn, total_steps):
   if o.name == "lars":
     main = lars(lr_fn, weight_decay=o.weight_decay, momentum=o.momentum,
                 trust_coefficient=o.trust_coefficient)
-  elif o.name == "sgd":
-    main = sgd(lr_fn, weight_decay=o.weight_decay, momentum=o.momentum)
   else:
-    raise ValueError(f"optim.name must be 'lars' or 'sgd', got {o.name!r}")
-  probe_lr = optax.cosine_decay_schedule(config.probe.lr * config.batch_size / 256, total_steps)
+    main = sgd(lr_fn, weight_decay=o.weight_decay, momentum=o.momentum)
+  probe_lr = optax.cosine_decay_schedule(scaled_lr(config.probe.lr, config.batch_size),
+                                         total_steps)
   probe = optax.sgd(probe_lr, momentum=0.9)
   label = lambda params: {k: "probe" if k == "probe" else "sce" for k in params}
   return optax.multi_transform({"sce": main, "probe": probe}, label)

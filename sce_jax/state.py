@@ -1,11 +1,16 @@
-"""The training state as one pytree (spec section 3), and its initialisation."""
+"""The training state as one pytree (docs/SCE.md section 3), and its initialisation."""
 from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
 
+from sce_jax import losses
 from sce_jax.models import SCENet
+
+# sce.target_init: a copy of the online weights (eztorch), or an independent random init (the
+# WACV code); docs/SCE.md section 3.
+TARGET_INITS = ("copy", "random")
 
 
 @flax.struct.dataclass
@@ -14,7 +19,7 @@ class TrainState:
   params: Any               # online: trunk, projector, predictor, probe
   batch_stats: Any
   target_params: Any        # EMA of the online trunk and projector
-  target_batch_stats: Any   # the target's own running BN statistics (not EMA'd, spec 3)
+  target_batch_stats: Any   # the target's own running BN statistics (not EMA'd, docs/SCE.md 3)
   opt_state: Any
   queue: Any               # (K, D) FIFO ring of target embeddings; None without a queue
   queue_ptr: jax.Array
@@ -37,12 +42,10 @@ def init_state(config, online, target, tx, rng, image_size):
   params, batch_stats = variables["params"], variables["batch_stats"]
   if config.sce.target_init == "copy":
     t_vars = {k: {n: variables[k][n] for n in ("trunk", "projector")} for k in variables}
-  elif config.sce.target_init == "random":
-    t_vars = target.init(target_rng, x, train=True)
   else:
-    raise ValueError(f"sce.target_init must be 'copy' or 'random', got {config.sce.target_init!r}")
+    t_vars = target.init(target_rng, x, train=True)
   queue = None
-  if config.sce.negatives in ("queue", "both"):  # random unit vectors, as the reference
+  if losses.uses_queue(config.sce.negatives):  # random unit vectors, as the reference
     queue = jax.random.normal(queue_rng, (config.sce.queue, config.model.projector.out_dim))
     queue = queue / jnp.linalg.norm(queue, axis=1, keepdims=True)
   return TrainState(

@@ -1,11 +1,10 @@
-"""The pretraining loop (issue 4): restore or initialise, step, log, checkpoint, evaluate.
+"""The pretraining loop: restore or initialise, step, log, checkpoint, evaluate.
 
 Resuming is exact: the state holds the step, the queue and the rng, and the data iterator
 restarts at the restored step, so a stopped and resumed run computes what an uninterrupted one
 does. Losses are checked for NaN/inf before every log and every save, so no checkpoint holds a
 diverged state.
 """
-import functools
 import sys
 import time
 
@@ -13,25 +12,9 @@ import jax
 import numpy as np
 from absl import logging
 from clu import parameter_overview
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from sce_jax import checkpoint, evaluate, metrics, train_step
-from sce_jax.data import augment, pipeline, presets
-
-
-def build(config, mesh):
-  """(parts, views, steps_per_epoch, num_steps) for `config`: the pieces the loop runs."""
-  data = config.data
-  views = presets.get(data.views, data.image_size)
-  steps_per_epoch = pipeline.num_examples(data, data.train_split) // config.batch_size
-  augment_fn = functools.partial(augment.augment_views, specs=views, mean=data.mean,
-                                 std=data.std)
-  parts = train_step.build(config, mesh, num_classes=pipeline.num_classes(data),
-                           steps_per_epoch=steps_per_epoch, augment_fn=augment_fn)
-  num_steps = parts.total_steps
-  if config.max_steps > 0:
-    num_steps = min(num_steps, config.max_steps)
-  return parts, views, steps_per_epoch, num_steps
+from sce_jax import checkpoint, evaluate, metrics, sharding, train_step
+from sce_jax.data import pipeline, sources
 
 
 class _Log:
@@ -81,20 +64,24 @@ class _Log:
       self.bar.close()
 
 
-def _knn(config, state, mesh, writer, step):
-  results = evaluate.knn_eval(config, evaluate.trunk_variables(state), mesh)
+def _knn(config, state, mesh, splits, writer, step):
+  results = evaluate.knn_eval(config, evaluate.trunk_variables(state), mesh, splits)
   logging.info("kNN at step %d: %s", step, results)
   writer.write(step, results)
 
 
-def train(config, workdir, mesh=None):
+def train(config, workdir, mesh=None, splits=None):
   """Pretrains `config` in `workdir`, resuming from its latest checkpoint; returns the state.
 
-  Stops after config.max_steps (if > 0) or the epochs, or at a preemption (SIGTERM) after a
-  save. kNN monitoring every config.eval.every_epochs epochs (> 0), and at the end (>= 0).
+  splits: the opened data (`sources.Splits`), by default opened from config.data. Stops after
+  config.max_steps (if > 0) or the epochs, or at a preemption (SIGTERM) after a save. kNN
+  monitoring every config.eval.every_epochs epochs (> 0), and at the end (>= 0).
   """
-  mesh = mesh or train_step.make_mesh()
-  parts, views, steps_per_epoch, num_steps = build(config, mesh)
+  mesh = mesh or sharding.make_mesh()
+  splits = splits or sources.Splits(config.data)
+  parts = train_step.build(config, mesh, num_classes=splits.num_classes,
+                           steps_per_epoch=splits.train.num_examples // config.batch_size)
+  steps_per_epoch, num_steps = parts.steps_per_epoch, parts.num_steps
   rng = jax.random.key(config.seed)
   mngr = checkpoint.manager(workdir, config.checkpoint)
   state = checkpoint.restore(mngr, jax.eval_shape(parts.init, rng))
@@ -111,8 +98,8 @@ def train(config, workdir, mesh=None):
   knn_every = max(config.eval.every_epochs, 0) * steps_per_epoch
   preemption = checkpoint.Preemption()
   batches = pipeline.train_iterator(
-      config.data, global_batch_size=config.batch_size, views=views, seed=config.seed,
-      start_step=start, sharding=NamedSharding(mesh, P(train_step.DATA)))
+      splits.train, config.data, global_batch_size=config.batch_size, views=parts.views,
+      seed=config.seed, start_step=start, sharding=sharding.rows(mesh))
   try:
     for step in range(start + 1, num_steps + 1):
       state, step_metrics = parts.step(state, next(batches))
@@ -129,9 +116,9 @@ def train(config, workdir, mesh=None):
                         checkpoint.directory_of(mngr, step))
         return state
       if knn_every and step % knn_every == 0 and not last:
-        _knn(config, state, mesh, writer, step)
+        _knn(config, state, mesh, splits, writer, step)
     if config.eval.every_epochs >= 0:
-      _knn(config, state, mesh, writer, int(state.step))
+      _knn(config, state, mesh, splits, writer, int(state.step))
     return state
   finally:
     batches.close()

@@ -1,4 +1,4 @@
-"""One SCE training step, jitted over a `data` mesh (spec sections 1-3).
+"""One SCE training step, jitted over a `data` mesh (docs/SCE.md sections 1-3).
 
 Shape of the step: colour augmentations on the accelerator; the target branch on the global
 crops; the online branch on every crop it sees (crops of one resolution in one forward pass);
@@ -13,20 +13,14 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from sce_jax import losses, optim
+from sce_jax import sharding
 from sce_jax import state as state_lib
+from sce_jax.data import augment, presets
 from sce_jax.models import SCENet
-
-DATA = "data"
-
-
-def make_mesh(devices=None):
-  """A 1-D data-parallel mesh over all (or the given) devices."""
-  devices = jax.devices() if devices is None else devices
-  return jax.make_mesh((len(devices),), (DATA,), axis_types=(jax.sharding.AxisType.Auto,),
-                       devices=devices)
+from sce_jax.sharding import DATA
 
 
 def _global_norm(tree):
@@ -58,7 +52,7 @@ def _forward(model, params, batch_stats, views, indices):
 
 
 def ema_update(target_params, online_params, m):
-  """t = m * t + (1 - m) * o over the target's parameters (spec 3), after the optimiser."""
+  """t = m * t + (1 - m) * o over the target's parameters (docs/SCE.md 3), after the optimiser."""
   return jax.tree.map(lambda t, o: m * t + (1.0 - m) * o, target_params,
                       {k: online_params[k] for k in target_params})
 
@@ -78,7 +72,7 @@ def make_loss_fn(sce_cfg, mesh, pairs):
   Returns f(qs, zs, queue) -> (loss, metrics) where qs / zs map view index to (B, D)
   embeddings sharded over `data`, and queue is (K, D) replicated or None.
   """
-  use_batch = sce_cfg.negatives in ("batch", "both")
+  use_batch = losses.uses_batch(sce_cfg.negatives)
   kw = dict(temp=sce_cfg.temp, temp_m=sce_cfg.temp_m, coeff=sce_cfg.coeff,
             positive=sce_cfg.positive)
 
@@ -115,29 +109,26 @@ def make_loss_fn(sce_cfg, mesh, pairs):
   return loss_fn
 
 
-def make_train_step(config, mesh, online, target, tx, lr_fn, ema_fn, augment_fn=None):
+def make_train_step(config, mesh, online, target, tx, lr_fn, ema_fn, pairs, augment_fn=None):
   """Builds the jitted step(state, batch) -> (state, metrics).
 
   batch: {'views': tuple of (B, H_v, W_v, 3) images, 'label': (B,) int32}. With augment_fn,
   views are uint8 crops and augment_fn(key, views) returns normalised float views; without
-  it, views are used as given.
+  it, views are used as given. pairs: `losses.crop_pairs` of the views.
   """
-  sce = config.sce
+  target_views, online_views = losses.target_views(pairs), losses.online_views(pairs)
+  sce_loss_fn = make_loss_fn(config.sce, mesh, pairs)
 
   def step(state, batch):
     views = list(batch["views"])
     rng, aug_key = jax.random.split(state.rng)
     if augment_fn is not None:
       views = list(augment_fn(aug_key, views))
-    pairs = losses.crop_pairs(len(views), sce.num_global, sce.symmetric)
-    target_views = sorted({i for i, _ in pairs})
-    online_views = sorted({j for _, j in pairs})
 
     t_out, t_stats = _forward(target, state.target_params, state.target_batch_stats, views,
                               target_views)
     zs = {i: jax.lax.stop_gradient(losses.l2_normalize(t_out[i]["proj"]))
           for i in target_views}
-    sce_loss_fn = make_loss_fn(sce, mesh, pairs)
 
     def objective(params):
       o_out, stats = _forward(online, params, state.batch_stats, views, online_views)
@@ -172,8 +163,8 @@ def make_train_step(config, mesh, online, target, tx, lr_fn, ema_fn, augment_fn=
                               opt_state=opt_state, queue=queue, queue_ptr=ptr, rng=rng)
     return new_state, metrics
 
-  replicated = NamedSharding(mesh, P())
-  return jax.jit(step, in_shardings=(replicated, NamedSharding(mesh, P(DATA))),
+  replicated = sharding.replicated(mesh)
+  return jax.jit(step, in_shardings=(replicated, sharding.rows(mesh)),
                  out_shardings=(replicated, replicated), donate_argnums=0)
 
 
@@ -184,14 +175,26 @@ class Parts(NamedTuple):
   tx: optax.GradientTransformation
   lr_fn: Callable
   ema_fn: Callable
-  total_steps: int
-  init: Callable   # rng -> TrainState, placed replicated on the mesh
-  step: Callable   # (state, batch) -> (state, metrics), jitted, state donated
+  views: tuple        # presets.ViewSpec of each crop
+  pairs: list         # losses.crop_pairs of the views
+  steps_per_epoch: int
+  total_steps: int    # what the schedules see: epochs x steps_per_epoch
+  num_steps: int      # where this run stops: total_steps, or config.max_steps if smaller
+  init: Callable      # rng -> TrainState, placed replicated on the mesh
+  step: Callable      # (state, batch) -> (state, metrics), jitted, state donated
 
 
-def build(config, mesh, *, num_classes, steps_per_epoch, augment_fn=None):
-  """Models, optimiser, schedules, state initialiser and the jitted step for `config`."""
+def build(config, mesh, *, num_classes, steps_per_epoch, float_views=False):
+  """Models, optimiser, schedules, state initialiser and the jitted step for `config`.
+
+  The step takes uint8 crops and runs the accelerator augmentations of config.data.views on
+  them; with float_views it takes network-ready float views as they are (tests).
+  """
+  data = config.data
+  views = presets.get(data.views, data.image_size)
+  pairs = losses.crop_pairs(len(views), config.sce.num_global, config.sce.symmetric)
   total_steps = int(config.epochs * steps_per_epoch)
+  num_steps = min(total_steps, config.max_steps) if config.max_steps > 0 else total_steps
   online, target = state_lib.make_models(config, num_classes)
   lr_fn = optim.lr_schedule(config.optim, global_batch=config.batch_size,
                             steps_per_epoch=steps_per_epoch, total_steps=total_steps)
@@ -201,7 +204,10 @@ def build(config, mesh, *, num_classes, steps_per_epoch, augment_fn=None):
   # initialisers at its default level against ~5 s at level 0 (measured on 2 cores).
   cold = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
   init = jax.jit(functools.partial(state_lib.init_state, config, online, target, tx,
-                                   image_size=config.data.image_size),
-                 out_shardings=NamedSharding(mesh, P()), compiler_options=cold)
-  step = make_train_step(config, mesh, online, target, tx, lr_fn, ema_fn, augment_fn)
-  return Parts(online, target, tx, lr_fn, ema_fn, total_steps, init, step)
+                                   image_size=data.image_size),
+                 out_shardings=sharding.replicated(mesh), compiler_options=cold)
+  augment_fn = functools.partial(augment.augment_views, specs=views, mean=data.mean,
+                                 std=data.std) if not float_views else None
+  step = make_train_step(config, mesh, online, target, tx, lr_fn, ema_fn, pairs, augment_fn)
+  return Parts(online, target, tx, lr_fn, ema_fn, views, pairs, steps_per_epoch, total_steps,
+               num_steps, init, step)

@@ -1,7 +1,6 @@
-"""Test set-up: 8 fake CPU devices (before JAX starts) and a small real CIFAR-10 slice."""
+"""Test set-up: 8 fake CPU devices (before JAX starts) and a small generated CIFAR-10 stand-in."""
+import colorsys
 import os
-import pathlib
-import tarfile
 
 # XLA's CPU backend spends most of a test's time in LLVM optimisation (a tiny ResNet's init
 # takes ~40 s to compile at the default level, ~4 s at level 0); tests run tiny models, so
@@ -10,36 +9,79 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_backend_optimization_level=0").strip()
 
 import jax  # noqa: E402  (after XLA_FLAGS)
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 
-CIFAR_DIR = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                   "ship", "truck")
 
 
-def _extract_slice(archive, dest, per_class):
-  """Copy the first `per_class` images of each class out of a read-only archive."""
-  counts = {}
-  with tarfile.open(archive) as tar:
-    for member in tar:
-      if not member.isfile():
-        continue
-      parts = pathlib.PurePosixPath(member.name).parts  # split/class/file
-      label = parts[-2]
-      if counts.get(label, 0) >= per_class:
-        continue
-      counts[label] = counts.get(label, 0) + 1
-      target = dest.joinpath(*parts)
-      target.parent.mkdir(parents=True, exist_ok=True)
-      target.write_bytes(tar.extractfile(member).read())
+def _upsample(a, size):
+  """Bicubic upsampling of a float (h, w, c) array to (size, size, c), one Pillow 'F' image a
+  channel."""
+  return np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(a[..., c], np.float32))
+                              .resize((size, size), Image.BICUBIC))
+                   for c in range(a.shape[-1])], axis=-1)
+
+
+def _colour(rng, hue, spread):
+  """An RGB colour in [0, 1] near `hue`, of moderate saturation (photographs are mostly
+  greyish: real CIFAR-10 has a mean chroma max - min of about 0.13)."""
+  return np.array(colorsys.hsv_to_rgb((hue + rng.normal(0, spread)) % 1.0,
+                                      rng.uniform(0.05, 0.5), rng.uniform(0.1, 1.0)))
+
+
+def natural_image(rng, hue, size=32):
+  """A uint8 (size, size, 3) image with the make-up of a small photograph: smooth regions with
+  a horizon, a few shaded objects with soft edges, texture and sensor-like noise. Colours
+  scatter around `hue` (backgrounds closely, objects loosely), so classes differ somewhat."""
+  y, x = np.mgrid[0:size, 0:size] + 0.5
+  # Background: sky and ground split by a slanted, more or less sharp horizon; each a coarse
+  # 3x3 field of brightness variations of one colour, upsampled bicubically.
+  fields = [_upsample(_colour(rng, hue, 0.05) * (1 + 0.25 * rng.normal(0, 1, (3, 3, 1))
+                                                 + 0.05 * rng.normal(0, 1, (3, 3, 3))), size)
+            for _ in range(2)]
+  horizon = rng.uniform(0.3, 0.8) * size + rng.uniform(-0.4, 0.4) * (x - size / 2)
+  below = (1 / (1 + np.exp(-(y - horizon) / rng.uniform(0.3, 3.0))))[..., None]
+  image = fields[0] * (1 - below) + fields[1] * below
+  for _ in range(rng.integers(1, 4)):  # Objects: ellipses lit from one side, edges ~1 px soft.
+    cy, cx = rng.uniform(0.2, 0.8, 2) * size
+    ry, rx = rng.uniform(0.1, 0.35, 2) * size
+    angle = rng.uniform(0, np.pi)
+    u = ((x - cx) * np.cos(angle) + (y - cy) * np.sin(angle)) / rx
+    v = ((y - cy) * np.cos(angle) - (x - cx) * np.sin(angle)) / ry
+    inside = 1 / (1 + np.exp((np.sqrt(u * u + v * v) - 1) * min(rx, ry) / rng.uniform(0.3, 1.5)))
+    shade = 1 + rng.uniform(0.1, 0.4) * np.clip((u + v) / 2, -1, 1)
+    colour = _colour(rng, hue, 0.15) * shade[..., None]
+    image = image * (1 - inside[..., None]) + colour * inside[..., None]
+  # Texture (coarse and fine brightness variation), then mild per-pixel noise.
+  texture = (_upsample(rng.normal(0, 1, (8, 8, 1)), size)
+             + 0.5 * _upsample(rng.normal(0, 1, (16, 16, 1)), size))
+  image = image * (1 + 0.1 * texture) + rng.normal(0, 0.01, image.shape)
+  return np.clip(np.round(image * 255), 0, 255).astype(np.uint8)
+
+
+def make_image_folder(root, per_class, classes=CIFAR10_CLASSES, seed=0):
+  """Writes natural-like 32x32 JPEGs (quality 75, as the CIFAR-10 JPEG release) as
+  root/<split>/<class>/NNNN.jpg, `per_class` = {split: images per class}; returns root.
+  Deterministic for a seed; class c's colours centre on hue c / len(classes)."""
+  rng = np.random.default_rng(seed)
+  for split, n in per_class.items():
+    for c, name in enumerate(classes):
+      folder = root / split / name
+      folder.mkdir(parents=True, exist_ok=True)
+      for i in range(n):
+        Image.fromarray(natural_image(rng, c / len(classes))).save(folder / f"{i:04d}.jpg",
+                                                                     quality=75)
+  return root
 
 
 @pytest.fixture(scope="session")
 def cifar_root(tmp_path_factory):
-  """A class-folder tree root/{train,test}/<class>/*.jpg: 20 train and 10 test images a class."""
-  if not CIFAR_DIR.exists():
-    pytest.skip(f"shared CIFAR-10 archives not found at {CIFAR_DIR}")
-  root = tmp_path_factory.mktemp("cifar10")
-  _extract_slice(CIFAR_DIR / "cifar10_jpg_train.tar.gz", root, 20)
-  _extract_slice(CIFAR_DIR / "cifar10_jpg_test.tar.gz", root, 10)
-  return root
+  """A class-folder tree root/{train,test}/<class>/NNNN.jpg laid out as a slice of CIFAR-10 (its
+  10 class names, 20 train and 10 test 32x32 RGB JPEGs a class), generated (~0.3 s), so the
+  tests need no data outside the repository; tests/test_real_data.py reads the real one."""
+  return make_image_folder(tmp_path_factory.mktemp("cifar10"), {"train": 20, "test": 10})

@@ -1,15 +1,13 @@
 """Shared test helpers: load a config file the way the command line does."""
-import importlib.util
 import pathlib
+
+from sce_jax import config as sce_config
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 
 def load_config(name, arg=None):
-  """configs/<name>.py:get_config(arg), unlocked so tests can reshape it."""
-  spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(arg)
+  """configs/<name>.py:get_config(arg) through `config.load`, unlocked so tests can reshape it."""
+  config = sce_config.load(f"{CONFIGS / name}.py" + (f":{arg}" if arg else ""))
   config.unlock()
   return config

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from sce_jax import checkpoint, train_step
+from sce_jax import checkpoint, sharding
 
 CFG = ml_collections.ConfigDict(dict(every_steps=2, keep=2))
 
 
 @pytest.fixture(scope="module")
 def mesh():
-  return train_step.make_mesh()
+  return sharding.make_mesh()
 
 
 def make(mesh):

@@ -1,4 +1,4 @@
-"""Config files (spec section 5), variants, and `validate`'s message for each bad input."""
+"""Config files (docs/SCE.md section 5), variants, and `validate`'s message for each bad input."""
 import os
 import subprocess
 import sys
@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from sce_jax import config as sce_config
+from sce_jax.data import sources
 from tests.helpers import CONFIGS, load_config
 
 ROOT = CONFIGS.parent
@@ -125,21 +126,51 @@ def test_queue_not_a_multiple_of_keys_per_step(good):
 
 def test_missing_dataset(good, tmp_path):
   good.data.path = str(tmp_path / "nowhere.tar.gz")
-  with pytest.raises(sce_config.ConfigError, match=r"data.path=.*nowhere.tar.gz does not exist; "
+  with pytest.raises(sources.DataError, match=r"data.path=.*nowhere.tar.gz does not exist; "
                      r"set --config.data.path to a class-folder tree"):
-    sce_config.validate(good, 1, 1)
+    sources.Splits(good.data)
   good.data.path = ""
-  with pytest.raises(sce_config.ConfigError, match=r"data.path is empty; set --config.data.path"):
-    sce_config.validate(good, 1, 1)
+  with pytest.raises(sources.DataError, match=r"data.path is empty; set --config.data.path"):
+    sources.Splits(good.data)
 
 
-def test_unprepared_tfds_dataset(good, tmp_path):
-  pytest.importorskip("tensorflow_datasets")
-  good.data.source = "tfds"
-  good.data.data_dir = str(tmp_path)
-  with pytest.raises(sce_config.ConfigError, match=r"TFDS dataset 'cifar10' is not prepared in "
-                     r"data_dir=.*; run `tfds build cifar10 --data_dir=DIR`"):
-    sce_config.validate(good, 1, 1)
+@pytest.fixture
+def tfds_builder(monkeypatch):
+  """TFDS's builder class with download_and_prepare replaced by `fake` (no network in tests)."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+
+  def patch(fake):
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", fake)
+  return patch
+
+
+def test_tfds_prepares_a_missing_dataset(good, tmp_path, tfds_builder):
+  """A dataset TFDS can download is prepared by opening it; offline, one line says so."""
+  calls = []
+  tfds_builder(lambda builder, *a, **k: calls.append(builder.name))
+  good.data.source, good.data.name, good.data.data_dir = "tfds", "cifar10", str(tmp_path)
+  sources.Splits(good.data)
+  assert calls == ["cifar10"]
+
+  def offline(builder, *a, **k):
+    raise ConnectionError("Failed to establish a new connection: [Errno -3] Temporary "
+                          "failure in name resolution\nmore lines")
+  tfds_builder(offline)
+  with pytest.raises(sources.DataError) as e:
+    sources.Splits(good.data)
+  assert str(e.value) == (
+      f"TFDS could not download and prepare 'cifar10' in data_dir={tmp_path}/cifar10/3.0.2 "
+      "(ConnectionError: Failed to establish a new connection: [Errno -3] Temporary failure in "
+      "name resolution); check the internet connection, or prepare it on a machine that has "
+      "one and set --config.data.data_dir=DIR.")
+
+
+def test_tfds_manual_download_is_explained(good, tmp_path, tfds_builder):
+  tfds_builder(lambda *a, **k: pytest.fail("ImageNet cannot be downloaded by TFDS"))
+  good.data.source, good.data.name, good.data.data_dir = "tfds", "imagenet2012", str(tmp_path)
+  with pytest.raises(sources.DataError, match=r"'imagenet2012' is not prepared in .* needs a "
+                     r"manual download: put its files in DIR/downloads/manual/"):
+    sources.Splits(good.data)
 
 
 def test_unwritable_workdir(good, tmp_path):

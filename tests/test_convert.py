@@ -13,7 +13,7 @@ import pytest
 import safetensors.numpy
 
 from sce_jax import config as sce_config
-from sce_jax import convert
+from sce_jax import convert, evaluate
 from sce_jax.models import resnet, sce
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -83,7 +83,7 @@ def mlp_state(prefix, rng, dims, last_bn, last_bias):
 
 
 def model_cfg(trunk="resnet50", width=64, small_stem=False, heads="imagenet"):
-  """config.model with small heads shaped like spec 4's (imagenet: 3-layer projector ending in
+  """config.model with small heads shaped like docs/SCE.md 4 (imagenet: 3-layer projector ending in
   an affine-free BN, 2-layer predictor without bias; cifar: 2-layer projector, no predictor)."""
   m = sce_config.base().model
   m.trunk, m.width, m.small_stem, m.dtype = trunk, width, small_stem, "float32"
@@ -182,7 +182,7 @@ def test_converted_trunk_matches_numpy_forward(tmp_path, name, small_stem, size)
   sd = torchvision_state(name, rng, small_stem=small_stem)
   path = tmp_path / "tv.safetensors"
   safetensors.numpy.save_file(sd, path)
-  trunk = convert.load_trunk(path, model_cfg(name, small_stem=small_stem))
+  trunk = evaluate.load_trunk(path, model_cfg(name, small_stem=small_stem))
   x = rng.normal(size=(2, size, size, 3)).astype(np.float32)
   got = flax_features(trunk, name, x, small_stem=small_stem)
   want = np_resnet(sd, name, x, small_stem)
@@ -213,7 +213,7 @@ def test_torchvision_round_trip(tmp_path, name, small_stem, width):
       assert v.dtype == np.int64 and v.shape == () and v == 0
     else:
       np.testing.assert_array_equal(v, sd[k], err_msg=k)
-  assert_trees_equal(convert.read_variables(mid), convert.read_variables(out))
+  assert_trees_equal(convert.read(mid)[0], convert.read(out)[0])
 
 
 @pytest.mark.parametrize("cfg", [model_cfg("resnet18", 8, True, "cifar"),
@@ -234,7 +234,7 @@ def test_sce_round_trip(tmp_path, cfg):
                             "batch_stats": {"trunk": variables[stats]["trunk"]}})
   path = tmp_path / "sce.safetensors"
   convert.save_safetensors(variables, path)
-  assert_trees_equal(convert.read_variables(path), variables)
+  assert_trees_equal(convert.read(path)[0], variables)
   inferred = convert.infer_model_config(variables)
   assert (inferred.trunk, inferred.width, inferred.small_stem) == (
       cfg.trunk, cfg.width, cfg.small_stem)
@@ -285,12 +285,12 @@ def test_authors_checkpoint_as_safetensors(tmp_path):
   sd = ckpt["state_dict"]
   path = tmp_path / "sce.safetensors"  # a Lightning checkpoint flattened to 'state_dict.<key>'.
   safetensors.numpy.save_file({f"state_dict.{k}": v for k, v in sd.items()}, path)
-  variables = convert.read_variables(path)
+  variables = convert.read(path)[0]
   check_authors_variables(variables, sd)
   cfg = model_cfg("resnet50", 8)
   cfg.projector.hidden_dim = 24
   convert.check_variables(variables, cfg)
-  target = convert.load_trunk(path, cfg, which="target")
+  target = evaluate.load_trunk(path, cfg, which="target")
   np.testing.assert_array_equal(target["batch_stats"]["bn1"]["mean"],
                                 sd["momentum_trunk.bn1.running_mean"])
   # Back out in the authors' layout: the same network keys, without the queue.
@@ -341,8 +341,8 @@ def test_authors_lightning_ckpt(tmp_path, monkeypatch):
   path = tmp_path / "last.ckpt"
   path.write_bytes(b"not read by the stand-in")
   with pytest.raises(ValueError, match="allow_pickle"):
-    convert.read_variables(path)
-  check_authors_variables(convert.read_variables(path, allow_pickle=True), ckpt["state_dict"])
+    convert.read(path)[0]
+  check_authors_variables(convert.read(path, allow_pickle=True)[0], ckpt["state_dict"])
   assert calls == [True, False]
 
 
@@ -366,14 +366,14 @@ def test_error_missing_key(r50_file):
   sd, d = r50_file
   sd = {k: v for k, v in sd.items() if k != "layer2.1.bn2.running_var"}
   with pytest.raises(ValueError, match=r"missing key layer2\.1\.bn2\.running_var .*\(16,\)"):
-    convert.load_trunk(_write(sd, d), model_cfg("resnet50", 8))
+    evaluate.load_trunk(_write(sd, d), model_cfg("resnet50", 8))
 
 
 def test_error_unexpected_key(r50_file):
   sd, d = r50_file
   sd = dict(sd, **{"layer1.0.conv4.weight": np.zeros((8, 8, 1, 1), np.float32)})
   with pytest.raises(ValueError, match=r"unexpected key layer1\.0\.conv4\.weight"):
-    convert.load_trunk(_write(sd, d), model_cfg("resnet50", 8))
+    evaluate.load_trunk(_write(sd, d), model_cfg("resnet50", 8))
 
 
 def test_error_shape_mismatch(r50_file):
@@ -381,9 +381,9 @@ def test_error_shape_mismatch(r50_file):
   sd = dict(sd, **{"layer1.0.conv2.weight": np.zeros((8, 4, 3, 3), np.float32)})
   with pytest.raises(ValueError, match=r"layer1\.0\.conv2\.weight .*checkpoint \(8, 4, 3, 3\), "
                      r"config \(8, 8, 3, 3\)"):
-    convert.load_trunk(_write(sd, d), model_cfg("resnet50", 8))
+    evaluate.load_trunk(_write(sd, d), model_cfg("resnet50", 8))
   with pytest.raises(ValueError) as e:  # the CIFAR stem.
-    convert.load_trunk(_write(r50_file[0], d), model_cfg("resnet50", 8, small_stem=True))
+    evaluate.load_trunk(_write(r50_file[0], d), model_cfg("resnet50", 8, small_stem=True))
   assert "width 8 and a 7x7 stem; the config has width 8 and a 3x3 stem" in str(e.value)
   assert "conv1.weight (sce_jax params/trunk/conv1/kernel): checkpoint (8, 3, 7, 7), config " \
       "(8, 3, 3, 3)" in str(e.value)
@@ -393,10 +393,10 @@ def test_error_wrong_depth(tmp_path):
   sd = torchvision_state("resnet18", np.random.default_rng(6), 8)
   with pytest.raises(ValueError, match=r"resnet18 \(BasicBlock.*config asks for resnet50 "
                      r"\(Bottleneck blocks \(3, 4, 6, 3\)\).*depth mismatch"):
-    convert.load_trunk(_write(sd, tmp_path), model_cfg("resnet50", 8))
+    evaluate.load_trunk(_write(sd, tmp_path), model_cfg("resnet50", 8))
   sd = {k: v for k, v in sd.items() if not k.startswith("layer4.1.")}
   with pytest.raises(ValueError, match=r"BasicBlock blocks \(2, 2, 2, 1\), which no config"):
-    convert.load_trunk(_write(sd, tmp_path), model_cfg("resnet18", 8))
+    evaluate.load_trunk(_write(sd, tmp_path), model_cfg("resnet18", 8))
 
 
 def test_error_pth_without_torch(tmp_path, monkeypatch):
@@ -405,13 +405,13 @@ def test_error_pth_without_torch(tmp_path, monkeypatch):
   path.write_bytes(b"\x80")
   with pytest.raises(ImportError, match=r"reading \.pth needs PyTorch: pip install torch, or "
                      "convert to safetensors"):
-    convert.load_trunk(path, model_cfg())
+    evaluate.load_trunk(path, model_cfg())
 
 
 def test_error_no_target_trunk(r50_file):
   sd, d = r50_file
   with pytest.raises(ValueError, match="no target trunk.*online trunk"):
-    convert.load_trunk(_write(sd, d), model_cfg("resnet50", 8), which="target")
+    evaluate.load_trunk(_write(sd, d), model_cfg("resnet50", 8), which="target")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,10 +433,10 @@ def test_orbax_checkpoint_in_and_out(tmp_path):
   manager.close()
   work = tmp_path / "work"
   for which, prefix in (("online", ""), ("target", "target_")):
-    trunk = convert.load_trunk(work, cfg, which=which)
+    trunk = evaluate.load_trunk(work, cfg, which=which)
     assert_trees_equal(trunk, {"params": variables[prefix + "params"]["trunk"],
                                "batch_stats": variables[prefix + "batch_stats"]["trunk"]})
-  step_dir = convert.load_trunk(work / "checkpoints" / "100", cfg)
+  step_dir = evaluate.load_trunk(work / "checkpoints" / "100", cfg)
   assert_trees_equal(step_dir["params"], variables["params"]["trunk"])
 
   out = tmp_path / "r50.safetensors"
@@ -449,7 +449,7 @@ def test_orbax_checkpoint_in_and_out(tmp_path):
                                 variables["params"]["trunk"]["layer4_2"]["conv3"]["kernel"]
                                 .transpose(3, 2, 0, 1))
   convert.main(["out", str(work), str(out), "--which", "target"])
-  assert_trees_equal(convert.load_trunk(out, cfg)["params"],
+  assert_trees_equal(evaluate.load_trunk(out, cfg)["params"],
                      variables["target_params"]["trunk"])
 
 
@@ -492,7 +492,7 @@ def test_matches_torchvision(tmp_path):
   assert set(sd) == set(torchvision_state("resnet50", np.random.default_rng(0)))
   path = tmp_path / "resnet50.pth"
   torch.save(sd, path)
-  trunk = convert.load_trunk(path, model_cfg())
+  trunk = evaluate.load_trunk(path, model_cfg())
   x = np.random.default_rng(9).normal(size=(2, 64, 64, 3)).astype(np.float32)
   model.fc = torch.nn.Identity()
   with torch.no_grad():

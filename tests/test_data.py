@@ -1,4 +1,4 @@
-"""Host input pipelines (tf.data and grain), sources and the trainer's entry points (spec 6, 7)."""
+"""Host input pipelines (tf.data, grain), sources, the trainer's entry points (docs/SCE.md 6-7)."""
 import importlib
 import subprocess
 import sys
@@ -52,7 +52,7 @@ def test_host_crop_window_law(host, scale):
   if host == "tf":
     tf = pytest.importorskip("tensorflow")
     from sce_jax.data import tf_pipeline  # pylint: disable=g-import-not-at-top
-    ds = tf.data.Dataset.range(n).map(lambda i: tf_pipeline.crop_window(
+    ds = tf.data.Dataset.range(n).map(lambda i: tf_pipeline.distorted_window(
         tf.stack([tf.constant(0, tf.int64), i]), (*shape, 3), scale, ratio)[1])
     h, w = next(ds.batch(n).as_numpy_iterator()).T[:2]
   else:
@@ -79,8 +79,10 @@ def test_folder_train_iterator(cifar_root, sharding, loader, cache):
   """Shapes, dtypes, labels, an epoch is a permutation, determinism, and resume at a step."""
   cfg = _cfg(path=str(cifar_root), loader=loader, cache=cache)
   views = (WHOLE, presets.cifar(32)[1])
+  folder = sources.ImageFolder(cifar_root, "train")
   make = lambda seed=0, start_step=0: pipeline.train_iterator(
-      cfg, global_batch_size=16, views=views, seed=seed, start_step=start_step, sharding=sharding)
+      folder, cfg, global_batch_size=16, views=views, seed=seed, start_step=start_step,
+      sharding=sharding)
   batches = _take(make(), 14)  # 200 images: an epoch is 12.5 batches.
   first = next(make())
   assert first["label"].sharding == sharding and first["views"][1].sharding == sharding
@@ -88,7 +90,6 @@ def test_folder_train_iterator(cifar_root, sharding, loader, cache):
   assert [v.shape for v in batch["views"]] == [(16, 32, 32, 3)] * 2
   assert all(v.dtype == np.uint8 for v in batch["views"]) and batch["label"].dtype == np.int32
 
-  folder = sources.image_folder(str(cifar_root), "train")
   index = _identify(np.concatenate([b["views"][0] for b in batches[:12]]), folder)
   assert len(set(index)) == len(index)  # No image twice within an epoch.
   np.testing.assert_array_equal(
@@ -105,9 +106,11 @@ def test_tfds_train_iterator(sharding, loader):
   tfds = pytest.importorskip("tensorflow_datasets")
   cfg = _cfg(source="tfds", name="cifar10", loader=loader)
   with tfds.testing.mock_data(num_examples=40):
+    splits = sources.Splits(cfg)
     batches = _take(pipeline.train_iterator(
-        cfg, global_batch_size=16, views=presets.get("cifar", 32), seed=0, sharding=sharding), 3)
-    assert pipeline.num_classes(cfg) == 10
+        splits.train, cfg, global_batch_size=16, views=presets.get("cifar", 32), seed=0,
+        sharding=sharding), 3)
+    assert splits.num_classes == 10
   for batch in batches:
     assert [v.shape for v in batch["views"]] == [(16, 32, 32, 3)] * 2
     assert batch["views"][0].dtype == np.uint8 and batch["label"].dtype == np.int32
@@ -118,18 +121,19 @@ def test_tfds_train_iterator(sharding, loader):
 def test_eval_sees_every_example_once(cifar_root, sharding, loader):
   """100 test images, global batch 16 over 8 devices: 7 batches, the last ragged and masked."""
   cfg = _cfg(path=str(cifar_root), loader=loader)
-  batches = list(pipeline.eval_iterator(cfg, "test", global_batch_size=16, sharding=sharding))
+  splits = sources.Splits(cfg)
+  batches = list(pipeline.eval_iterator(splits.eval, cfg, global_batch_size=16,
+                                        sharding=sharding))
   assert len(batches) == 7 and batches[0]["image"].sharding == sharding
   batches = [jax.tree.map(np.asarray, b) for b in batches]
   mask = np.concatenate([b["mask"] for b in batches])
   assert mask.sum() == 100 and not mask[100:].any()
   seen = np.concatenate([b["image"] for b in batches])[mask]
   labels = np.concatenate([b["label"] for b in batches])[mask]
-  folder = sources.image_folder(str(cifar_root / "test"), "test")
-  index = _identify(seen, folder)
+  index = _identify(seen, splits.eval)
   assert sorted(index) == list(range(100))
-  np.testing.assert_array_equal(folder.labels[index], labels)
-  assert pipeline.num_examples(cfg, "test") == 100 and pipeline.num_classes(cfg) == 10
+  np.testing.assert_array_equal(splits.eval.labels[index], labels)
+  assert splits.eval.num_examples == 100 and splits.num_classes == 10
 
 
 @pytest.mark.parametrize("loader", LOADERS)
@@ -138,22 +142,24 @@ def test_processes_share_the_data(cifar_root, loader):
   each; training epochs are disjoint shares."""
   module = importlib.import_module(f"sce_jax.data.{loader}_pipeline")
   cfg = _cfg(path=str(cifar_root), loader=loader)
-  evals = [list(module.eval_batches(cfg, "test", batch_size=8, process_index=i,
+  splits = sources.Splits(cfg)
+  evals = [list(module.eval_batches(splits.eval, cfg, batch_size=8, process_index=i,
                                     process_count=2)) for i in range(2)]
   assert len(evals[0]) == len(evals[1]) == 7
   seen = np.concatenate([b["image"][b["mask"]] for batches in evals for b in batches])
-  assert sorted(_identify(seen, sources.image_folder(str(cifar_root / "test"), "test"))) == (
-      list(range(100)))
-  train = [module.train_batches(cfg, views=(WHOLE,), batch_size=10, seed=0, start_step=0,
-                                process_index=i, process_count=2) for i in range(2)]
+  assert sorted(_identify(seen, splits.eval)) == list(range(100))
+  train = [module.train_batches(splits.train, cfg, views=(WHOLE,), batch_size=10, seed=0,
+                                start_step=0, process_index=i, process_count=2)
+           for i in range(2)]
   seen = np.concatenate([next(it)["views"][0] for it in train for _ in range(10)])
-  index = _identify(seen, sources.image_folder(str(cifar_root), "train"))
+  index = _identify(seen, splits.train)
   assert sorted(index) == list(range(200))
 
 
 def test_grain_workers_do_not_change_batches(cifar_root, sharding):
+  folder = sources.ImageFolder(cifar_root, "train")
   make = lambda workers: pipeline.train_iterator(
-      _cfg(path=str(cifar_root), loader="grain", num_workers=workers), global_batch_size=16,
+      folder, _cfg(loader="grain", num_workers=workers), global_batch_size=16,
       views=presets.get("cifar", 32), seed=0, sharding=sharding)
   in_process, workers = make(0), make(2)
   assert all(_equal(a, b) for a, b in zip(_take(in_process, 3), _take(workers, 3)))
@@ -174,11 +180,10 @@ def large_root(cifar_root, tmp_path_factory):
 def test_eval_resize_and_centre_crop(large_root, sharding):
   """ImageNet-size evaluation (resize 256/224 + centre crop) agrees between the two loaders and
   with Pillow."""
-  cfg = _cfg(path=str(large_root), eval_path=str(large_root), image_size=128)
+  folder = sources.ImageFolder(large_root, "test")
   out = {loader: next(pipeline.eval_iterator(
-      _cfg(**{**cfg.to_dict(), "loader": loader}), "test", global_batch_size=16,
+      folder, _cfg(image_size=128, loader=loader), global_batch_size=16,
       sharding=sharding)) for loader in LOADERS}
-  folder = sources.image_folder(str(large_root), "test")
   ref = np.stack([grain_pipeline.center_crop(sources.decode(folder[i]), 128)
                   for i in range(len(folder))])
   for loader, batch in out.items():
@@ -199,22 +204,21 @@ def test_train_iterator_without_tensorflow(cifar_root):
       sys.meta_path.insert(0, Block())
       import jax, ml_collections
       from jax.sharding import NamedSharding, PartitionSpec as P
-      from sce_jax.data import pipeline, presets
+      from sce_jax.data import pipeline, presets, sources
       cfg = ml_collections.ConfigDict(dict(
           source="folder", name="", path={str(cifar_root)!r}, eval_path="", data_dir=None,
           train_split="train", eval_split="test", image_size=32, loader="auto",
           shuffle_buffer=64, num_workers=0, prefetch=2, cache=False))
       sharding = NamedSharding(jax.make_mesh((1,), ("data",)), P("data"))
-      batch = next(pipeline.train_iterator(cfg, global_batch_size=8,
+      batch = next(pipeline.train_iterator(sources.Splits(cfg).train, cfg, global_batch_size=8,
                                            views=presets.get("cifar", 32), seed=0,
                                            sharding=sharding))
       print([v.shape for v in batch["views"]], batch["label"].dtype)
       assert "tensorflow" not in sys.modules
       cfg.source, cfg.name = "tfds", "cifar10"
       try:
-        pipeline.train_iterator(cfg, global_batch_size=8, views=presets.get("cifar", 32),
-                                seed=0, sharding=sharding)
-      except ImportError as e:
+        sources.Splits(cfg)
+      except sources.DataError as e:
         print("tfds:", e)
       """)
   result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
@@ -230,14 +234,15 @@ def test_memory_source_on_grain(sharding):
             "test": (rng.integers(0, 256, (20, 32, 32, 3), np.uint8), np.arange(20) % 4)}
   cfg = _cfg(source="memory")
   cfg.arrays = arrays
-  batch = next(pipeline.train_iterator(cfg, global_batch_size=8, views=(WHOLE,), seed=0,
-                                       sharding=sharding))
+  splits = sources.Splits(cfg)
+  batch = next(pipeline.train_iterator(splits.train, cfg, global_batch_size=8, views=(WHOLE,),
+                                       seed=0, sharding=sharding))
   index = [next(i for i in range(40) if np.array_equal(v, arrays["train"][0][i]))
            for v in np.asarray(batch["views"][0])]
   np.testing.assert_array_equal(np.asarray(batch["label"]), arrays["train"][1][index])
-  assert pipeline.num_examples(cfg, "test") == 20 and pipeline.num_classes(cfg) == 4
-  with pytest.raises(ValueError, match="loader='grain'"):
-    next(pipeline.train_iterator(_cfg(**{**cfg.to_dict(), "loader": "tf"}), global_batch_size=8,
+  assert splits.eval.num_examples == 20 and splits.num_classes == 4
+  with pytest.raises(ValueError, match="loader=grain"):
+    next(pipeline.train_iterator(splits.train, _cfg(loader="tf"), global_batch_size=8,
                                  views=(WHOLE,), seed=0, sharding=sharding))
 
 
@@ -262,7 +267,7 @@ def test_archive_and_eval_path(cifar_root, tmp_path):
 
 
 def test_clear_errors(tmp_path, cifar_root):
-  with pytest.raises(FileNotFoundError, match="dataset not found at .*data.path"):
+  with pytest.raises(sources.DataError, match="dataset not found at .*data.path"):
     sources.ImageFolder(tmp_path / "missing")
   (tmp_path / "empty" / "cls").mkdir(parents=True)
   with pytest.raises(ValueError, match="no .* images"):
@@ -272,5 +277,5 @@ def test_clear_errors(tmp_path, cifar_root):
   bad.write_bytes(b"not a jpeg")
   with pytest.raises(ValueError, match="cannot decode image .*broken.jpg"):
     sources.decode(sources.ImageFolder(tmp_path / "bad")[0])
-  with pytest.raises(FileNotFoundError, match="eval_path"):
+  with pytest.raises(sources.DataError, match="eval_path"):
     sources.find_eval_path(cifar_root / "train", "test")

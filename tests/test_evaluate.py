@@ -1,4 +1,4 @@
-"""Evaluation (spec section 7): weighted kNN, feature extraction and the linear probe."""
+"""Evaluation (docs/SCE.md section 7): weighted kNN, feature extraction and the linear probe."""
 import json
 
 import jax
@@ -8,8 +8,9 @@ import numpy as np
 import optax
 import pytest
 
-from sce_jax import evaluate, optim
-from sce_jax.train_step import make_mesh
+from sce_jax import evaluate, linear, models, optim
+from sce_jax.data import augment, sources
+from sce_jax.sharding import make_mesh
 from tests.helpers import load_config
 
 
@@ -58,7 +59,7 @@ def test_topk_accuracy():
 
 def test_random_pad_crop_is_a_window_of_the_padded_image():
   images = jnp.arange(4 * 6 * 6 * 3, dtype=jnp.int32).reshape(4, 6, 6, 3) + 1
-  out = np.asarray(evaluate.random_pad_crop(jax.random.key(0), images, 2))
+  out = np.asarray(augment.random_pad_crop(jax.random.key(0), images, 2))
   padded = np.pad(np.asarray(images), ((0, 0), (2, 2), (2, 2), (0, 0)))
   for image, crop in zip(padded, out):
     assert any(np.array_equal(image[i:i + 6, j:j + 6], crop)
@@ -71,14 +72,15 @@ def test_extract_features_sees_every_example_once():
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8)
   data = ml_collections.ConfigDict(dict(
-      source="memory", arrays={"test": (images, np.arange(n))}, image_size=8, loader="grain",
-      num_workers=0, prefetch=2, cache=True, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3)))
-  trunk = evaluate.make_trunk(ml_collections.ConfigDict(dict(
+      image_size=8, loader="grain", num_workers=0, prefetch=2, cache=True, mean=(0.5, 0.4, 0.3),
+      std=(0.2, 0.25, 0.3)))
+  trunk = models.make_trunk(ml_collections.ConfigDict(dict(
       trunk="resnet18", width=2, small_stem=True, dtype="float32")))
   variables = jax.jit(trunk.init, static_argnames="train")(
       jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False)
-  feats, labels = evaluate.extract_features(trunk, variables, data, "test", batch_size=16,
-                                            mesh=make_mesh())
+  feats, labels = evaluate.extract_features(trunk, variables,
+                                            sources.InMemory(images, np.arange(n)), data,
+                                            batch_size=16, mesh=make_mesh())
   assert sorted(labels.tolist()) == list(range(n))
   x = (images / 255.0 - np.array(data.mean)) / np.array(data.std)
   want = jax.jit(trunk.apply, static_argnames="train")(variables, x.astype(np.float32),
@@ -96,9 +98,9 @@ def test_linear_probe_learns_separable_features():
     labels = rng.integers(0, num_classes, n)
     return (centres[labels] + rng.normal(size=(n, dim))).astype(np.float32), labels
 
-  head = evaluate.linear_head(num_classes)
+  head = linear.linear_head(num_classes)
   tx = optim.sgd(optax.cosine_decay_schedule(0.1, 100), weight_decay=0.0, momentum=0.9)
-  step = evaluate.make_linear_step(head, tx, lambda frozen, key, x: x, mesh)
+  step = linear.make_linear_step(head, tx, lambda frozen, key, x: x, mesh)
   params = head.init(jax.random.key(0), jnp.zeros((1, dim)))["params"]
   assert float(jnp.std(params["kernel"])) == pytest.approx(0.01, rel=0.1)
   assert not np.any(params["bias"])
@@ -122,16 +124,17 @@ def test_knn_and_linear_eval_on_cifar_slice(cifar_root, tmp_path):
   config.eval.linear.batch_size = 32
   config.eval.linear.max_steps = 3
   config.log_every_steps = 2
-  trunk = evaluate.make_trunk(config.model)
+  trunk = models.make_trunk(config.model)
   variables = jax.jit(trunk.init, static_argnames="train")(
       jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
   mesh = make_mesh()
+  splits = sources.Splits(config.data)
 
-  knn = evaluate.knn_eval(config, variables, mesh)
+  knn = evaluate.knn_eval(config, variables, mesh, splits)
   assert 0.0 <= knn["knn_top1"] <= knn["knn_top5"] <= 1.0
 
-  linear = evaluate.linear_eval(config, variables, mesh, workdir=str(tmp_path))
-  assert 0.0 <= linear["linear_top1"] <= linear["linear_top5"] <= 1.0
+  probe = linear.linear_eval(config, variables, mesh, splits, workdir=str(tmp_path))
+  assert 0.0 <= probe["linear_top1"] <= probe["linear_top5"] <= 1.0
   log = [json.loads(line) for line in (tmp_path / "linear_metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in log] == [2, 3]
   assert all(np.isfinite(r["linear_loss"]) for r in log)

@@ -1,4 +1,4 @@
-"""sce_loss against an independent float64 NumPy transcription of spec section 1."""
+"""sce_loss against an independent float64 NumPy transcription of docs/SCE.md section 1."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +13,7 @@ def _unit(rng, *shape):
 
 
 def reference(q, z, queue, temp, temp_m, coeff, positive, keys=None, index=None):
-  """Row by row, exactly as spec 1 writes it; keys/index: in-batch negatives."""
+  """Row by row, exactly as docs/SCE.md 1 writes it; keys/index: in-batch negatives."""
   total = 0.0
   for i in range(len(q)):
     if keys is None:

@@ -1,4 +1,4 @@
-"""The training program: exact resume, divergence, and the command line end to end (issue 4)."""
+"""The training program: exact resume, divergence, and the command line end to end."""
 import json
 import os
 import pathlib
@@ -10,7 +10,7 @@ import time
 import jax
 import pytest
 
-from sce_jax import checkpoint, metrics, train, train_step
+from sce_jax import checkpoint, metrics, sharding, train
 from tests.helpers import load_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ def smoke_config(cifar_root, max_steps=-1, knn_every_epochs=-1):
 @pytest.fixture(scope="module")
 def mesh():
   """One device: the sharded runs are the command line's and test_multihost's."""
-  return train_step.make_mesh(jax.devices()[:1])
+  return sharding.make_mesh(jax.devices()[:1])
 
 
 def test_resume_is_exact_and_divergence_stops(cifar_root, tmp_path, mesh):

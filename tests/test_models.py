@@ -1,4 +1,4 @@
-"""Networks of spec section 4: torchvision layout, parameter counts, heads."""
+"""Networks of docs/SCE.md section 4: torchvision layout, parameter counts, heads."""
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -1,4 +1,4 @@
-"""Two processes of 4 CPU devices train like one process of 8 (issue 4, item 6).
+"""Two processes of 4 CPU devices train like one process of 8.
 
 Each process reads its own share of the data, so the two layouts see the same global batches
 only if the examples are interchangeable: here every image is the same flat colour (any crop

@@ -1,4 +1,4 @@
-"""LARS order of operations, schedules (spec sections 3 and 5)."""
+"""LARS order of operations, schedules (docs/SCE.md sections 3 and 5)."""
 import jax
 import jax.numpy as jnp
 import ml_collections

@@ -1,10 +1,10 @@
-"""The sharded SCE step (spec sections 1-3) on fake CPU devices."""
+"""The sharded SCE step (docs/SCE.md sections 1-3) on fake CPU devices."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sce_jax import train_step
+from sce_jax import sharding, train_step
 from tests.helpers import load_config
 
 BATCH, SIZE = 16, 16
@@ -35,8 +35,8 @@ def batch(seed, views=2):
 
 
 def run(config, devices, steps, seed=0):
-  mesh = train_step.make_mesh(devices)
-  parts = train_step.build(config, mesh, num_classes=10, steps_per_epoch=10)
+  mesh = sharding.make_mesh(devices)
+  parts = train_step.build(config, mesh, num_classes=10, steps_per_epoch=10, float_views=True)
   state = parts.init(jax.random.key(seed))
   metrics = []
   for i in range(steps):
@@ -86,7 +86,8 @@ def _target_keys(parts, state, views):
 def cifar_parts():
   """One compiled step (CIFAR pairing, queue of 3 batches) shared by the tests below."""
   config = tiny_config(**{"sce.queue": 3 * BATCH, "optim.base_lr": 4.0})
-  return train_step.build(config, train_step.make_mesh(), num_classes=10, steps_per_epoch=10)
+  return train_step.build(config, sharding.make_mesh(), num_classes=10, steps_per_epoch=10,
+                          float_views=True)
 
 
 def test_queue_is_fifo_of_the_last_keys(cifar_parts):

@@ -1,4 +1,4 @@
-"""Accelerator stage of the augmentations (spec section 6), jittable and shardable.
+"""Accelerator stage of the augmentations (docs/SCE.md section 6), jittable and shardable.
 
 The host only crops (uint8); everything random and per-pixel after the crop runs here, one key
 per image: flip, colour jitter, grayscale, blur, solarize, normalise - the BYOL/SCE order.
@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from sce_jax.data import crop
 from sce_jax.data.presets import ViewSpec
 
-GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL convert('L') and spec 6.
+GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL convert('L') and docs/SCE.md 6.
 
 
 def _gray(x):
@@ -117,7 +117,8 @@ def augment_view(key, images, spec: ViewSpec, mean, std):
 
 
 def normalize(x, mean, std):
-  """[0, 1] float images to the networks' input scale with the dataset's mean/std (spec 6)."""
+  """[0, 1] float images to the networks' input scale with the dataset's mean and std
+  (docs/SCE.md 6)."""
   return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
@@ -147,3 +148,13 @@ def random_resized_crop(key, images, size, scale, ratio):
     return jnp.clip(jnp.round(out), 0, 255).astype(jnp.uint8)
 
   return jax.vmap(resize)(images, *windows)
+
+
+def random_pad_crop(key, images, padding):
+  """torchvision RandomCrop(size, padding): zero-pad, then a uniform window of the input size."""
+  b, h, w, _ = images.shape
+  padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  offsets = jax.random.randint(key, (b, 2), 0, 2 * padding + 1)
+  crop_one = lambda image, o: jax.lax.dynamic_slice(image, (o[0], o[1], 0),
+                                                    (h, w, image.shape[-1]))
+  return jax.vmap(crop_one)(padded, offsets)

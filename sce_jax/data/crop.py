@@ -1,4 +1,4 @@
-"""Crop geometry shared by the host (NumPy) and accelerator (JAX) stages (spec sections 6, 7).
+"""Crop geometry shared by the host (NumPy) and accelerator (JAX) stages (docs/SCE.md 6, 7).
 
 One implementation of torchvision's RandomResizedCrop sampling rule, written against an array
 namespace `xp` (numpy or jax.numpy) so the grain path and the on-device crop draw windows the
@@ -47,13 +47,19 @@ def crop_window(u, height, width, scale, ratio, xp=np):
           xp.where(ok, h, fb_h), xp.where(ok, w, fb_w))
 
 
+def is_small(image_size) -> bool:
+  """CIFAR, STL-10, Tiny ImageNet (image_size < 128) take the small-dataset protocols of
+  docs/SCE.md section 7 (plain test image, padded random crop); larger sets ImageNet's."""
+  return image_size < 128
+
+
 def eval_resize(image_size):
   """Shorter side before the centre crop: image_size * 256/224 for ImageNet-size inputs.
 
-  Spec section 7: resize 256 + centre crop 224. Small sets (CIFAR, STL-10: image_size < 128)
-  are only resized to image_size, a no-op at their native size.
+  Docs section 7: resize 256 + centre crop 224. Small sets are only resized to image_size, a
+  no-op at their native size.
   """
-  return int(round(image_size * 256 / 224)) if image_size >= 128 else image_size
+  return image_size if is_small(image_size) else int(round(image_size * 256 / 224))
 
 
 def eval_geometry(height, width, image_size):

@@ -1,4 +1,4 @@
-"""Host stage on grain, without TensorFlow (spec section 6 CPU stage, section 7 evaluation).
+"""Host stage on grain, without TensorFlow (docs/SCE.md section 6 CPU stage, section 7 evaluation).
 
 Pillow decodes; crops follow torchvision's RandomResizedCrop rule (`crop.crop_window`) with
 PIL's bilinear resize, as the reference's PIL pipeline. Windows are drawn on the full-resolution
@@ -22,7 +22,7 @@ from sce_jax.data import crop
 from sce_jax.data import sources
 
 
-def random_resized_crop(image: Image.Image, size, scale, ratio, rng) -> np.ndarray:
+def random_resized_crop(rng, image: Image.Image, size, scale, ratio) -> np.ndarray:
   """torchvision RandomResizedCrop on a PIL image; rng is a np.random.Generator."""
   top, left, h, w = (int(v) for v in crop.crop_window(
       rng.random((crop.ATTEMPTS, 4)), image.height, image.width, scale, ratio))
@@ -96,10 +96,9 @@ def _decoded(record):
   return {"image": np.asarray(sources.decode(record)), "label": record["label"]}
 
 
-def _shard(data_cfg, split, process_index, process_count, equal):
-  """This process's share of the split (the same size on every process when `equal`),
+def _shard(source, data_cfg, process_index, process_count, equal):
+  """This process's share of `source` (the same size on every process when `equal`),
   decoded into memory once when data_cfg.cache."""
-  source = sources.from_config(data_cfg, split)
   ds = grain.MapDataset.source(source)[process_index::process_count]
   if equal:
     ds = ds[:len(source) // process_count]
@@ -120,24 +119,24 @@ def _iterate(ds, data_cfg):
   return iter(it)
 
 
-def train_batches(data_cfg, *, views, batch_size, seed, start_step, process_index,
+def train_batches(source, data_cfg, *, views, batch_size, seed, start_step, process_index,
                   process_count):
   """Infinite host batches {'views': tuple of uint8 (B, s, s, 3), 'label': int32 (B,)}.
 
   Reshuffled every epoch (grain folds the epoch into the shuffle seed); batches run across
   epoch boundaries, so none is ever short.
   """
-  ds, _ = _shard(data_cfg, data_cfg.train_split, process_index, process_count, equal=True)
+  ds, _ = _shard(source, data_cfg, process_index, process_count, equal=True)
   shuffle_seed, crop_seed = np.random.SeedSequence([seed, process_index]).generate_state(2)
   ds = ds.shuffle(int(shuffle_seed)).repeat()
   ds = ds.random_map(functools.partial(_crop_views, views=views), seed=int(crop_seed))
   return _iterate(ds.batch(batch_size, drop_remainder=True)[start_step:], data_cfg)
 
 
-def eval_batches(data_cfg, split, *, batch_size, process_index, process_count):
-  """Host batches {'image', 'label', 'mask'} of `split`, every example once, padded at the end
+def eval_batches(source, data_cfg, *, batch_size, process_index, process_count):
+  """Host batches {'image', 'label', 'mask'} of `source`, every example once, padded at the end
   so that all processes yield the same number of batches."""
-  shard, total = _shard(data_cfg, split, process_index, process_count, equal=False)
+  shard, total = _shard(source, data_cfg, process_index, process_count, equal=False)
   num_batches = math.ceil(math.ceil(total / process_count) / batch_size)
   ds = grain.MapDataset.range(num_batches * batch_size).map(
       functools.partial(_eval_example, shard, data_cfg.image_size))

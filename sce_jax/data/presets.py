@@ -1,4 +1,4 @@
-"""The views of the published runs (spec section 6), one `ViewSpec` per crop.
+"""The views of the published runs (docs/SCE.md section 6), one `ViewSpec` per crop.
 
 A preset is the single description both input paths (tf.data and grain) and the accelerator
 stage read: the host uses `size`, `scale`, `ratio`; the accelerator the probabilities and
@@ -65,6 +65,4 @@ PRESETS = {
 
 def get(name: str, size: int) -> tuple[ViewSpec, ...]:
   """Views of preset `name` with global crops of `size` pixels."""
-  if name not in PRESETS:
-    raise ValueError(f"Unknown view preset {name!r}; choose one of {sorted(PRESETS)}.")
   return PRESETS[name](size)

@@ -1,9 +1,11 @@
-"""Random-access sources both host pipelines read (spec section 6, CPU stage).
+"""The data a run reads: one source per split, opened once from the data config.
 
 A source has `__len__` and `__getitem__(i) -> {'image', 'label'}` (grain's RandomAccessDataSource
-protocol). 'image' is encoded bytes (`ImageFolder`), or a decoded uint8 (H, W, 3) array
-(`InMemory`, `Tfds`); `decode` turns either into a PIL image. Nothing here imports TensorFlow at
-module level; `Tfds` imports tensorflow_datasets when first used.
+protocol), and knows its `num_examples` and `num_classes`. 'image' is encoded bytes
+(`ImageFolder`), or a decoded uint8 (H, W, 3) array (`InMemory`, `Tfds`); `decode` turns either
+into a PIL image. `Splits(data_cfg)` resolves the config's `source` string once; everything
+downstream receives source objects. Nothing here imports TensorFlow at module level; `Tfds`
+imports tensorflow_datasets when opened.
 """
 import atexit
 import functools
@@ -15,11 +17,16 @@ import tarfile
 import tempfile
 
 import numpy as np
+from absl import logging
 from PIL import Image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 EVAL_SPLITS = ("test", "val", "validation")
 _ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+
+class DataError(ValueError):
+  """Data that cannot be read as configured; the message names the key to set."""
 
 
 def is_archive(path) -> bool:
@@ -49,7 +56,7 @@ def _class_root(root: pathlib.Path, split: str) -> pathlib.Path:
   if len(subdirs) == 1 and not _has_images(subdirs[0]):  # An archive's single split folder.
     return subdirs[0]
   if subdirs and not any(_has_images(d) for d in subdirs):
-    raise ValueError(f"no split {split!r} in {root}; found {[d.name for d in subdirs]}")
+    raise DataError(f"no split {split!r} in {root}; found {[d.name for d in subdirs]}")
   return root
 
 
@@ -63,7 +70,7 @@ class ImageFolder:
   def __init__(self, path, split: str = "train"):
     path = pathlib.Path(path)
     if not path.exists():
-      raise FileNotFoundError(
+      raise DataError(
           f"dataset not found at {path}; set --config.data.path=... (a class-folder tree or a "
           ".tar/.tar.gz of one)")
     self.root = _class_root(_extract(str(path.resolve())) if is_archive(path) else path, split)
@@ -75,12 +82,20 @@ class ImageFolder:
         paths += [os.path.join(folder, f) for f in found]
         labels += [label] * len(found)
     if not paths:
-      raise ValueError(f"no {'/'.join(IMAGE_EXTENSIONS)} images in class folders under {path}")
+      raise DataError(f"no {'/'.join(IMAGE_EXTENSIONS)} images in class folders under {path}")
     self.paths = paths
     self.labels = np.asarray(labels, np.int32)
 
   def __len__(self):
     return len(self.paths)
+
+  @property
+  def num_examples(self):
+    return len(self)
+
+  @property
+  def num_classes(self):
+    return len(self.classes)
 
   def __getitem__(self, i):
     with open(self.paths[i], "rb") as f:
@@ -99,30 +114,72 @@ class InMemory:
   def __len__(self):
     return len(self.labels)
 
+  @property
+  def num_examples(self):
+    return len(self)
+
+  @property
+  def num_classes(self):
+    return int(self.labels.max()) + 1
+
   def __getitem__(self, i):
     return {"image": self.images[i], "label": self.labels[i]}
 
 
 def import_tfds():
-  """tensorflow_datasets, or an ImportError that says what to install or use instead."""
+  """tensorflow_datasets, or a DataError that says what to install or use instead."""
   try:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise ImportError(
+    raise DataError(
         "source='tfds' needs tensorflow and tensorflow_datasets (pip install 'sce_jax[tf]'); "
         "without them use source='folder' or 'memory'") from e
   return tfds
 
 
 class Tfds:
-  """A TFDS split by name; random access through `tfds.data_source` (ArrayRecord datasets)."""
+  """A TFDS split by name; random access through `tfds.data_source` (ArrayRecord datasets).
+
+  Opening prepares a dataset that TFDS can download by itself (CIFAR, STL-10: the first run
+  downloads it), so a run needs no separate `tfds build`; one that needs a manual download
+  (ImageNet) or cannot be downloaded stops with a one-line error before anything compiles.
+  """
 
   def __init__(self, name: str, split: str, data_dir=None):
     self.name, self.split, self.data_dir = name, split, data_dir or None  # "" = TFDS default.
+    tfds = import_tfds()
+    try:
+      self.builder = tfds.builder(name, data_dir=self.data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+      raise DataError(f"data.name={name!r} is not a TFDS dataset ({e}).") from e
+    if not self.builder.is_prepared():
+      self._prepare()
 
-  @functools.cached_property
-  def builder(self):
-    return import_tfds().builder(self.name, data_dir=self.data_dir)
+  def _prepare(self):
+    where = f"data_dir={self.builder.data_dir}"
+    if getattr(self.builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None):
+      raise DataError(
+          f"TFDS dataset {self.name!r} is not prepared in {where} and needs a manual download: "
+          f"put its files in DIR/downloads/manual/, run `python -c \"import tensorflow_datasets "
+          f"as t; t.builder('{self.name}', data_dir='DIR').download_and_prepare()\"` and set "
+          "--config.data.data_dir=DIR (README, ImageNet).")
+    logging.info("Downloading and preparing TFDS dataset %r in %s (once).", self.name, where)
+    try:
+      self.builder.download_and_prepare()
+    except Exception as e:  # pylint: disable=broad-except  # network, disk, TFDS errors alike
+      cause = (str(e).strip().splitlines() or [""])[0][:200]
+      raise DataError(
+          f"TFDS could not download and prepare {self.name!r} in {where} "
+          f"({type(e).__name__}: {cause}); check the internet connection, or prepare it on a "
+          "machine that has one and set --config.data.data_dir=DIR.") from e
+
+  @property
+  def num_examples(self):
+    return self.builder.info.splits[self.split].num_examples
+
+  @property
+  def num_classes(self):
+    return self.builder.info.features["label"].num_classes
 
   @functools.cached_property
   def _source(self):
@@ -137,6 +194,9 @@ class Tfds:
 
   def __getstate__(self):  # Grain workers reopen the source rather than pickle it.
     return {"name": self.name, "split": self.split, "data_dir": self.data_dir}
+
+  def __setstate__(self, state):
+    self.__init__(**state)
 
 
 def decode(record, draft=None) -> Image.Image:
@@ -176,33 +236,47 @@ def find_eval_path(path, split: str = "test"):
   for candidate in candidates:
     if candidate.exists():
       return candidate
-  raise FileNotFoundError(
-      f"no {split!r} split found for {path}; set --config.data.eval_path=...")
+  raise DataError(f"no {split!r} split found for {path}; set --config.data.eval_path=...")
 
 
-@functools.cache
-def image_folder(path: str, split: str) -> ImageFolder:
-  """An `ImageFolder`, scanned once per process (listing ImageNet takes seconds)."""
+def _folder(data_cfg, split):
+  """source='folder': `path` holds the training split; another split is at `eval_path`, or
+  found next to `path` when that is empty."""
+  if not data_cfg.path:
+    raise DataError("data.path is empty; set --config.data.path to a class-folder tree or "
+                    "a .tar/.tar.gz of one (e.g. cifar10_jpg_train.tar.gz).")
+  if not pathlib.Path(data_cfg.path).exists():
+    raise DataError(f"data.path={data_cfg.path} does not exist; set --config.data.path to a "
+                    "class-folder tree or a .tar/.tar.gz of one.")
+  path = data_cfg.path if split == data_cfg.train_split else (
+      data_cfg.eval_path or find_eval_path(data_cfg.path, split))
   return ImageFolder(path, split)
 
 
-def folder_path(data_cfg, split: str) -> str:
-  """The path holding `split` for source='folder': `path` for the training split, else
-  `eval_path`, found next to `path` when empty."""
-  if split == data_cfg.train_split:
-    return str(data_cfg.path)
-  return str(data_cfg.eval_path or find_eval_path(data_cfg.path, split))
+# data.source -> how a split is opened. source='memory' reads
+# `data_cfg.arrays[split] = (images, labels)`, set by code (a notebook, a test), not a flag.
+SOURCES = {
+    "folder": _folder,
+    "tfds": lambda data_cfg, split: Tfds(data_cfg.name, split, data_cfg.data_dir),
+    "memory": lambda data_cfg, split: InMemory(*data_cfg.arrays[split]),
+}
 
 
-def from_config(data_cfg, split: str):
-  """The source of `split` described by a data config (see pipeline.py for the keys).
+class Splits:
+  """The training and evaluation sources of a data config, each opened once.
 
-  source='memory' reads `data_cfg.arrays[split] = (images, labels)`.
+  The training split is opened at once (a missing path stops the run before it compiles); the
+  evaluation split when first used, so a run without evaluation needs none.
   """
-  if data_cfg.source == "folder":
-    return image_folder(folder_path(data_cfg, split), split)
-  if data_cfg.source == "memory":
-    return InMemory(*data_cfg.arrays[split])
-  if data_cfg.source == "tfds":
-    return Tfds(data_cfg.name, split, data_cfg.data_dir)
-  raise ValueError(f"unknown data source {data_cfg.source!r}; use 'folder', 'tfds' or 'memory'")
+
+  def __init__(self, data_cfg):
+    self._cfg = data_cfg
+    self.train = SOURCES[data_cfg.source](data_cfg, data_cfg.train_split)
+
+  @functools.cached_property
+  def eval(self):
+    return SOURCES[self._cfg.source](self._cfg, self._cfg.eval_split)
+
+  @property
+  def num_classes(self):
+    return self.train.num_classes

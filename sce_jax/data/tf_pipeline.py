@@ -1,4 +1,4 @@
-"""Host stage on tf.data (spec section 6 CPU stage, section 7 evaluation).
+"""Host stage on tf.data (docs/SCE.md section 6 CPU stage, section 7 evaluation).
 
 Crops use tf.image.sample_distorted_bounding_box's law (area in `scale`, aspect ratio in
 `ratio`, 10 attempts, whole image as fallback) and an antialiased bilinear resize. Randomness is
@@ -6,6 +6,7 @@ stateless: the shuffle of epoch e is seeded by (seed, process, e) and the crops 
 stream position p by (seed, process, p), so a batch depends only on (seed, process, step) and
 resuming at `start_step` skips records inside one epoch without decoding them.
 """
+import functools
 import math
 
 import numpy as np
@@ -25,8 +26,10 @@ def _decode(data):
   return tf.io.decode_image(data, channels=3, expand_animations=False)
 
 
-def crop_window(seed, shape, scale, ratio):
-  """(begin, size) of a random crop: sample_distorted_bounding_box with `scale`/`ratio`."""
+def distorted_window(seed, shape, scale, ratio):
+  """(begin, size) of a random crop by TF's law (sample_distorted_bounding_box with
+  `scale`/`ratio`), not torchvision's (`crop.crop_window`): both draw the area and the log
+  aspect ratio uniformly, but TF's fallback after 10 misses is the whole image."""
   begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
       shape, _NO_BOXES, seed=seed, min_object_covered=0.0, aspect_ratio_range=ratio,
       area_range=scale, max_attempts=crop.ATTEMPTS, use_image_if_no_bounding_boxes=True)
@@ -45,8 +48,8 @@ def _resize(image, size):
   return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)
 
 
-def random_resized_crop(image, seed, size, scale, ratio):
-  begin, window = crop_window(seed, tf.shape(image), scale, ratio)
+def random_resized_crop(seed, image, size, scale, ratio):
+  begin, window = distorted_window(seed, tf.shape(image), scale, ratio)
   return tf.ensure_shape(_resize(tf.slice(image, begin, window), (size, size)), [size, size, 3])
 
 
@@ -64,39 +67,42 @@ def center_crop(image, image_size):
                          [image_size, image_size, 3])
 
 
-def _tfds_records(data_cfg, split, process_index, process_count, train, seed):
-  """(image bytes, label) of this process's even share of a TFDS split; for training the files
-  are read in one seeded order (the same every epoch, so that an epoch can be rebuilt)."""
+@functools.singledispatch
+def _read(source, process_index, process_count, train, seed):
+  """(image, label) records of this process's share of `source`; equal shares for training."""
+  raise ValueError(f"the tf.data loader reads image folders and TFDS, not "
+                   f"{type(source).__name__}; use --config.data.loader=grain")
+
+
+@_read.register
+def _(source: sources.Tfds, process_index, process_count, train, seed):
+  """Encoded images of a TFDS split; for training the files are read in one seeded order (the
+  same every epoch, so that an epoch can be rebuilt)."""
   tfds = sources.import_tfds()
-  builder = sources.Tfds(data_cfg.name, split, data_cfg.data_dir).builder
-  share = tfds.even_splits(split, process_count, drop_remainder=train)[process_index]
-  ds = builder.as_dataset(
+  share = tfds.even_splits(source.split, process_count, drop_remainder=train)[process_index]
+  ds = source.builder.as_dataset(
       split=share, shuffle_files=train, decoders={"image": tfds.decode.SkipDecoding()},
       read_config=tfds.ReadConfig(shuffle_seed=seed, shuffle_reshuffle_each_iteration=False,
                                   try_autocache=False))
-  total = int(builder.as_dataset(split=split).cardinality())
-  return ds.map(lambda ex: (ex["image"], tf.cast(ex["label"], tf.int32))), total
+  return ds.map(lambda ex: (ex["image"], tf.cast(ex["label"], tf.int32)))
 
 
-def _records(data_cfg, split, process_index, process_count, train, seed=None):
-  """This process's (image, label) records, decoded and cached when data_cfg.cache; and the
-  split's total size. Training shares are equal across processes."""
-  if data_cfg.source == "tfds":
-    ds, total = _tfds_records(data_cfg, split, process_index, process_count, train, seed)
-  elif data_cfg.source == "folder":
-    folder = sources.image_folder(sources.folder_path(data_cfg, split), split)
-    total = len(folder)
-    end = total // process_count * process_count if train else total
-    ds = tf.data.Dataset.from_tensor_slices(
-        (folder.paths[process_index:end:process_count],
-         folder.labels[process_index:end:process_count])).map(
-             lambda path, label: (tf.io.read_file(path), label))
-  else:
-    raise ValueError(f"the tf.data loader reads source='folder' or 'tfds', not "
-                     f"{data_cfg.source!r}; use loader='grain'")
+@_read.register
+def _(source: sources.ImageFolder, process_index, process_count, train, seed):
+  del seed  # Files are listed in a fixed order.
+  end = len(source) // process_count * process_count if train else len(source)
+  return tf.data.Dataset.from_tensor_slices(
+      (source.paths[process_index:end:process_count],
+       source.labels[process_index:end:process_count])).map(
+           lambda path, label: (tf.io.read_file(path), label))
+
+
+def _records(source, data_cfg, process_index, process_count, train, seed=None):
+  """This process's (image, label) records, decoded and cached when data_cfg.cache."""
+  ds = _read(source, process_index, process_count, train, seed)
   if data_cfg.cache:
     ds = ds.map(lambda x, y: (_decode(x), y), num_parallel_calls=tf.data.AUTOTUNE).cache()
-  return ds, total
+  return ds
 
 
 def _to_numpy(ds, data_cfg):
@@ -105,17 +111,16 @@ def _to_numpy(ds, data_cfg):
   return ds.prefetch(data_cfg.prefetch).with_options(options).as_numpy_iterator()
 
 
-def train_batches(data_cfg, *, views, batch_size, seed, start_step, process_index,
+def train_batches(source, data_cfg, *, views, batch_size, seed, start_step, process_index,
                   process_count):
   """Infinite host batches {'views': tuple of uint8 (B, s, s, 3), 'label': int32 (B,)}.
 
   Each epoch is its own shuffle (full for folders and cached data, a `shuffle_buffer` window
   over TFDS records read in a seeded file order); batches run across epoch boundaries.
   """
-  records, _ = _records(data_cfg, data_cfg.train_split, process_index, process_count,
-                        train=True, seed=seed)
+  records = _records(source, data_cfg, process_index, process_count, train=True, seed=seed)
   per_epoch = int(records.cardinality())
-  windowed = data_cfg.source == "tfds" and not data_cfg.cache
+  windowed = isinstance(source, sources.Tfds) and not data_cfg.cache
   buffer = data_cfg.shuffle_buffer if windowed else per_epoch
   base = tf.constant([seed, process_index], tf.int64)
 
@@ -129,7 +134,7 @@ def train_batches(data_cfg, *, views, batch_size, seed, start_step, process_inde
     image = _decode(image)
     seeds = tf.random.experimental.stateless_split(
         tf.random.experimental.stateless_fold_in(base, position), len(views))
-    return {"views": tuple(random_resized_crop(image, s, v.size, v.scale, v.ratio)
+    return {"views": tuple(random_resized_crop(s, image, v.size, v.scale, v.ratio)
                            for s, v in zip(tf.unstack(seeds), views)),
             "label": label}
 
@@ -140,11 +145,11 @@ def train_batches(data_cfg, *, views, batch_size, seed, start_step, process_inde
   return _to_numpy(ds.batch(batch_size, drop_remainder=True), data_cfg)
 
 
-def eval_batches(data_cfg, split, *, batch_size, process_index, process_count):
-  """Host batches {'image', 'label', 'mask'} of `split`, every example once, padded at the end
+def eval_batches(source, data_cfg, *, batch_size, process_index, process_count):
+  """Host batches {'image', 'label', 'mask'} of `source`, every example once, padded at the end
   so that all processes yield the same number of batches."""
-  records, total = _records(data_cfg, split, process_index, process_count, train=False)
-  padded = math.ceil(math.ceil(total / process_count) / batch_size) * batch_size
+  records = _records(source, data_cfg, process_index, process_count, train=False)
+  padded = math.ceil(math.ceil(source.num_examples / process_count) / batch_size) * batch_size
   size = data_cfg.image_size
   ds = records.map(lambda x, y: {"image": center_crop(_decode(x), size), "label": y,
                                  "mask": True}, num_parallel_calls=tf.data.AUTOTUNE)

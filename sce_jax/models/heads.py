@@ -1,4 +1,4 @@
-"""Projector and predictor MLPs (spec section 4).
+"""Projector and predictor MLPs (docs/SCE.md section 4).
 
 A linear layer has a bias only when no BatchNorm follows it; the projector's last BatchNorm
 (ImageNet) has no affine parameters.

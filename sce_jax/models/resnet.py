@@ -1,10 +1,10 @@
-"""ResNets laid out like torchvision's (spec section 4).
+"""ResNets laid out like torchvision's (docs/SCE.md section 4).
 
 Module names follow torchvision's state-dict keys (`layer1_0/conv1` is `layer1.0.conv1`,
 `downsample_0/1` is `downsample.0/1`), padding is symmetric like PyTorch's, and BatchNorm uses
 PyTorch's eps and momentum, so weights convert one to one in both directions.
 BatchNorm statistics are those of the global batch: under `jax.jit` a batch sharded over the
-mesh's `data` axis is reduced across devices by the compiler (synchronised BN, spec 3).
+mesh's `data` axis is reduced across devices by the compiler (synchronised BN, docs/SCE.md 3).
 """
 import functools
 from typing import Any, Sequence
@@ -72,7 +72,7 @@ class ResNet(nn.Module):
   stage_sizes: Sequence[int]
   block: Any
   width: int = 64
-  small_stem: bool = False  # 3x3 stride-1 stem, no max-pool (32-pixel images, spec 4).
+  small_stem: bool = False  # 3x3 stride-1 stem, no max-pool (32-pixel images, docs/SCE.md 4).
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -101,8 +101,6 @@ ARCHS = {
 
 
 def resnet(name: str, **kwargs) -> ResNet:
-  if name not in ARCHS:
-    raise ValueError(f"Unknown trunk {name!r}; choose one of {sorted(ARCHS)}.")
   stages, block = ARCHS[name]
   return ResNet(stages, block, **kwargs)
 

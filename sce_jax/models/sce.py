@@ -2,7 +2,7 @@
 
 The online network has all four parts; the target (EMA) network is the same module built with
 `with_predictor=False, num_classes=0`, so its parameters are the online `trunk` and `projector`
-subtrees (spec 3: same trunk + projector, no predictor).
+subtrees (docs/SCE.md section 3: same trunk + projector, no predictor).
 """
 from typing import Any
 
@@ -11,6 +11,16 @@ import jax
 import jax.numpy as jnp
 
 from sce_jax.models import heads, resnet
+
+# model.dtype: the computation's; parameters stay float32.
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def make_trunk(model_cfg) -> resnet.ResNet:
+  """The trunk of config.model; SCENet and the evaluation build it here, so that a
+  TrainState's trunk variables fit both."""
+  return resnet.resnet(model_cfg.trunk, width=model_cfg.width, small_stem=model_cfg.small_stem,
+                       dtype=jnp.dtype(model_cfg.dtype))
 
 
 class SCENet(nn.Module):
@@ -21,7 +31,7 @@ class SCENet(nn.Module):
   def setup(self):
     cfg = self.model
     dtype = jnp.dtype(cfg.dtype)
-    self.trunk = resnet.resnet(cfg.trunk, width=cfg.width, small_stem=cfg.small_stem, dtype=dtype)
+    self.trunk = make_trunk(cfg)
     self.projector = heads.MLP(**cfg.projector, dtype=dtype)
     if self.with_predictor and cfg.predictor.num_layers > 0:
       self.predictor = heads.MLP(**cfg.predictor, dtype=dtype)
