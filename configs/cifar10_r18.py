@@ -9,7 +9,10 @@ from sce_jax import config as sce_config
 def get_config(arg=None):
   arg = sce_config.parse_arg(arg, smoke=False, epochs=200)
   # base() is the CIFAR-10 column: batch 256, SGD momentum 0.9, wd 5e-4, base lr 0.06, warmup
-  # 5 epochs, temp 0.1, temp_m 0.05, coeff 0.5, queue 4096, m0 0.99 constant.
+  # 5 epochs, temp 0.1, temp_m 0.05, coeff 0.5, queue 4096, m0 0.99 constant; one forward pass
+  # per view, shuffle-BN over 8 groups in the target (docs/SCE.md 2, 3). Linear evaluation, the
+  # small-dataset protocol (docs/SCE.md 7): SGD momentum 0.9, lr 30 unscaled, wd 0, batch 256,
+  # 100 epochs, lr x 0.1 at epochs 60 and 80.
   c = sce_config.base()
   c.epochs = arg.epochs
   if arg.smoke:

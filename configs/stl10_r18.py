@@ -5,7 +5,7 @@ probe and kNN monitoring are off. Evaluate with the labelled split: --mode=knn o
 with --config.data.train_split=train (test split 'test'). Otherwise the CIFAR recipe of
 docs/SCE.md 5 (batch 256, SGD, lr 0.06, wd 5e-4, temp_m 0.05, queue 4096, asymmetric weak/strong
 views at 96 px) with the torchvision stem (7x7 stride 2 and max-pool, 96 -> 24 px), which
-keeps the cost near CIFAR's, and ImageNet statistics.
+keeps the cost near CIFAR's, and the authors' STL-10 normalisation (docs/SCE.md 5).
 Variants: `smoke`, `epochs=N`.
 """
 from sce_jax import config as sce_config
@@ -23,8 +23,8 @@ def get_config(arg=None):
   c.data.train_split = "unlabelled"
   c.data.eval_split = "test"
   c.data.image_size = 96
-  c.data.mean = presets.IMAGENET_MEAN
-  c.data.std = presets.IMAGENET_STD
+  c.data.mean = presets.STL10_MEAN
+  c.data.std = presets.STL10_STD
   if arg.smoke:
     sce_config.smoke(c)
   c.eval.every_epochs = -1

@@ -35,6 +35,9 @@ def base() -> ml_collections.ConfigDict:
   c.model.predictor = ml_collections.ConfigDict(dict(
       hidden_dim=4096, out_dim=c.model.projector.get_ref("out_dim"), num_layers=0,
       last_bn=False, last_bias=False))  # num_layers 0: no predictor (CIFAR)
+  # One forward pass, so one BatchNorm batch, per view (docs/SCE.md 2); True puts same-size
+  # views in one pass (eztorch's mutual_pass: faster, pools their statistics).
+  c.model.concat_views = False
 
   c.sce = ml_collections.ConfigDict()
   c.sce.temp = 0.1
@@ -48,6 +51,7 @@ def base() -> ml_collections.ConfigDict:
   c.sce.m0 = 0.99
   c.sce.m_schedule = "constant"  # or "cosine" (to 1)
   c.sce.target_init = "copy"     # or "random" (the authors' separate init)
+  c.sce.target_bn_splits = 8     # shuffle-BN in the target trunk (docs/SCE.md 3); 0: off
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "sgd"           # or "lars"
@@ -82,9 +86,13 @@ def base() -> ml_collections.ConfigDict:
   c.eval.knn_k = 200
   c.eval.knn_temp = 0.1
   c.eval.every_epochs = 10       # kNN during pretraining; 0: only at the end; < 0: never
+  # The small-dataset linear protocol (docs/SCE.md 7): lr 30 (not scaled by the batch), x 0.1
+  # at epochs 60 and 80. scale_lr: base_lr is per 256 images (optim.scaled_lr); schedule: one of
+  # optim.LINEAR_SCHEDULES ("step": x decay_factor at each of the milestones, in epochs).
   c.eval.linear = ml_collections.ConfigDict(dict(
-      epochs=90, batch_size=256, base_lr=0.1, weight_decay=0.0, momentum=0.9,
-      max_steps=-1))           # max_steps > 0 stops early (smoke runs); the cosine uses epochs
+      epochs=100, batch_size=256, base_lr=30.0, scale_lr=False, schedule="step",
+      milestones=(60, 80), decay_factor=0.1, weight_decay=0.0, momentum=0.9,
+      max_steps=-1))           # max_steps > 0 stops early (smoke runs); the schedule uses epochs
   c.eval.checkpoint = ""       # imported trunk weights to evaluate (evaluate.load_trunk)
 
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3))
@@ -170,6 +178,7 @@ ENUMS = {
     "sce.m_schedule": optim.M_SCHEDULES,
     "sce.target_init": state.TARGET_INITS,
     "optim.name": optim.OPTIMIZERS,
+    "eval.linear.schedule": optim.LINEAR_SCHEDULES,
     "data.source": tuple(sources.SOURCES),
     "data.loader": pipeline.LOADERS,
     "data.views": tuple(presets.PRESETS),
@@ -185,9 +194,9 @@ def num_target_views(config) -> int:
 
 def validate(config, num_devices, num_processes, workdir=None):
   """Raises ConfigError, naming the key and a fix, for a run that cannot work: a value outside
-  ENUMS, a batch that does not split over the devices and processes, a queue that is not a
-  multiple of the keys written each step, a workdir (if given) that cannot be written. The data
-  are checked when they are opened (`sources.Splits`)."""
+  ENUMS, a batch that does not split over the devices and processes or into the shuffle-BN
+  groups, a queue that is not a multiple of the keys written each step, a workdir (if given)
+  that cannot be written. The data are checked when they are opened (`sources.Splits`)."""
   for key, allowed in ENUMS.items():
     value = config[key]
     if value not in allowed:
@@ -199,6 +208,12 @@ def validate(config, num_devices, num_processes, workdir=None):
         raise ConfigError(
             f"{key}={config[key]} does not split evenly over {count} {what}; set "
             f"--config.{key} to a multiple of {count}, e.g. {_multiple(config[key], count)}.")
+  splits = config.sce.target_bn_splits
+  if splits < 0 or (splits and config.batch_size % splits):
+    raise ConfigError(
+        f"sce.target_bn_splits={splits} does not divide batch_size={config.batch_size} into "
+        "shuffle-BN groups; set --config.sce.target_bn_splits to a divisor of the batch (8 in "
+        "the CIFAR recipe) or 0 to turn shuffle-BN off.")
   if losses.uses_queue(config.sce.negatives):
     written = config.batch_size * num_target_views(config)
     if config.sce.queue % written:

@@ -97,6 +97,8 @@ def _evaluate(config, workdir, mode, mesh, splits):
     results = evaluate.knn_eval(config, trunk, mesh, splits)
   else:
     results = linear.linear_eval(config, trunk, mesh, splits, workdir)
+    if results is None:  # Preempted: the probe saved its state; the same command resumes it.
+      return
   logging.info("%s evaluation of %s: %s", mode, source, results)
   if jax.process_index() == 0:
     (epath.Path(workdir) / f"eval_{mode}.json").write_text(

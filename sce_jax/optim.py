@@ -11,9 +11,10 @@ import jax.numpy as jnp
 import optax
 
 
-# optim.name values; sce.m_schedule values.
+# optim.name values; sce.m_schedule values; eval.linear.schedule values.
 OPTIMIZERS = ("sgd", "lars")
 M_SCHEDULES = ("constant", "cosine")
+LINEAR_SCHEDULES = ("cosine", "step")
 
 
 def scaled_lr(base_lr, batch_size):
@@ -26,6 +27,18 @@ def lr_schedule(optim_cfg, *, global_batch, steps_per_epoch, total_steps):
   peak = scaled_lr(optim_cfg.base_lr, global_batch)
   warmup = int(optim_cfg.warmup_epochs * steps_per_epoch)
   return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total_steps, warmup + 1))
+
+
+def linear_eval_schedule(lin_cfg, *, steps_per_epoch, total_steps):
+  """The linear probe's lr (docs/SCE.md 7): base_lr, scaled by the batch if lin_cfg.scale_lr;
+  then a cosine to 0 (ImageNet), or x decay_factor at each epoch of lin_cfg.milestones (small
+  datasets)."""
+  peak = (scaled_lr(lin_cfg.base_lr, lin_cfg.batch_size) if lin_cfg.scale_lr
+          else lin_cfg.base_lr)
+  if lin_cfg.schedule == "cosine":
+    return optax.cosine_decay_schedule(peak, total_steps)
+  return optax.piecewise_constant_schedule(
+      peak, {int(m * steps_per_epoch): lin_cfg.decay_factor for m in lin_cfg.milestones})
 
 
 def ema_schedule(sce_cfg, total_steps):

@@ -27,10 +27,12 @@ class TrainState:
 
 
 def make_models(config, num_classes):
-  """Online network (with predictor and probe) and target network (trunk + projector)."""
+  """Online network (with predictor and probe) and target network (trunk + projector, its
+  trunk's BatchNorm split into sce.target_bn_splits groups for shuffle-BN, docs/SCE.md 3)."""
   probe_classes = num_classes if config.probe.enabled else 0
   return (SCENet(config.model, with_predictor=True, num_classes=probe_classes),
-          SCENet(config.model, with_predictor=False, num_classes=0))
+          SCENet(config.model, with_predictor=False, num_classes=0,
+                 trunk_bn_splits=config.sce.target_bn_splits))
 
 
 def init_state(config, online, target, tx, rng, image_size):

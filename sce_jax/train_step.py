@@ -1,11 +1,13 @@
 """One SCE training step, jitted over a `data` mesh (docs/SCE.md sections 1-3).
 
 Shape of the step: colour augmentations on the accelerator; the target branch on the global
-crops; the online branch on every crop it sees (crops of one resolution in one forward pass);
-the loss inside `jax.shard_map`, where each device gathers the target embeddings of all
-devices; optax update; EMA of the target after it; FIFO queue update with the target
-embeddings of the whole global batch. Everything outside the shard_map is written for the
-global batch, so BatchNorm statistics are those of the global batch (synchronised BN).
+crops (shuffle-BN: on a permutation of the batch, its trunk's BatchNorm split into groups);
+the online branch on every crop it sees, one forward pass per view (or, with
+model.concat_views, per run of same-size views); the loss inside `jax.shard_map`, where each
+device gathers the target embeddings of all devices; optax update; EMA of the target after it;
+FIFO queue update with the target embeddings of the whole global batch. Everything outside the
+shard_map is written for the global batch, so BatchNorm statistics are those of the global
+batch (synchronised BN).
 """
 import functools
 from typing import Callable, NamedTuple
@@ -27,28 +29,45 @@ def _global_norm(tree):
   return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
 
 
-def _groups(views, indices):
-  """Consecutive runs of same-resolution views among `indices`: [(indices, shape)]."""
-  groups = []
+def _passes(views, indices, concat):
+  """The views of each forward pass: one each, or with `concat` each run of consecutive
+  same-size views (docs/SCE.md 2)."""
+  passes = []
   for i in indices:
-    if groups and views[groups[-1][0][-1]].shape == views[i].shape:
-      groups[-1][0].append(i)
+    if concat and passes and views[passes[-1][-1]].shape == views[i].shape:
+      passes[-1].append(i)
     else:
-      groups.append([[i]])
-  return [g[0] for g in groups]
+      passes.append([i])
+  return passes
 
 
-def _forward(model, params, batch_stats, views, indices):
-  """Runs `model` once per resolution group; returns outputs per view and the new BN stats."""
+def _forward(model, params, batch_stats, views, indices, concat):
+  """Runs `model` on the views `indices`; returns outputs per view and the new BN statistics.
+
+  The statistics are threaded through the passes in view order, so they end as after the
+  authors' sequential per-view passes. A concatenated pass stacks its views image-major,
+  (B, V, ...) -> (B * V, ...): a batch-sharded view then stays on its devices (view-major
+  concatenation would move images between devices).
+  """
   outs = {}
-  for group in _groups(views, indices):
-    x = jnp.concatenate([views[i] for i in group])
-    out, upd = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
-                           mutable=["batch_stats"])
+  for group in _passes(views, indices, concat):
+    x = jnp.stack([views[i] for i in group], axis=1)
+    out, upd = model.apply({"params": params, "batch_stats": batch_stats},
+                           x.reshape(-1, *x.shape[2:]), train=True, mutable=["batch_stats"])
     batch_stats = upd["batch_stats"]
     for k, i in enumerate(group):
-      outs[i] = jax.tree.map(lambda a: jnp.split(a, len(group))[k], out)
+      outs[i] = jax.tree.map(lambda a: a.reshape(-1, len(group), *a.shape[1:])[:, k], out)
   return outs, batch_stats
+
+
+def _shuffled(forward, key, views, indices):
+  """forward(views) on a random permutation of the global batch, outputs put back in order:
+  the target's shuffle-BN (docs/SCE.md 3), whose trunk BatchNorm groups then hold random
+  images."""
+  perm = jax.random.permutation(key, views[indices[0]].shape[0])
+  outs, batch_stats = forward({i: views[i][perm] for i in indices})
+  inverse = jnp.argsort(perm)
+  return {i: jax.tree.map(lambda a: a[inverse], outs[i]) for i in indices}, batch_stats
 
 
 def ema_update(target_params, online_params, m):
@@ -118,6 +137,8 @@ def make_train_step(config, mesh, online, target, tx, lr_fn, ema_fn, pairs, augm
   """
   target_views, online_views = losses.target_views(pairs), losses.online_views(pairs)
   sce_loss_fn = make_loss_fn(config.sce, mesh, pairs)
+  concat = config.model.concat_views
+  replicated = sharding.replicated(mesh)
 
   def step(state, batch):
     views = list(batch["views"])
@@ -125,23 +146,31 @@ def make_train_step(config, mesh, online, target, tx, lr_fn, ema_fn, pairs, augm
     if augment_fn is not None:
       views = list(augment_fn(aug_key, views))
 
-    t_out, t_stats = _forward(target, state.target_params, state.target_batch_stats, views,
-                              target_views)
+    target_forward = lambda inputs: _forward(target, state.target_params,
+                                             state.target_batch_stats, inputs, target_views,
+                                             concat)
+    if config.sce.target_bn_splits:
+      rng, shuffle_key = jax.random.split(rng)
+      t_out, t_stats = _shuffled(target_forward, shuffle_key, views, target_views)
+    else:
+      t_out, t_stats = target_forward(views)
     zs = {i: jax.lax.stop_gradient(losses.l2_normalize(t_out[i]["proj"]))
           for i in target_views}
 
     def objective(params):
-      o_out, stats = _forward(online, params, state.batch_stats, views, online_views)
+      o_out, stats = _forward(online, params, state.batch_stats, views, online_views, concat)
       qs = {j: losses.l2_normalize(o_out[j]["pred"]) for j in online_views}
       loss, metrics = sce_loss_fn(qs, zs, state.queue)
       total = loss
-      if "logits" in o_out[online_views[0]]:
-        probed = [j for j in online_views if views[j].shape == views[online_views[0]].shape]
-        logits = jnp.concatenate([o_out[j]["logits"] for j in probed])
-        labels = jnp.tile(batch["label"], len(probed))
-        probe_loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+      if "logits" in o_out[online_views[0]]:  # The probe: mean over the full-size views.
+        probed = [o_out[j]["logits"] for j in online_views
+                  if views[j].shape == views[online_views[0]].shape]
+        mean = lambda per_view: sum(per_view) / len(probed)
+        probe_loss = mean([optax.softmax_cross_entropy_with_integer_labels(
+            logits, batch["label"]).mean() for logits in probed])
         metrics["probe_loss"] = probe_loss
-        metrics["probe_top1"] = jnp.mean(jnp.argmax(logits, -1) == labels)
+        metrics["probe_top1"] = mean([jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+                                      for logits in probed])
         total = total + probe_loss
       metrics["loss"] = loss
       return total, (metrics, stats)
@@ -153,8 +182,9 @@ def make_train_step(config, mesh, online, target, tx, lr_fn, ema_fn, pairs, augm
     m = ema_fn(state.step)
     target_params = ema_update(state.target_params, params, m)
     queue, ptr = state.queue, state.queue_ptr
-    if queue is not None:
-      queue, ptr = enqueue(queue, ptr, jnp.concatenate([zs[i] for i in target_views]))
+    if queue is not None:  # All devices' keys, gathered view by view: no all-to-all.
+      keys = [jax.lax.with_sharding_constraint(zs[i], replicated) for i in target_views]
+      queue, ptr = enqueue(queue, ptr, jnp.concatenate(keys))
 
     metrics.update(lr=lr_fn(state.step), ema_momentum=m,
                    grad_norm=_global_norm({k: v for k, v in grads.items() if k != "probe"}))
@@ -163,7 +193,6 @@ def make_train_step(config, mesh, online, target, tx, lr_fn, ema_fn, pairs, augm
                               opt_state=opt_state, queue=queue, queue_ptr=ptr, rng=rng)
     return new_state, metrics
 
-  replicated = sharding.replicated(mesh)
   return jax.jit(step, in_shardings=(replicated, sharding.rows(mesh)),
                  out_shardings=(replicated, replicated), donate_argnums=0)
 

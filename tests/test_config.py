@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from sce_jax import config as sce_config
-from sce_jax.data import sources
+from sce_jax.data import presets, sources
 from tests.helpers import CONFIGS, load_config
 
 ROOT = CONFIGS.parent
@@ -44,6 +44,22 @@ def test_cifar10_published_values():
   assert spec_values(c) == (256, "sgd", 5e-4, 0.06, 5, 200, 0.1, 0.05, 0.5, 4096, 0.99,
                             "constant")
   assert c.model.small_stem and not c.sce.symmetric
+
+
+@pytest.mark.parametrize("name, splits, mean, std", [
+    ("cifar10_r18", 8, presets.CIFAR10_MEAN, presets.CIFAR10_STD),
+    ("cifar100_r18", 8, presets.CIFAR100_MEAN, presets.CIFAR100_STD),
+    ("stl10_r18", 8, (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
+    ("tiny_imagenet_r18", 8, presets.IMAGENET_MEAN, presets.IMAGENET_STD),
+    ("imagenet_r50", 0, presets.IMAGENET_MEAN, presets.IMAGENET_STD)])
+def test_recipe_settings(name, splits, mean, std):
+  """docs/SCE.md 2, 3, 5, 6: a forward pass per view everywhere; shuffle-BN over 8 groups in
+  the small-data targets, synchronised BN on ImageNet; the authors' normalisation."""
+  c = load_config(name)
+  assert (c.model.concat_views, c.sce.target_bn_splits) == (False, splits)
+  assert (c.data.mean, c.data.std) == (mean, std)
+  assert load_config(name, None if name == "imagenet_r50" else "smoke").batch_size % max(
+      splits, 1) == 0
 
 
 @pytest.mark.parametrize("name, size, source", [
@@ -89,8 +105,11 @@ def test_valid_config_passes_and_probes_workdir(good, tmp_path):
 
 @pytest.mark.parametrize("key", sorted(sce_config.ENUMS))
 def test_bad_enum_value(good, key):
-  section, name = key.split(".")
-  good[section][name] = "bogus"
+  *sections, name = key.split(".")
+  node = good
+  for section in sections:
+    node = node[section]
+  node[name] = "bogus"
   with pytest.raises(sce_config.ConfigError) as e:
     sce_config.validate(good, 1, 1)
   assert str(e.value).startswith(f"{key}='bogus' is not a known value; set --config.{key} to "
@@ -110,6 +129,17 @@ def test_batch_not_divisible_by_processes(good):
   with pytest.raises(sce_config.ConfigError, match=r"batch_size=33 does not split evenly over "
                      r"2 processes; set --config.batch_size to a multiple of 2, e.g. 32\."):
     sce_config.validate(good, 1, 2)
+
+
+def test_batch_not_divisible_into_shuffle_bn_groups(good):
+  good.batch_size, good.sce.queue = 36, 144  # 1 device: the only problem is the 8 groups
+  with pytest.raises(sce_config.ConfigError, match=r"sce.target_bn_splits=8 does not divide "
+                     r"batch_size=36 into shuffle-BN groups; set --config.sce.target_bn_splits "
+                     r"to a divisor of the batch \(8 in the CIFAR recipe\) or 0 to turn "
+                     r"shuffle-BN off\."):
+    sce_config.validate(good, 1, 1)
+  good.sce.target_bn_splits = 0
+  sce_config.validate(good, 1, 1)
 
 
 def test_queue_not_a_multiple_of_keys_per_step(good):

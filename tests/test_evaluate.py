@@ -1,6 +1,4 @@
 """Evaluation (docs/SCE.md section 7): weighted kNN, feature extraction and the linear probe."""
-import json
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -8,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from sce_jax import evaluate, linear, models, optim
+from sce_jax import checkpoint, evaluate, linear, metrics, models, optim
 from sce_jax.data import augment, sources
 from sce_jax.sharding import make_mesh
 from tests.helpers import load_config
@@ -115,15 +113,18 @@ def test_linear_probe_learns_separable_features():
   assert metrics["loss"] < 0.5
 
 
-def test_knn_and_linear_eval_on_cifar_slice(cifar_root, tmp_path):
-  """Both evaluations end to end on a tiny random trunk: 200 train / 100 test images."""
+def test_knn_and_linear_eval_on_cifar_slice(cifar_root, tmp_path, monkeypatch):
+  """Both evaluations end to end on a tiny random trunk: 200 train / 100 test images. A probe
+  preempted at step 2 (it saves and returns None) and run again resumes to the same losses,
+  checkpoints and accuracy as an uninterrupted one, through an lr milestone (half an epoch)."""
   config = load_config("cifar10_r18", "smoke")
   config.data.path = str(cifar_root)
   config.model.width = 2
   config.eval.batch_size = 64
-  config.eval.linear.batch_size = 32
-  config.eval.linear.max_steps = 3
-  config.log_every_steps = 2
+  config.eval.linear.batch_size = 32  # 6 steps an epoch
+  config.eval.linear.milestones = (0.5,)
+  config.eval.linear.max_steps = 4
+  config.log_every_steps = 1
   trunk = models.make_trunk(config.model)
   variables = jax.jit(trunk.init, static_argnames="train")(
       jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
@@ -133,8 +134,19 @@ def test_knn_and_linear_eval_on_cifar_slice(cifar_root, tmp_path):
   knn = evaluate.knn_eval(config, variables, mesh, splits)
   assert 0.0 <= knn["knn_top1"] <= knn["knn_top5"] <= 1.0
 
-  probe = linear.linear_eval(config, variables, mesh, splits, workdir=str(tmp_path))
-  assert 0.0 <= probe["linear_top1"] <= probe["linear_top5"] <= 1.0
-  log = [json.loads(line) for line in (tmp_path / "linear_metrics.jsonl").read_text().splitlines()]
-  assert [r["step"] for r in log] == [2, 3]
-  assert all(np.isfinite(r["linear_loss"]) for r in log)
+  whole = linear.linear_eval(config, variables, mesh, splits, tmp_path / "whole")
+  assert 0.0 <= whole["linear_top1"] <= whole["linear_top5"] <= 1.0
+  with monkeypatch.context() as patch:
+    patch.setattr(checkpoint.Preemption, "reached", lambda self, mngr, step: step == 2)
+    assert linear.linear_eval(config, variables, mesh, splits, tmp_path / "split") is None
+  assert linear.linear_eval(config, variables, mesh, splits, tmp_path / "split") == whole
+  a, b = metrics.read(tmp_path / "whole" / "linear"), metrics.read(tmp_path / "split" / "linear")
+  assert sorted(a) == [1, 2, 3, 4] and a == b
+  assert [a[s]["linear_lr"] for s in a] == pytest.approx([30, 30, 30, 3])  # unscaled, x 0.1
+  assert all(np.isfinite(r["linear_loss"]) for r in a.values())
+  steps = lambda run: checkpoint.manager(tmp_path / run / "linear", config.checkpoint).all_steps()
+  assert steps("whole") == [4] and steps("split") == [2, 4]
+  other = jax.tree.map(lambda x: x + 1, variables)
+  with pytest.raises(checkpoint.CheckpointError, match=r"linear holds a linear probe of other "
+                     r"trunk weights; delete it \(or pass another --workdir\) to probe these"):
+    linear.linear_eval(config, other, mesh, splits, tmp_path / "whole")

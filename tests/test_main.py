@@ -136,4 +136,4 @@ def test_command_line_preempt_resume_evaluate(cifar_root, no_tf, tmp_path):
   run(command(cifar_root, workdir, "--mode=linear"), no_tf)
   linear = json.loads((workdir / "eval_linear.json").read_text())
   assert 0 <= linear["linear_top1"] <= linear["linear_top5"] <= 1
-  assert (workdir / "linear_metrics.jsonl").read_text().splitlines()
+  assert (workdir / "linear" / "metrics.jsonl").read_text().splitlines()

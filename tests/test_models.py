@@ -1,10 +1,12 @@
-"""Networks of docs/SCE.md section 4: torchvision layout, parameter counts, heads."""
+"""Networks of docs/SCE.md section 4: torchvision layout, parameter counts, heads; shuffle-BN's
+split BatchNorm (section 3) and float32 weight gradients of bfloat16 layers (section 5)."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sce_jax.models import heads, resnet
+from sce_jax.models import heads, precision, resnet
 from tests.helpers import load_config
 
 
@@ -70,3 +72,125 @@ def test_bfloat16_compute_with_float32_params():
   out = jax.eval_shape(lambda: m.apply(m.init(jax.random.key(0), jnp.ones((2, 16, 16, 3)),
                                               train=False), jnp.ones((2, 16, 16, 3)), train=False))
   assert out.dtype == jnp.bfloat16
+
+
+# --- Shuffle-BN's SplitBatchNorm (docs/SCE.md 3) ----------------------------------------------
+
+
+def _numpy_split_bn_block(x, kernel, scale, bias, mean, var, splits, train):
+  """float64 NumPy statement of conv 3x3 (stride 1, padding 1) -> SplitBatchNorm2D -> ReLU.
+
+  SplitBatchNorm2D as MoCo's and the authors' (docs/SCE.md 3), in torch's NCHW: training views
+  the batch as (N / splits, splits * C, H, W), so row n is in group n mod splits, and runs
+  batch_norm on it with the running statistics tiled per group; each group's copy of the
+  running statistics moves by momentum 0.1 towards its group's statistics, and the layer keeps
+  the mean over groups. Inference normalises with the running statistics. One convention
+  differs from torch: torch moves running_var towards the unbiased group variance (x n/(n-1));
+  sce_jax's BatchNorm (Flax's, and `resnet.SplitBatchNorm`, which follows it so that the target
+  stays an EMA of the online network) uses the biased one everywhere; so does this statement.
+  Returns (output NHWC, new running mean, new running var).
+  """
+  n, h, w, c = x.shape
+  windows = np.lib.stride_tricks.sliding_window_view(
+      np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2))
+  y = np.einsum("nhwcij,ijco->nohw", windows, kernel)  # NCHW, as torch
+  c = y.shape[1]
+  if not train:
+    norm = (y - mean[:, None, None]) / np.sqrt(var[:, None, None] + 1e-5)
+    out = norm * scale[:, None, None] + bias[:, None, None]
+    return np.maximum(out, 0).transpose(0, 2, 3, 1), mean, var
+  groups = y.reshape(n // splits, splits * c, h, w)  # torch: input.view(-1, C * splits, H, W)
+  g_mean = groups.mean(axis=(0, 2, 3))
+  g_var = groups.var(axis=(0, 2, 3))  # biased (see above)
+  norm = (groups - g_mean[:, None, None]) / np.sqrt(g_var[:, None, None] + 1e-5)
+  out = (norm * np.tile(scale, splits)[:, None, None] + np.tile(bias, splits)[:, None, None])
+  running = lambda old, new: (0.9 * np.tile(old, splits) + 0.1 * new).reshape(splits, c).mean(0)
+  return (np.maximum(out.reshape(n, c, h, w), 0).transpose(0, 2, 3, 1),
+          running(mean, g_mean), running(var, g_var))
+
+
+class _ConvBlock(nn.Module):
+  splits: int
+
+  @nn.compact
+  def __call__(self, x, train):
+    x = resnet.conv(8, 3, name="conv")(x)
+    return nn.relu(resnet.batch_norm(train, "bn", splits=self.splits)(x))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_split_batch_norm_matches_numpy(train):
+  """A conv block with 4 groups of a 12-image batch, against the NumPy statement, from
+  non-trivial parameters and running statistics."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(12, 5, 5, 3)).astype(np.float32)
+  block = _ConvBlock(4)
+  v = block.init(jax.random.key(0), jnp.asarray(x), train=True)
+  v = jax.tree.map(lambda a: a + rng.uniform(0.5, 1.5, a.shape).astype(np.float32), v)
+  out, upd = block.apply(v, jnp.asarray(x), train=train, mutable=["batch_stats"])
+  p, s = v["params"], v["batch_stats"]["bn"]
+  want, mean, var = _numpy_split_bn_block(
+      x.astype(np.float64), np.asarray(p["conv"]["kernel"], np.float64), p["bn"]["scale"],
+      p["bn"]["bias"], s["mean"], s["var"], 4, train)
+  # float32 against float64: conv sums of 27 terms and statistics over 3 x 25 values round at
+  # a few float32 ulps (1.2e-7) of values of order 1-10; 1e-5 leaves a wide margin.
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(upd["batch_stats"]["bn"]["mean"], mean, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(upd["batch_stats"]["bn"]["var"], var, rtol=1e-5, atol=1e-6)
+  # One group is the plain BatchNorm, same variables.
+  plain = _ConvBlock(0)
+  assert jax.tree.map(jnp.shape, plain.init(jax.random.key(0), jnp.asarray(x), train=True)) == (
+      jax.tree.map(jnp.shape, v))
+  got = _ConvBlock(1).apply(v, jnp.asarray(x), train=train, mutable=["batch_stats"])
+  ref = plain.apply(v, jnp.asarray(x), train=train, mutable=["batch_stats"])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), got, ref)
+
+
+# --- float32 weight gradients of bfloat16 layers (models/precision.py) ------------------------
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [
+    (3, 1, ((1, 1), (1, 1))), (3, 2, ((1, 1), (1, 1))), (7, 2, ((3, 3), (3, 3))),
+    (1, 2, ((0, 0), (0, 0))), (3, 2, "SAME")])
+def test_conv_weight_gradient_is_float32(kernel, stride, padding):
+  """The bfloat16 convolution's forward pass and input gradient are plain JAX's; its kernel
+  gradient is float32 and equals a float32 computation on the same bfloat16 operands."""
+  rng = np.random.default_rng(kernel * 10 + stride)
+  x = jnp.asarray(rng.normal(size=(4, 9, 9, 3)), jnp.bfloat16)
+  w = jnp.asarray(rng.normal(size=(kernel, kernel, 3, 5)), jnp.float32)
+  dn = ("NHWC", "HWIO", "NHWC")
+  ours = lambda x, w: precision.conv_general_dilated(x, w, (stride, stride), padding,
+                                                     dimension_numbers=dn)
+  plain = lambda x, w: jax.lax.conv_general_dilated(x, w.astype(x.dtype), (stride, stride),
+                                                    padding, dimension_numbers=dn)
+  out, pullback = jax.vjp(ours, x, w)
+  want, plain_pullback = jax.vjp(plain, x, w)
+  g = jnp.asarray(rng.normal(size=out.shape), jnp.bfloat16)
+  np.testing.assert_array_equal(out, want)
+  (dx, dw), (want_dx, _) = pullback(g), plain_pullback(g)
+  np.testing.assert_array_equal(dx, want_dx)
+  assert dw.dtype == jnp.float32
+  # Products of bfloat16 numbers are exact in float32: only the summation order differs.
+  f32 = lambda w: jax.lax.conv_general_dilated(x.astype(jnp.float32), w, (stride, stride),
+                                               padding, dimension_numbers=dn,
+                                               precision="highest")
+  _, f32_pullback = jax.vjp(f32, w.astype(jnp.bfloat16).astype(jnp.float32))
+  np.testing.assert_allclose(dw, f32_pullback(g.astype(jnp.float32))[0], rtol=1e-5, atol=1e-4)
+
+
+def test_dense_weight_gradient_is_float32_and_float32_layers_are_plain():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(6, 4, 8)), jnp.bfloat16)
+  layer = nn.Dense(5, dtype=jnp.bfloat16, **precision.dense_options(jnp.bfloat16))
+  plain = nn.Dense(5, dtype=jnp.bfloat16)
+  v = plain.init(jax.random.key(0), x)
+  np.testing.assert_array_equal(layer.apply(v, x), plain.apply(v, x))
+  g = jnp.asarray(rng.normal(size=(6, 4, 5)), jnp.bfloat16)
+  grads = jax.grad(lambda v: jnp.sum(layer.apply(v, x).astype(jnp.float32) * g))(v)
+  kernel = grads["params"]["kernel"]
+  assert kernel.dtype == jnp.float32
+  want = np.einsum("abi,abo->io", np.asarray(x, np.float64), np.asarray(g, np.float64))
+  np.testing.assert_allclose(kernel, want, rtol=1e-5, atol=1e-4)  # 24 exact products summed
+  np.testing.assert_allclose(grads["params"]["bias"], np.asarray(g, np.float64).sum((0, 1)),
+                             rtol=1e-5, atol=1e-4)
+  assert precision.conv_options(jnp.float32) == precision.dense_options("float32") == {}

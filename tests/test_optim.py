@@ -7,6 +7,7 @@ import optax
 import pytest
 
 from sce_jax import optim
+from tests.helpers import load_config
 
 
 def numpy_lars(params, grads_seq, lrs, wd, momentum, eta):
@@ -83,3 +84,21 @@ def test_ema_schedule():
   assert float(cos(100)) == pytest.approx(1.0)
   const = optim.ema_schedule(ml_collections.ConfigDict(dict(m0=0.99, m_schedule="constant")), 9)
   assert float(const(7)) == pytest.approx(0.99)
+
+
+@pytest.mark.parametrize("name", ["cifar10_r18", "cifar100_r18", "imagenet_r50"])
+def test_linear_eval_protocols(name):
+  """docs/SCE.md 7. Small datasets: lr 30 whatever the batch, x 0.1 from epoch 60 and again
+  from epoch 80 of 100. ImageNet: lr 0.1 x batch / 256 (0.4 at 1024), cosine to 0 over 90."""
+  lin = load_config(name).eval.linear
+  assert (lin.momentum, lin.weight_decay) == (0.9, 0.0)
+  fn = optim.linear_eval_schedule(lin, steps_per_epoch=10, total_steps=lin.epochs * 10)
+  lr = lambda epoch: float(fn(int(epoch * 10)))
+  if name == "imagenet_r50":
+    assert (lin.batch_size, lin.epochs) == (1024, 90)
+    assert lr(0) == pytest.approx(0.4) and lr(45) == pytest.approx(0.2)
+    assert lr(90) == pytest.approx(0.0, abs=1e-7)
+  else:
+    assert (lin.batch_size, lin.epochs) == (256, 100)
+    assert [lr(e) for e in (0, 59.9, 60, 79.9, 80, 99.9)] == pytest.approx(
+        [30, 30, 3, 3, 0.3, 0.3])

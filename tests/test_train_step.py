@@ -1,10 +1,13 @@
 """The sharded SCE step (docs/SCE.md sections 1-3) on fake CPU devices."""
+import functools
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sce_jax import sharding, train_step
+from sce_jax import losses, sharding, train_step
 from tests.helpers import load_config
 
 BATCH, SIZE = 16, 16
@@ -45,24 +48,34 @@ def run(config, devices, steps, seed=0):
   return jax.device_get(state), metrics, parts
 
 
+IMAGENET_LIKE = {"sce.symmetric": True, "model.predictor.num_layers": 2,
+                 "model.predictor.hidden_dim": 32, "model.projector.last_bn": True,
+                 "sce.target_bn_splits": 0}
+
+
+def close(a, b, name):
+  """Equal up to float32 sums taken in another order (8 device partials, another tree): over
+  at most B x H x W = 4096 terms that is ~sqrt(4096) x 6e-8 = 4e-6 of the terms' scale a sum,
+  compounded over the ~20 layers of a pass; 1e-4 of each array's scale bounds it."""
+  a, b = np.asarray(a), np.asarray(b)
+  np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * max(np.abs(b).max(), 1e-3),
+                             err_msg=name)
+
+
 @pytest.mark.parametrize("overrides", [
-    {},  # CIFAR: asymmetric pairing, queue negatives
-    {"sce.symmetric": True, "sce.negatives": "both", "sce.queue": 8 * BATCH,
-     "model.predictor.num_layers": 2, "model.predictor.hidden_dim": 32,
-     "model.projector.last_bn": True, "optim.name": "lars", "sce.m_schedule": "cosine"},
+    {},  # CIFAR: asymmetric pairing, queue negatives, shuffle-BN (8 groups), a pass per view
+    {**IMAGENET_LIKE, "sce.negatives": "both", "sce.queue": 8 * BATCH, "optim.name": "lars",
+     "sce.m_schedule": "cosine", "model.concat_views": True},
 ], ids=["cifar", "imagenet_like"])
 def test_one_device_equals_eight(overrides):
   """Same global batch and seed on 1 and 8 devices: same loss, gradients (the first
-  momentum buffer is gradient + decay), parameters, BN statistics and queue."""
-  config = tiny_config(**{"optim.base_lr": 0.5, **overrides})
+  momentum buffer is gradient + decay), parameters, BN statistics and queue. The learning
+  rate is small so that the second step starts from states within rounding of each other: a
+  large step lets the second step's BatchNorms amplify the first step's rounding chaotically
+  (1e-3 to 3e-2 of some bias arrays at lr 0.5, batch 32), whatever the code."""
+  config = tiny_config(**{"optim.base_lr": 0.01, **overrides})
   one, m1, _ = run(config, jax.devices()[:1], 2)
   eight, m8, _ = run(config, jax.devices()[:8], 2)
-
-  def close(a, b, name):
-    # float32 sums in another order across devices: 1e-4 of each array's scale.
-    a, b = np.asarray(a), np.asarray(b)
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * max(np.abs(b).max(), 1e-3),
-                               err_msg=name)
 
   for a, b in zip(m1, m8):
     for k in ("loss", "grad_norm", "pos_sim", "target_entropy", "probe_loss"):
@@ -71,6 +84,88 @@ def test_one_device_equals_eight(overrides):
                 "queue"):
     jax.tree.map(lambda a, b: close(a, b, field), getattr(one, field), getattr(eight, field))
   assert int(one.queue_ptr) == int(eight.queue_ptr)
+
+
+def _hand_step(parts, config, state, views, concat):
+  """One step's loss, gradients and BN statistics straight from the modules: one forward
+  pass per view, the statistics threaded in view order; or (concat) one pass on the views
+  concatenated view-major, as the step did before it stacked them image-major."""
+  def forward(model, params, stats, indices):
+    apply = lambda x, stats: model.apply({"params": params, "batch_stats": stats}, x,
+                                         train=True, mutable=["batch_stats"])
+    if concat:
+      out, upd = apply(jnp.concatenate([views[i] for i in indices]), stats)
+      split = lambda k: jax.tree.map(lambda a: jnp.split(a, len(indices))[k], out)
+      return {i: split(k) for k, i in enumerate(indices)}, upd["batch_stats"]
+    outs = {}
+    for i in indices:
+      outs[i], upd = apply(views[i], stats)
+      stats = upd["batch_stats"]
+    return outs, stats
+
+  unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+  t_out, t_stats = forward(parts.target, state.target_params, state.target_batch_stats, (0, 1))
+  kw = dict(temp=config.sce.temp, temp_m=config.sce.temp_m, coeff=config.sce.coeff)
+
+  def loss_fn(params):
+    o_out, stats = forward(parts.online, params, state.batch_stats, (0, 1))
+    terms = [losses.sce_loss(unit(o_out[j]["pred"]), unit(t_out[i]["proj"]), state.queue, **kw)
+             for i, j in parts.pairs]
+    return sum(terms) / len(terms), stats
+
+  (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  momentum = jax.tree.map(lambda g, p: g + config.optim.weight_decay * p, grads, state.params)
+  return loss, momentum, stats, t_stats
+
+
+def test_views_pass_one_by_one_or_image_major():
+  """model.concat_views=False: the step equals a step computed by hand with one forward pass
+  per view, BN statistics updated in view order (docs/SCE.md 2). True: it equals the
+  view-major concatenated pass; the step stacks the views image-major instead, and BatchNorm
+  statistics do not depend on the order of the rows, so only float32 summation order differs
+  (`close`). Neither compiles to an all-to-all on 8 devices: each device keeps its images."""
+  config = tiny_config(**IMAGENET_LIKE, **{"probe.enabled": False})
+  mesh = sharding.make_mesh()
+  stats, start = {}, None
+  for concat in (False, True):
+    config.model.concat_views = concat
+    parts = train_step.build(config, mesh, num_classes=10, steps_per_epoch=10, float_views=True)
+    start = start or parts.init(jax.random.key(0))  # the same for both settings
+    state = jax.tree.map(jnp.copy, start)  # the step donates it
+    want = jax.device_get(jax.jit(functools.partial(_hand_step, parts, config, concat=concat))(
+        state, batch(0)["views"]))
+    state, metrics = parts.step(state, batch(0))
+    close(metrics["loss"], want[0], "loss")
+    jax.tree.map(lambda a, b: close(a, b, "momentum"),
+                 state.opt_state.inner_states["sce"].inner_state[1].trace, want[1])
+    jax.tree.map(lambda a, b: close(a, b, "batch_stats"), state.batch_stats, want[2])
+    jax.tree.map(lambda a, b: close(a, b, "target_batch_stats"), state.target_batch_stats,
+                 want[3])
+    stats[concat] = jax.device_get(state.target_batch_stats)
+    compiled = parts.step.lower(jax.eval_shape(parts.init, jax.random.key(0)), batch(0))
+    assert "all-to-all" not in compiled.compile().as_text()
+  # The two settings differ: two updates of the running statistics against one.
+  differ = jax.tree.map(lambda a, b: np.abs(a - b).max() / np.abs(b).max(), stats[False],
+                        stats[True])
+  assert max(jax.tree.leaves(differ)) > 1e-2
+
+
+def test_bfloat16_gradients_are_summed_in_float32(tmp_path):
+  """A bfloat16 step on 8 devices all-reduces its gradients in float32 (docs/SCE.md 5): every
+  all-reduce of the program right after SPMD partitioning, where XLA puts them, is float32.
+  (The final program cannot show it: XLA:CPU then promotes bfloat16 all-reduces to float32 by
+  itself, which TPUs and GPUs do not.)"""
+  config = tiny_config(**{"model.dtype": "bfloat16"})
+  parts = train_step.build(config, sharding.make_mesh(), num_classes=10, steps_per_epoch=10,
+                           float_views=True)
+  lowered = parts.step.lower(jax.eval_shape(parts.init, jax.random.key(0)), batch(0))
+  lowered.compile({"xla_dump_to": str(tmp_path), "xla_dump_hlo_pass_re": "spmd-partitioning"})
+  (hlo,) = tmp_path.glob("*jit_step*after_spmd-partitioning*")
+  reduced = [line.split(" all-reduce(")[0].split(" = ")[-1]
+             for line in hlo.read_text().splitlines() if " all-reduce(" in line]
+  kernels = [t for t in reduced if re.fullmatch(r"\w+\[\d+,\d+,\d+,\d+\]\S*", t)]
+  assert len(kernels) >= 20, reduced  # the ResNet-18's convolution kernels among them
+  assert all(t.startswith("f32[") for t in reduced), [t for t in reduced if "f32[" not in t]
 
 
 def _target_keys(parts, state, views):
@@ -84,8 +179,12 @@ def _target_keys(parts, state, views):
 
 @pytest.fixture(scope="module")
 def cifar_parts():
-  """One compiled step (CIFAR pairing, queue of 3 batches) shared by the tests below."""
-  config = tiny_config(**{"sce.queue": 3 * BATCH, "optim.base_lr": 4.0})
+  """One compiled step (CIFAR pairing, queue of 3 batches) shared by the tests below. One
+  shuffle-BN group: the target then sees the statistics of the whole batch, in any order, so
+  `_target_keys` without the shuffle must find the keys the step wrote; this checks that the
+  step puts the shuffled target embeddings back in order."""
+  config = tiny_config(**{"sce.queue": 3 * BATCH, "optim.base_lr": 4.0,
+                          "sce.target_bn_splits": 1})
   return train_step.build(config, sharding.make_mesh(), num_classes=10, steps_per_epoch=10,
                           float_views=True)
 

@@ -12,6 +12,9 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2023, 0.1994, 0.2010)
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2009, 0.1984, 0.2023)
+# The authors' STL-10 values: CIFAR-10's mean with another std (docs/SCE.md 5, 6).
+STL10_MEAN = CIFAR10_MEAN
+STL10_STD = (0.2471, 0.2435, 0.2616)
 
 
 @dataclasses.dataclass(frozen=True)

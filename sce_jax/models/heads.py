@@ -8,6 +8,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from sce_jax.models import precision
 from sce_jax.models.resnet import batch_norm
 
 # torch.nn.Linear's default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for the weight.
@@ -31,11 +32,12 @@ class MLP(nn.Module):
   def __call__(self, x, train: bool = True):
     for i in range(self.num_layers - 1):
       x = nn.Dense(self.hidden_dim, use_bias=False, kernel_init=linear_init, dtype=self.dtype,
-                   name=f"linear{i}")(x)
+                   name=f"linear{i}", **precision.dense_options(self.dtype))(x)
       x = nn.relu(batch_norm(train, f"bn{i}", self.dtype)(x))
     last = self.num_layers - 1
     x = nn.Dense(self.out_dim, use_bias=self.last_bias and not self.last_bn,
-                 kernel_init=linear_init, dtype=self.dtype, name=f"linear{last}")(x)
+                 kernel_init=linear_init, dtype=self.dtype, name=f"linear{last}",
+                 **precision.dense_options(self.dtype))(x)
     if self.last_bn:
       x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                        use_scale=False, use_bias=False, dtype=self.dtype, name=f"bn{last}")(x)

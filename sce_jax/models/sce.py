@@ -2,7 +2,9 @@
 
 The online network has all four parts; the target (EMA) network is the same module built with
 `with_predictor=False, num_classes=0`, so its parameters are the online `trunk` and `projector`
-subtrees (docs/SCE.md section 3: same trunk + projector, no predictor).
+subtrees (docs/SCE.md section 3: same trunk + projector, no predictor); with shuffle-BN
+(`trunk_bn_splits`) its trunk's BatchNorms normalise groups of the batch, with the same
+variables.
 """
 from typing import Any
 
@@ -16,22 +18,24 @@ from sce_jax.models import heads, resnet
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def make_trunk(model_cfg) -> resnet.ResNet:
+def make_trunk(model_cfg, bn_splits=0) -> resnet.ResNet:
   """The trunk of config.model; SCENet and the evaluation build it here, so that a
-  TrainState's trunk variables fit both."""
+  TrainState's trunk variables fit both. bn_splits > 0: BatchNorm statistics of that many
+  groups of the batch (`resnet.SplitBatchNorm`), the same variables."""
   return resnet.resnet(model_cfg.trunk, width=model_cfg.width, small_stem=model_cfg.small_stem,
-                       dtype=jnp.dtype(model_cfg.dtype))
+                       dtype=jnp.dtype(model_cfg.dtype), bn_splits=bn_splits)
 
 
 class SCENet(nn.Module):
   model: Any            # config.model (trunk, width, small_stem, projector, predictor, dtype)
   with_predictor: bool = True
   num_classes: int = 0  # > 0 adds the online linear probe on stop-gradient features.
+  trunk_bn_splits: int = 0  # > 0: the trunk's BatchNorms split the batch (shuffle-BN target).
 
   def setup(self):
     cfg = self.model
     dtype = jnp.dtype(cfg.dtype)
-    self.trunk = make_trunk(cfg)
+    self.trunk = make_trunk(cfg, self.trunk_bn_splits)
     self.projector = heads.MLP(**cfg.projector, dtype=dtype)
     if self.with_predictor and cfg.predictor.num_layers > 0:
       self.predictor = heads.MLP(**cfg.predictor, dtype=dtype)
