@@ -12,6 +12,7 @@ def get_config(arg=None):
   # 5 epochs, temp 0.1, temp_m 0.05, coeff 0.5, queue 4096, m0 0.99 constant.
   c = sce_config.base()
   c.epochs = arg.epochs
+  c.data.on_device = True  # when the train set fits (sce_jax/data/device.py), else the host
   if arg.smoke:
     sce_config.smoke(c)
   c.lock()
