@@ -187,15 +187,17 @@ class Parts(NamedTuple):
   step: Callable      # (state, batch) -> (state, metrics), jitted, state donated
 
 
-def build(config, mesh, *, num_classes, steps_per_epoch, float_views=False, on_device=False):
+def build(config, mesh, *, num_classes, steps_per_epoch, float_views=False, on_device=False,
+          views=None):
   """Models, optimiser, schedules, state initialiser and the jitted step for `config`.
 
   The step takes uint8 crops and runs the accelerator augmentations of config.data.views on
   them; with on_device it takes `device.train_batches` and crops them itself; with float_views
-  it takes network-ready float views as they are (tests).
+  it takes network-ready float views as they are (tests). views: ViewSpecs in place of
+  config.data.views' preset (benchmarks).
   """
   data = config.data
-  views = presets.get(data.views, data.image_size)
+  views = views or presets.get(data.views, data.image_size)
   pairs = losses.crop_pairs(len(views), config.sce.num_global, config.sce.symmetric)
   total_steps = int(config.epochs * steps_per_epoch)
   num_steps = min(total_steps, config.max_steps) if config.max_steps > 0 else total_steps
