@@ -197,7 +197,8 @@ def main():
 
     # 1. The JAX step's speed.
     code = stages.run("throughput", [py, "benchmarks/throughput.py", "--cases", "a,c",
-                                     "--colour", "on", "--json", work / "throughput.json",
+                                     "--colour", "on", "--concat", "config", "--json",
+                                     work / "throughput.json",
                                      *small, *(["--steps", "3", "--warmup", "1"] * smoke)],
                       timeout=stages.left() - reserve)
     speed = _read_json(work / "throughput.json")

@@ -182,21 +182,24 @@ def measure(case, *, colour, concat, steps, warmup, small):
   tflops, _ = peak(jax.devices()[0].device_kind)
   return {
       "case": case.name, "batch": config.batch_size, "views": [v.size for v in views],
-      "colour": colour, "concat_views": concat, "dtype": config.model.dtype,
+      "colour": colour, "concat_views": config.model.get("concat_views"),
+      "dtype": config.model.dtype,
       "compile_s": round(compile_s, 2), "step_ms": step_s * 1e3, "steps_per_s": 1 / step_s,
       "images_per_s": config.batch_size / step_s, "step_tflop": flops / 1e12,
       "mfu": flops / step_s / (tflops * 1e12) if tflops and flops else None,
       "loss": float(metrics["loss"]), "timed_steps": steps}
 
 
-def run(cases, *, colours=(True, False), steps=20, warmup=3, small=False, log=print):
-  """Rows for each case, colour setting and (where the config has it) model.concat_views."""
+def run(cases, *, colours=(True, False), both_concat=True, steps=20, warmup=3, small=False,
+        log=print):
+  """Rows for each case and colour setting, and with model.concat_views off and on where the
+  config has that key and both_concat (else at the config's value)."""
   rows = []
   for key in cases:
     case = smoke(CASES[key]) if small else CASES[key]
     has_concat = "concat_views" in sce_config.load(str(ROOT / case.config)).model
     for colour in colours:
-      for concat in ((False, True) if has_concat else (None,)):
+      for concat in ((False, True) if has_concat and both_concat else (None,)):
         row = measure(case, colour=colour, concat=concat, steps=steps, warmup=warmup,
                       small=small)
         rows.append({"key": key, **row})
@@ -227,6 +230,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--cases", default="a,b,c", help="comma-separated: a, b, c")
   parser.add_argument("--colour", default="on,off", help="on, off or on,off")
+  parser.add_argument("--concat", default="both", choices=("both", "config"),
+                      help="model.concat_views off and on, or the config's value")
   parser.add_argument("--steps", type=int, default=20, help="timed steps (median)")
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--smoke", action="store_true", help="tiny shapes (CPU)")
@@ -237,7 +242,8 @@ def main():
         f"{info['jax']}); peak {info['peak_tflops']} TFLOP/s bf16 dense per device")
   print(TABLE)
   rows = run(args.cases.split(","), colours=[c == "on" for c in args.colour.split(",")],
-             steps=args.steps, warmup=args.warmup, small=args.smoke)
+             both_concat=args.concat == "both", steps=args.steps, warmup=args.warmup,
+             small=args.smoke)
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps({**info, "rows": rows}, indent=1))
 

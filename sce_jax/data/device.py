@@ -96,8 +96,8 @@ def train_batches(resident, *, global_batch_size, seed, start_step, mesh):
   of steps start_step, start_step + 1, ... (forever): what `prepare` reads."""
   n = resident.num_examples
   if global_batch_size > n:
-    raise ValueError(f"batch_size={global_batch_size} is larger than the {n} training images; "
-                     f"set --config.batch_size to at most {n}.")
+    raise sources.DataError(f"batch_size={global_batch_size} is larger than the {n} training "
+                            f"images; set --config.batch_size to at most {n}.")
   indices = jax.jit(functools.partial(batch_indices, seed=seed, num_examples=n,
                                       batch_size=global_batch_size),
                     out_shardings=sharding.rows(mesh))
