@@ -80,6 +80,8 @@ def base() -> ml_collections.ConfigDict:
   c.data.num_workers = 0
   c.data.prefetch = 2
   c.data.cache = True
+  c.data.cache_dir = "~/.cache/sce_jax"  # decoded arrays of .tar/.tar.gz sets of one image size
+  c.data.on_device = False       # train set on the accelerator if it fits (data/device.py)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 512

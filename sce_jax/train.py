@@ -14,7 +14,7 @@ from absl import logging
 from clu import parameter_overview
 
 from sce_jax import checkpoint, evaluate, metrics, sharding, train_step
-from sce_jax.data import pipeline, sources
+from sce_jax.data import device, pipeline, sources
 
 
 class _Log:
@@ -79,8 +79,10 @@ def train(config, workdir, mesh=None, splits=None):
   """
   mesh = mesh or sharding.make_mesh()
   splits = splits or sources.Splits(config.data)
+  resident = device.load(splits.train, mesh) if config.data.on_device else None
   parts = train_step.build(config, mesh, num_classes=splits.num_classes,
-                           steps_per_epoch=splits.train.num_examples // config.batch_size)
+                           steps_per_epoch=splits.train.num_examples // config.batch_size,
+                           on_device=resident is not None)
   steps_per_epoch, num_steps = parts.steps_per_epoch, parts.num_steps
   rng = jax.random.key(config.seed)
   mngr = checkpoint.manager(workdir, config.checkpoint)
@@ -97,9 +99,13 @@ def train(config, workdir, mesh=None, splits=None):
   log = _Log(writer, mngr, start=start, num_steps=num_steps, batch_size=config.batch_size)
   knn_every = max(config.eval.every_epochs, 0) * steps_per_epoch
   preemption = checkpoint.Preemption()
-  batches = pipeline.train_iterator(
-      splits.train, config.data, global_batch_size=config.batch_size, views=parts.views,
-      seed=config.seed, start_step=start, sharding=sharding.rows(mesh))
+  if resident is not None:
+    batches = device.train_batches(resident, global_batch_size=config.batch_size,
+                                   seed=config.seed, start_step=start, mesh=mesh)
+  else:
+    batches = pipeline.train_iterator(
+        splits.train, config.data, global_batch_size=config.batch_size, views=parts.views,
+        seed=config.seed, start_step=start, sharding=sharding.rows(mesh))
   try:
     for step in range(start + 1, num_steps + 1):
       state, step_metrics = parts.step(state, next(batches))

@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 from sce_jax import losses, optim
 from sce_jax import sharding
 from sce_jax import state as state_lib
-from sce_jax.data import augment, presets
+from sce_jax.data import augment, device, presets
 from sce_jax.models import SCENet
 from sce_jax.sharding import DATA
 
@@ -128,12 +128,15 @@ def make_loss_fn(sce_cfg, mesh, pairs):
   return loss_fn
 
 
-def make_train_step(config, mesh, online, target, tx, lr_fn, ema_fn, pairs, augment_fn=None):
+def make_train_step(config, mesh, online, target, tx, lr_fn, ema_fn, pairs, prepare=None,
+                    batch_sharding=None):
   """Builds the jitted step(state, batch) -> (state, metrics).
 
-  batch: {'views': tuple of (B, H_v, W_v, 3) images, 'label': (B,) int32}. With augment_fn,
-  views are uint8 crops and augment_fn(key, views) returns normalised float views; without
-  it, views are used as given. pairs: `losses.crop_pairs` of the views.
+  prepare(key, batch) -> {'views': tuple of normalised float (B, H_v, W_v, 3) views, 'label':
+  (B,) int32} is the input stage run inside the step (host crops: `augment.augment_batch`;
+  data on the device: `device.prepare`); without it, batch is such a dict, used as given.
+  batch_sharding: the batch's shardings (default: every leaf split over `data`); arrays in the
+  batch are arguments of the step, never donated. pairs: `losses.crop_pairs` of the views.
   """
   target_views, online_views = losses.target_views(pairs), losses.online_views(pairs)
   sce_loss_fn = make_loss_fn(config.sce, mesh, pairs)
@@ -141,10 +144,10 @@ def make_train_step(config, mesh, online, target, tx, lr_fn, ema_fn, pairs, augm
   replicated = sharding.replicated(mesh)
 
   def step(state, batch):
-    views = list(batch["views"])
     rng, aug_key = jax.random.split(state.rng)
-    if augment_fn is not None:
-      views = list(augment_fn(aug_key, views))
+    if prepare is not None:
+      batch = prepare(aug_key, batch)
+    views = list(batch["views"])
 
     target_forward = lambda inputs: _forward(target, state.target_params,
                                              state.target_batch_stats, inputs, target_views,
@@ -193,7 +196,7 @@ def make_train_step(config, mesh, online, target, tx, lr_fn, ema_fn, pairs, augm
                               opt_state=opt_state, queue=queue, queue_ptr=ptr, rng=rng)
     return new_state, metrics
 
-  return jax.jit(step, in_shardings=(replicated, sharding.rows(mesh)),
+  return jax.jit(step, in_shardings=(replicated, batch_sharding or sharding.rows(mesh)),
                  out_shardings=(replicated, replicated), donate_argnums=0)
 
 
@@ -213,14 +216,17 @@ class Parts(NamedTuple):
   step: Callable      # (state, batch) -> (state, metrics), jitted, state donated
 
 
-def build(config, mesh, *, num_classes, steps_per_epoch, float_views=False):
+def build(config, mesh, *, num_classes, steps_per_epoch, float_views=False, on_device=False,
+          views=None):
   """Models, optimiser, schedules, state initialiser and the jitted step for `config`.
 
   The step takes uint8 crops and runs the accelerator augmentations of config.data.views on
-  them; with float_views it takes network-ready float views as they are (tests).
+  them; with on_device it takes `device.train_batches` and crops them itself; with float_views
+  it takes network-ready float views as they are (tests). views: ViewSpecs in place of
+  config.data.views' preset (benchmarks).
   """
   data = config.data
-  views = presets.get(data.views, data.image_size)
+  views = views or presets.get(data.views, data.image_size)
   pairs = losses.crop_pairs(len(views), config.sce.num_global, config.sce.symmetric)
   total_steps = int(config.epochs * steps_per_epoch)
   num_steps = min(total_steps, config.max_steps) if config.max_steps > 0 else total_steps
@@ -235,8 +241,14 @@ def build(config, mesh, *, num_classes, steps_per_epoch, float_views=False):
   init = jax.jit(functools.partial(state_lib.init_state, config, online, target, tx,
                                    image_size=data.image_size),
                  out_shardings=sharding.replicated(mesh), compiler_options=cold)
-  augment_fn = functools.partial(augment.augment_views, specs=views, mean=data.mean,
-                                 std=data.std) if not float_views else None
-  step = make_train_step(config, mesh, online, target, tx, lr_fn, ema_fn, pairs, augment_fn)
+  stage = dict(specs=views, mean=data.mean, std=data.std)
+  prepare, batch_sharding = None, None  # float_views
+  if on_device:
+    prepare = functools.partial(device.prepare, **stage)
+    batch_sharding = device.batch_sharding(mesh)
+  elif not float_views:
+    prepare = functools.partial(augment.augment_batch, **stage)
+  step = make_train_step(config, mesh, online, target, tx, lr_fn, ema_fn, pairs, prepare,
+                         batch_sharding)
   return Parts(online, target, tx, lr_fn, ema_fn, views, pairs, steps_per_epoch, total_steps,
                num_steps, init, step)

@@ -1,5 +1,6 @@
 """Host input pipelines (tf.data, grain), sources, the trainer's entry points (docs/SCE.md 6-7)."""
 import importlib
+import os
 import subprocess
 import sys
 import tarfile
@@ -279,3 +280,80 @@ def test_clear_errors(tmp_path, cifar_root):
     sources.decode(sources.ImageFolder(tmp_path / "bad")[0])
   with pytest.raises(sources.DataError, match="eval_path"):
     sources.find_eval_path(cifar_root / "train", "test")
+
+
+@pytest.fixture(scope="module")
+def archives(cifar_root, tmp_path_factory):
+  """slice_train.tar.gz and slice_test.tar.gz of cifar_root's splits."""
+  root = tmp_path_factory.mktemp("archives")
+  for split in ("train", "test"):
+    with tarfile.open(root / f"slice_{split}.tar.gz", "w:gz") as tar:
+      tar.add(cifar_root / split, arcname=split)
+  return root
+
+
+def test_archive_cache(archives, cifar_root, tmp_path, monkeypatch):
+  """A fixed-size archive opens as arrays equal to the decoded folder, in the folder's order;
+  the second open reads the cache; a changed archive is decoded again."""
+  cfg = _cfg(path=str(archives / "slice_train.tar.gz"), cache_dir=str(tmp_path / "cache"))
+  splits = sources.Splits(cfg)
+  folder = sources.ImageFolder(cifar_root, "train")
+  cached = splits.train
+  assert isinstance(cached, sources.InMemory) and cached.classes == folder.classes
+  np.testing.assert_array_equal(cached.labels, folder.labels)
+  np.testing.assert_array_equal(
+      cached.images, np.stack([np.asarray(sources.decode(folder[i])) for i in range(200)]))
+  assert splits.eval.num_examples == 100 and splits.num_classes == 10
+  entries = sorted(p.name for p in (tmp_path / "cache").iterdir())
+  assert len(entries) == 2 and not any(e.startswith(".") for e in entries)  # No temp folders.
+  archive = archives / "slice_train.tar.gz"
+  cfg.path = str(archive)
+  with monkeypatch.context() as patch:
+    patch.setattr(sources, "_decode_archive", None)  # A second open must not decode.
+    np.testing.assert_array_equal(sources.Splits(cfg).train.images, cached.images)
+  changed = tmp_path / "changed.tar.gz"
+  changed.write_bytes(archive.read_bytes())
+  sources.read_archive(changed, "train", tmp_path / "cache")
+  os.utime(changed, (changed.stat().st_atime, changed.stat().st_mtime + 10))
+  sources.read_archive(changed, "train", tmp_path / "cache")
+  assert len(list((tmp_path / "cache").glob("changed.tar.gz.train.*"))) == 2
+
+
+def test_archive_cache_built_by_two_processes_at_once(archives, tmp_path):
+  """Two processes that decode the same archive at once (each holds its decoded copy for 2 s
+  before renaming it into place, so both builds overlap) both read a whole, correct cache."""
+  script = textwrap.dedent(f"""
+      import time
+      import numpy as np
+      from sce_jax.data import sources
+      decode = sources._decode_archive
+      def slow(*args):
+        done = decode(*args)
+        time.sleep(2)
+        return done
+      sources._decode_archive = slow
+      data = sources.read_archive({str(archives / "slice_train.tar.gz")!r}, "train",
+                                  {str(tmp_path / "cache")!r})
+      print(int(np.asarray(data.images, np.int64).sum()), data.labels.tolist() == sorted(
+          data.labels.tolist()))
+      """)
+  procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for _ in range(2)]
+  outputs = [proc.communicate(timeout=120) for proc in procs]
+  assert all(proc.returncode == 0 for proc in procs), outputs
+  expected = sources.read_archive(archives / "slice_train.tar.gz", "train", tmp_path / "cache")
+  for out, _ in outputs:
+    assert out.split() == [str(int(np.asarray(expected.images, np.int64).sum())), "True"]
+  assert [p.name[:24] for p in (tmp_path / "cache").iterdir()] == ["slice_train.tar.gz.train"]
+
+
+def test_archive_of_several_sizes_is_unpacked(large_root, tmp_path):
+  """Images of several sizes (ImageNet) are not cached: the archive is unpacked and read as a
+  folder."""
+  with tarfile.open(tmp_path / "large_train.tar", "w") as tar:
+    tar.add(large_root, arcname="train")
+  assert sources.read_archive(tmp_path / "large_train.tar", "train", tmp_path / "cache") is None
+  split = sources.Splits(_cfg(path=str(tmp_path / "large_train.tar"),
+                              cache_dir=str(tmp_path / "cache"))).train
+  assert isinstance(split, sources.ImageFolder) and len(split) == 12
+  assert not list((tmp_path / "cache").iterdir())

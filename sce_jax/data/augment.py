@@ -128,6 +128,18 @@ def augment_views(key, views, specs, mean, std):
   return [augment_view(k, v, s, mean, std) for k, v, s in zip(keys, views, specs)]
 
 
+def augment_batch(key, batch, specs, mean, std):
+  """The step's input stage for a batch of uint8 crops {'views', 'label'}: `augment_views`."""
+  return {**batch, "views": augment_views(key, batch["views"], specs, mean, std)}
+
+
+def crop_windows(key, n, height, width, scale, ratio):
+  """`random_resized_crop`'s windows (top, left, h, w) for n images: one key per image."""
+  keys = jax.random.split(key, n)
+  u = jax.vmap(lambda k: jax.random.uniform(k, (crop.ATTEMPTS, 4)))(keys)
+  return crop.crop_window(u, height, width, scale, ratio, xp=jnp)
+
+
 def random_resized_crop(key, images, size, scale, ratio):
   """On-device RandomResizedCrop of a uint8 batch (B, H, W, 3) to (B, size, size, 3).
 
@@ -136,9 +148,7 @@ def random_resized_crop(key, images, size, scale, ratio):
   antialiasing on downscale, as PIL's, via jax.image.scale_and_translate.
   """
   _, height, width, _ = images.shape
-  keys = jax.random.split(key, images.shape[0])
-  u = jax.vmap(lambda k: jax.random.uniform(k, (crop.ATTEMPTS, 4)))(keys)
-  windows = crop.crop_window(u, height, width, scale, ratio, xp=jnp)
+  windows = crop_windows(key, images.shape[0], height, width, scale, ratio)
 
   def resize(image, top, left, h, w):
     factor = jnp.array([size / h, size / w])

@@ -6,10 +6,17 @@ protocol), and knows its `num_examples` and `num_classes`. 'image' is encoded by
 into a PIL image. `Splits(data_cfg)` resolves the config's `source` string once; everything
 downstream receives source objects. Nothing here imports TensorFlow at module level; `Tfds`
 imports tensorflow_datasets when opened.
+
+An archive (.tar/.tar.gz) of images of one size (CIFAR, STL-10, Tiny ImageNet) is decoded once
+into a uint8 array cache in data.cache_dir (`read_archive`) and opened from it as `InMemory`;
+an archive of images of several sizes (ImageNet) is unpacked into a temporary folder.
 """
 import atexit
+import concurrent.futures
 import functools
+import hashlib
 import io
+import json
 import os
 import pathlib
 import shutil
@@ -23,6 +30,7 @@ from PIL import Image
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 EVAL_SPLITS = ("test", "val", "validation")
 _ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+_CACHE_FORMAT = 1  # Bump when the cache's layout or decoding changes: old entries are not read.
 
 
 class DataError(ValueError):
@@ -30,7 +38,7 @@ class DataError(ValueError):
 
 
 def is_archive(path) -> bool:
-  """A .tar / .tar.gz / .tgz file, read through a temporary unpacked copy."""
+  """A .tar / .tar.gz / .tgz file: cached as arrays (`read_archive`) or unpacked (`_extract`)."""
   return str(path).endswith(_ARCHIVE_SUFFIXES)
 
 
@@ -44,19 +52,30 @@ def _extract(archive: str) -> pathlib.Path:
   return dest
 
 
-def _has_images(folder: pathlib.Path) -> bool:
-  return any(f.name.lower().endswith(IMAGE_EXTENSIONS) for f in folder.iterdir() if f.is_file())
+def _listdir(folder: pathlib.Path):
+  """(subfolder names, file names) of a folder."""
+  entries = list(folder.iterdir())
+  return [e.name for e in entries if e.is_dir()], [e.name for e in entries if e.is_file()]
 
 
-def _class_root(root: pathlib.Path, split: str) -> pathlib.Path:
-  """`root/split` when it exists, else `root` itself if it holds class folders."""
-  if (root / split).is_dir():
+def _has_images(files) -> bool:
+  return any(f.lower().endswith(IMAGE_EXTENSIONS) for f in files)
+
+
+def _class_root(root, split: str, listdir=_listdir):
+  """`root/split` when it exists, else `root` itself if it holds class folders.
+
+  listdir(folder) -> (subfolder names, file names): a folder on disk by default, or an archive's
+  listing (`read_archive`).
+  """
+  dirs, _ = listdir(root)
+  if split in dirs:
     return root / split
-  subdirs = sorted(d for d in root.iterdir() if d.is_dir())
-  if len(subdirs) == 1 and not _has_images(subdirs[0]):  # An archive's single split folder.
-    return subdirs[0]
-  if subdirs and not any(_has_images(d) for d in subdirs):
-    raise DataError(f"no split {split!r} in {root}; found {[d.name for d in subdirs]}")
+  subdirs = sorted(dirs)
+  if len(subdirs) == 1 and not _has_images(listdir(root / subdirs[0])[1]):
+    return root / subdirs[0]  # An archive's single split folder.
+  if subdirs and not any(_has_images(listdir(root / d)[1]) for d in subdirs):
+    raise DataError(f"no split {split!r} in {root}; found {subdirs}")
   return root
 
 
@@ -103,13 +122,15 @@ class ImageFolder:
 
 
 class InMemory:
-  """Decoded images held by the host: uint8 (N, H, W, 3) (or a list of (H, W, 3)) and labels."""
+  """Decoded images held by the host: uint8 (N, H, W, 3) (or a list of (H, W, 3)) and labels;
+  `classes` names them when known (an archive's class folders)."""
 
-  def __init__(self, images, labels):
+  def __init__(self, images, labels, classes=None):
     if len(images) != len(labels):
       raise ValueError(f"{len(images)} images but {len(labels)} labels")
     self.images = images
     self.labels = np.asarray(labels, np.int32)
+    self.classes = classes
 
   def __len__(self):
     return len(self.labels)
@@ -120,10 +141,100 @@ class InMemory:
 
   @property
   def num_classes(self):
-    return int(self.labels.max()) + 1
+    return len(self.classes) if self.classes else int(self.labels.max()) + 1
 
   def __getitem__(self, i):
     return {"image": self.images[i], "label": self.labels[i]}
+
+
+def _scan_archive(archive):
+  """(listing, {path: bytes}) of every image in a class-folder archive, read in one pass;
+  listing maps a folder to its (subfolder names, file names). None as soon as two images
+  differ in size (their headers tell), so an ImageNet archive is not read beyond that."""
+  listing, images, size = {}, {}, None
+  entry = lambda folder: listing.setdefault(folder, (set(), []))
+  with tarfile.open(archive) as tar:
+    for member in tar:
+      path = pathlib.PurePosixPath(member.name)
+      if (not path.parts or path.is_absolute() or ".." in path.parts
+          or not (member.isfile() or member.isdir())):
+        continue
+      folders = list(path.parents)[:-1] + ([path] if member.isdir() else [])
+      for folder in folders:
+        entry(folder.parent)[0].add(folder.name)
+      if member.isdir() or not path.name.lower().endswith(IMAGE_EXTENSIONS):
+        continue
+      entry(path.parent)[1].append(path.name)
+      data = tar.extractfile(member).read()
+      try:
+        image_size = Image.open(io.BytesIO(data)).size
+      except (OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"cannot decode image {archive}/{path}: {e}") from e
+      if size not in (None, image_size):
+        return None
+      size, images[path] = image_size, data
+  return listing, images
+
+
+def _decode_archive(archive, split, dest):
+  """Decodes one split of `archive` into dest/{images.npy, labels.npy, classes.json}, in
+  ImageFolder's order (classes sorted, then folders and files sorted). False if its images
+  differ in size."""
+  scanned = _scan_archive(archive)
+  if scanned is None:
+    return False
+  listing, files = scanned
+  root = _class_root(pathlib.PurePosixPath("."), split,
+                     lambda folder: listing.get(folder, ((), [])))
+  classes = sorted(listing.get(root, ((), []))[0])
+  label = {name: i for i, name in enumerate(classes)}
+  chosen = sorted((label[p.relative_to(root).parts[0]], str(p.parent), p.name, p)
+                  for p in files if p.is_relative_to(root) and len(p.relative_to(root).parts) > 1)
+  if not chosen:
+    raise DataError(f"no {'/'.join(IMAGE_EXTENSIONS)} images in class folders under {archive}")
+  width, height = Image.open(io.BytesIO(files[chosen[0][-1]])).size
+  images = np.lib.format.open_memmap(dest / "images.npy", mode="w+", dtype=np.uint8,
+                                     shape=(len(chosen), height, width, 3))
+  decode_into(images, [{"image": files[c[-1]], "name": f"{archive}/{c[-1]}"} for c in chosen])
+  images.flush()
+  np.save(dest / "labels.npy", np.asarray([c[0] for c in chosen], np.int32))
+  (dest / "classes.json").write_text(json.dumps(classes))
+  return True
+
+
+def read_archive(archive, split, cache_dir):
+  """One split of a class-folder archive as an `InMemory` source, from the array cache in
+  `cache_dir`, which the first call builds; None when the archive's images differ in size.
+
+  An entry is keyed by the archive's path, size and mtime and the split, so a changed archive
+  is decoded again. It is built in a temporary folder beside it and renamed into place: a
+  process never reads a partial entry, and of two processes building it at once the second
+  rename fails and that process reads the first's (a killed build leaves only a hidden
+  `.NAME.*` folder). Images are memory-mapped, so a second start reads them in seconds.
+  """
+  archive = pathlib.Path(archive).resolve()
+  stat = archive.stat()
+  key = f"{archive}\0{stat.st_size}\0{stat.st_mtime_ns}\0{split}\0{_CACHE_FORMAT}"
+  cache_dir = pathlib.Path(cache_dir).expanduser()
+  entry = cache_dir / f"{archive.name}.{split}.{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+  if not entry.is_dir():
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{entry.name}."))
+    try:
+      if not _decode_archive(archive, split, tmp):
+        logging.info("%s holds images of several sizes: unpacking it, not caching arrays.",
+                     archive)
+        return None
+      try:
+        os.replace(tmp, entry)
+      except OSError:
+        if not entry.is_dir():  # Else another process renamed a whole entry first.
+          raise
+      logging.info("Decoded the %r split of %s into the cache %s.", split, archive, entry)
+    finally:
+      shutil.rmtree(tmp, ignore_errors=True)
+  return InMemory(np.load(entry / "images.npy", mmap_mode="r"), np.load(entry / "labels.npy"),
+                  json.loads((entry / "classes.json").read_text()))
 
 
 def import_tfds():
@@ -220,6 +331,24 @@ def decode(record, draft=None) -> Image.Image:
     raise ValueError(f"cannot decode image {record.get('name', '<bytes>')}: {e}") from e
 
 
+def decode_into(images, records, labels=None):
+  """images[i] = the decoded image of records[i] (and labels[i] its label, if given), for every
+  i < len(images), on every core (Pillow decodes without the GIL). A DataError names the first
+  image whose size is not images' (H, W)."""
+  def put(i):
+    record = records[i]
+    image = np.asarray(decode(record))
+    if image.shape != images.shape[1:]:
+      raise DataError(f"image {record.get('name', i)} is {image.shape[1]}x{image.shape[0]}, not "
+                      f"{images.shape[2]}x{images.shape[1]} like the others")
+    images[i] = image
+    if labels is not None:
+      labels[i] = record["label"]
+
+  with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
+    list(pool.map(put, range(len(images))))
+
+
 def find_eval_path(path, split: str = "test"):
   """Where the evaluation split of training data `path` lives.
 
@@ -241,7 +370,8 @@ def find_eval_path(path, split: str = "test"):
 
 def _folder(data_cfg, split):
   """source='folder': `path` holds the training split; another split is at `eval_path`, or
-  found next to `path` when that is empty."""
+  found next to `path` when that is empty. Archives of one image size come from the array
+  cache in data.cache_dir (`read_archive`)."""
   if not data_cfg.path:
     raise DataError("data.path is empty; set --config.data.path to a class-folder tree or "
                     "a .tar/.tar.gz of one (e.g. cifar10_jpg_train.tar.gz).")
@@ -250,6 +380,10 @@ def _folder(data_cfg, split):
                     "class-folder tree or a .tar/.tar.gz of one.")
   path = data_cfg.path if split == data_cfg.train_split else (
       data_cfg.eval_path or find_eval_path(data_cfg.path, split))
+  if is_archive(path) and pathlib.Path(path).is_file():
+    cached = read_archive(path, split, data_cfg.cache_dir)
+    if cached is not None:
+      return cached
   return ImageFolder(path, split)
 
 
