@@ -72,8 +72,8 @@ def test_extract_features_sees_every_example_once():
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8)
   data = ml_collections.ConfigDict(dict(
-      image_size=8, loader="grain", num_workers=0, prefetch=2, cache=True, mean=(0.5, 0.4, 0.3),
-      std=(0.2, 0.25, 0.3)))
+      image_size=8, loader="grain", num_workers=0, prefetch=2, cache=True, strict=False,
+      mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3)))
   trunk = models.make_trunk(ml_collections.ConfigDict(dict(
       trunk="resnet18", width=2, small_stem=True, dtype="float32")))
   variables = jax.jit(trunk.init, static_argnames="train")(

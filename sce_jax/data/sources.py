@@ -2,9 +2,11 @@
 
 A source has `__len__` and `__getitem__(i) -> {'image', 'label'}` (grain's RandomAccessDataSource
 protocol), and knows its `num_examples` and `num_classes`. 'image' is encoded bytes
-(`ImageFolder`), or a decoded uint8 (H, W, 3) array (`InMemory`, `Tfds`); `decode` turns either
-into a PIL image. `Splits(data_cfg)` resolves the config's `source` string once; everything
-downstream receives source objects. Nothing here imports TensorFlow at module level; `Tfds`
+(`ImageFolder`, whose records also hold the file's 'name'), or a decoded uint8 (H, W, 3) array
+(`InMemory`, `Tfds`); `decode` turns either into a PIL image, and `decode_or_placeholder` puts a
+black pixel in place of a file that cannot be decoded, for the pipelines to skip (pipeline.py).
+`Splits(data_cfg)` resolves the config's `source` string once; everything downstream receives
+source objects. Nothing here imports TensorFlow at module level; `Tfds`
 imports tensorflow_datasets when opened.
 """
 import atexit
@@ -20,6 +22,8 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
+from sce_jax import logs
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 EVAL_SPLITS = ("test", "val", "validation")
 _ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -27,6 +31,18 @@ _ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 class DataError(ValueError):
   """Data that cannot be read as configured; the message names the key to set."""
+
+
+class UndecodableImage(ValueError):
+  """An image file that cannot be decoded (corrupt, truncated, empty, not an image)."""
+
+  def __init__(self, name, cause):
+    super().__init__(f"cannot decode image {name}: {cause}")
+    self.name = name
+
+
+# What stands in for an undecodable image until the pipeline skips it: one black pixel.
+PLACEHOLDER = np.zeros((1, 1, 3), np.uint8)
 
 
 def is_archive(path) -> bool:
@@ -67,20 +83,39 @@ class ImageFolder:
   / .tar.gz archive of either, unpacked once into a temporary folder.
   """
 
-  def __init__(self, path, split: str = "train"):
+  def __init__(self, path, split: str = "train", classes=None):
+    """classes: the class names that labels index (those of the training split, for another
+    split); by default this split's class folders. An empty class folder is left out, with a
+    warning: a class without an image would shift the labels of the next ones."""
     path = pathlib.Path(path)
     if not path.exists():
       raise DataError(
           f"dataset not found at {path}; set --config.data.path=... (a class-folder tree or a "
           ".tar/.tar.gz of one)")
+    if path.is_file() and not is_archive(path):
+      raise DataError(f"{path} is a file but not a .tar, .tar.gz or .tgz archive; set "
+                      "--config.data.path (or data.eval_path) to a class-folder tree or an "
+                      "archive of one.")
     self.root = _class_root(_extract(str(path.resolve())) if is_archive(path) else path, split)
-    self.classes = sorted(d.name for d in self.root.iterdir() if d.is_dir())
+    found = {}
+    for name in sorted(d.name for d in self.root.iterdir() if d.is_dir()):
+      for folder, _, files in sorted(os.walk(self.root / name)):
+        found.setdefault(name, []).extend(
+            os.path.join(folder, f) for f in sorted(files)
+            if f.lower().endswith(IMAGE_EXTENSIONS))
+    empty = [name for name, files in found.items() if not files]
+    if empty:
+      logging.warning("Left out %d class folder(s) of %s that hold no %s images: %s.", len(empty),
+                      self.root, "/".join(IMAGE_EXTENSIONS), ", ".join(empty))
+    self.classes = list(classes) if classes is not None else [n for n in found if found[n]]
+    unknown = [name for name in found if found[name] and name not in self.classes]
+    if unknown:
+      raise DataError(f"{self.root} has class folders the training split lacks: "
+                      f"{', '.join(unknown)}; both splits need the same class folders.")
     paths, labels = [], []
     for label, name in enumerate(self.classes):
-      for folder, _, files in sorted(os.walk(self.root / name)):
-        found = sorted(f for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
-        paths += [os.path.join(folder, f) for f in found]
-        labels += [label] * len(found)
+      paths += found.get(name, [])
+      labels += [label] * len(found.get(name, []))
     if not paths:
       raise DataError(f"no {'/'.join(IMAGE_EXTENSIONS)} images in class folders under {path}")
     self.paths = paths
@@ -167,10 +202,9 @@ class Tfds:
     try:
       self.builder.download_and_prepare()
     except Exception as e:  # pylint: disable=broad-except  # network, disk, TFDS errors alike
-      cause = (str(e).strip().splitlines() or [""])[0][:200]
       raise DataError(
           f"TFDS could not download and prepare {self.name!r} in {where} "
-          f"({type(e).__name__}: {cause}); check the internet connection, or prepare it on a "
+          f"({logs.brief(e, 200)}); check the internet connection, or prepare it on a "
           "machine that has one and set --config.data.data_dir=DIR.") from e
 
   @property
@@ -200,7 +234,8 @@ class Tfds:
 
 
 def decode(record, draft=None) -> Image.Image:
-  """The record's image as an RGB PIL image; names the file when it cannot be decoded.
+  """The record's image as an RGB PIL image; UndecodableImage names the file when it cannot be
+  decoded.
 
   draft: optional `(width, height) -> (w, h) or None`, called with the encoded image's size
   before decoding; a JPEG is then decoded by libjpeg at 1/2, 1/4 or 1/8 scale, as small as it
@@ -217,7 +252,16 @@ def decode(record, draft=None) -> Image.Image:
     im.load()
     return im if im.mode == "RGB" else im.convert("RGB")  # No copy when already RGB.
   except (OSError, SyntaxError, ValueError) as e:
-    raise ValueError(f"cannot decode image {record.get('name', '<bytes>')}: {e}") from e
+    raise UndecodableImage(record.get("name", "<bytes>"), e) from e
+
+
+def decode_or_placeholder(record, draft=None) -> tuple[Image.Image, str]:
+  """(image, '') as `decode`, or (PLACEHOLDER, the file's name) for an undecodable image. A
+  decoded record that already stands in for one keeps its name in 'skipped'."""
+  try:
+    return decode(record, draft), record.get("skipped", "")
+  except UndecodableImage as e:
+    return Image.fromarray(PLACEHOLDER), e.name
 
 
 def find_eval_path(path, split: str = "test"):
@@ -239,9 +283,9 @@ def find_eval_path(path, split: str = "test"):
   raise DataError(f"no {split!r} split found for {path}; set --config.data.eval_path=...")
 
 
-def _folder(data_cfg, split):
+def _folder(data_cfg, split, train=None):
   """source='folder': `path` holds the training split; another split is at `eval_path`, or
-  found next to `path` when that is empty."""
+  found next to `path` when that is empty, and labelled by the classes of `train`."""
   if not data_cfg.path:
     raise DataError("data.path is empty; set --config.data.path to a class-folder tree or "
                     "a .tar/.tar.gz of one (e.g. cifar10_jpg_train.tar.gz).")
@@ -250,15 +294,16 @@ def _folder(data_cfg, split):
                     "class-folder tree or a .tar/.tar.gz of one.")
   path = data_cfg.path if split == data_cfg.train_split else (
       data_cfg.eval_path or find_eval_path(data_cfg.path, split))
-  return ImageFolder(path, split)
+  return ImageFolder(path, split, classes=None if train is None else train.classes)
 
 
-# data.source -> how a split is opened. source='memory' reads
-# `data_cfg.arrays[split] = (images, labels)`, set by code (a notebook, a test), not a flag.
+# data.source -> how a split is opened, (data_cfg, split, the opened training split or None).
+# source='memory' reads `data_cfg.arrays[split] = (images, labels)`, set by code (a notebook, a
+# test), not a flag.
 SOURCES = {
     "folder": _folder,
-    "tfds": lambda data_cfg, split: Tfds(data_cfg.name, split, data_cfg.data_dir),
-    "memory": lambda data_cfg, split: InMemory(*data_cfg.arrays[split]),
+    "tfds": lambda data_cfg, split, train=None: Tfds(data_cfg.name, split, data_cfg.data_dir),
+    "memory": lambda data_cfg, split, train=None: InMemory(*data_cfg.arrays[split]),
 }
 
 
@@ -275,7 +320,7 @@ class Splits:
 
   @functools.cached_property
   def eval(self):
-    return SOURCES[self._cfg.source](self._cfg, self._cfg.eval_split)
+    return SOURCES[self._cfg.source](self._cfg, self._cfg.eval_split, self.train)
 
   @property
   def num_classes(self):
