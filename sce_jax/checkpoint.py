@@ -75,7 +75,8 @@ def _finite(state):
 
 def _checksums(state) -> dict[str, str]:
   """{array name: SHA-256 of its bytes (16 hex digits)} of a replicated state, computed on the
-  host: ~0.3 s for a ResNet-50 ImageNet state (100M values, 400 MB) on one core."""
+  host: 0.3 s on one CPU core for a ResNet-50 ImageNet state (742 arrays, 122M values, 490 MB),
+  after the device-to-host copy."""
   host = (np.ascontiguousarray(_plain(x).addressable_data(0)) for x in jax.tree.leaves(state))
   return {name: hashlib.sha256(x).hexdigest()[:16] for name, x in zip(_names(state), host)}
 

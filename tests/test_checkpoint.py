@@ -17,6 +17,9 @@ from sce_jax import checkpoint, sharding
 
 CFG = ml_collections.ConfigDict(dict(every_steps=2, keep=2))
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+# After a failed read, TensorStore's callbacks land on orbax's closed event loop, harmlessly, at
+# a moment of their own, possibly during a later test of this module.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +65,6 @@ def test_interrupted_save_is_not_the_latest(tmp_path, mesh):
                                 make(mesh)(jax.random.key(0), 2.0)["w"])
 
 
-# tensorstore's callback on orbax's closed event loop after the failed read is harmless.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("older", [True, False])
 def test_corrupt_latest_checkpoint(tmp_path, mesh, older):
   """A garbled file in the latest checkpoint: an error naming the directory to delete."""
