@@ -14,6 +14,11 @@
 # (JAX_LOCAL_DEVICE_IDS, since JAX would otherwise give the single local process GPU 0 only).
 # DIR must be on a file system every node sees. PYTHON overrides the interpreter (python3).
 # --dry-run (or DRY_RUN=1): print the commands instead of running them.
+#
+# Exit status (README, "Exit codes"): 0 finished, 1 an error, 75 stopped by SIGTERM (SLURM's
+# preemption or time limit, with --signal) or Ctrl-C after saving a checkpoint: requeue the job
+# (`scontrol requeue $SLURM_JOB_ID`) or rerun this command to resume. A requeued job takes over
+# its own earlier run's workdir lock.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

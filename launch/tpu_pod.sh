@@ -19,6 +19,10 @@
 # --detach: run in the background on the workers (log in ~/sce_jax.log), so the run survives
 #   the end of this ssh session; without it the output streams here.
 # --dry-run (or DRY_RUN=1): print the commands instead of running them.
+#
+# Exit status of sce_jax.main (README, "Exit codes"): 0 finished, 1 an error, 75 preempted
+# (SIGTERM, e.g. a --spot slice reclaimed) after saving a checkpoint: rerun with --skip-create
+# (or on a new slice) and the same --workdir to resume.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

@@ -1,25 +1,40 @@
 """Checkpoints of the TrainState: orbax CheckpointManager, one item 'state'.
 
 Layout: <workdir>/checkpoints/<step>/state; `read_numpy` reads it back without a model (for
-evaluation and weight conversion). Saves are asynchronous and atomic: orbax writes into a
-temporary directory and renames it when complete, so a step directory that exists is whole,
-and a run killed mid-save leaves the previous one as the latest. Preemption (SIGTERM) is
-handled by the training loop through `Preemption`.
+evaluation and weight conversion). Each step's metadata also holds a checksum of every array,
+verified when the step is restored, and no state with a NaN or inf is ever saved. Saves are
+asynchronous and atomic: orbax writes into a temporary directory and renames it when complete,
+so a step directory that exists is whole, and a run killed mid-save leaves the previous one as
+the latest. A failed save (a full disk) is reported by `check` as soon as it is known.
+Preemption (SIGTERM) and Ctrl-C are handled by the training loop through `Preemption`.
 """
+import contextlib
+import hashlib
 import pathlib
 import signal
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from sce_jax import logs
+from sce_jax import workdir as workdir_lib
+
 ITEM = "state"
+CHECKSUMS = "sce_jax_checksums"  # key of each step's custom metadata: {array name: hex digest}
 
 
 class CheckpointError(RuntimeError):
-  """A checkpoint that cannot be restored; the message names the directory."""
+  """A checkpoint that cannot be saved or restored; the message names the directory and the
+  fix."""
+
+
+class Preempted(Exception):
+  """Raised by a loop after it saved at a preemption or a Ctrl-C (`Preemption.stop`); the
+  command line then exits with main.EXIT_PREEMPTED."""
 
 
 def directory(workdir) -> epath.Path:
@@ -35,37 +50,156 @@ def manager(workdir, ckpt_cfg) -> ocp.CheckpointManager:
       save_decision_policy=policies.AnySavePolicy([
           policies.FixedIntervalPolicy(ckpt_cfg.every_steps),
           policies.PreemptionCheckpointingPolicy()]))
-  return ocp.CheckpointManager(directory(workdir), item_names=(ITEM,), options=options)
+  # The handler named up front lets a fresh manager read a step's array metadata.
+  return ocp.CheckpointManager(directory(workdir), options=options,
+                               item_handlers={ITEM: ocp.StandardCheckpointHandler()})
+
+
+def _names(tree) -> list[str]:
+  """'params/trunk/conv1/kernel', ... of the leaves of `tree`, in jax.tree.leaves order."""
+  return [jax.tree_util.keystr(path, simple=True, separator="/")
+          for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _plain(x):
+  """A PRNG key array as its key data (what orbax saves); other arrays as they are."""
+  return jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+
+
+@jax.jit
+def _finite(state):
+  """Per leaf of `state`, whether all its values are finite: one reduction on the device."""
+  return jnp.stack([jnp.all(jnp.isfinite(x)) if jax.dtypes.issubdtype(x.dtype, jnp.inexact)
+                    else jnp.array(True) for x in jax.tree.leaves(state)])
+
+
+def _checksums(state) -> dict[str, str]:
+  """{array name: SHA-256 of its bytes (16 hex digits)} of a replicated state, computed on the
+  host: 0.3 s on one CPU core for a ResNet-50 ImageNet state (742 arrays, 122M values, 490 MB),
+  after the device-to-host copy."""
+  host = (np.ascontiguousarray(_plain(x).addressable_data(0)) for x in jax.tree.leaves(state))
+  return {name: hashlib.sha256(x).hexdigest()[:16] for name, x in zip(_names(state), host)}
+
+
+def last_saved(mngr) -> str:
+  """The latest complete checkpoint, for messages."""
+  step = mngr.latest_step()
+  return (f"{directory_of(mngr, step)} (step {step})" if step is not None
+          else "none (no checkpoint was saved)")
+
+
+def diverged(mngr, what) -> str:
+  """The message of a run that stops because `what` is not finite."""
+  return (f"{what}: training diverged. The last good checkpoint is {last_saved(mngr)}; a "
+          "restart resumes from it. Lower optim.base_lr or check the data.")
+
+
+@contextlib.contextmanager
+def _save_errors(mngr):
+  try:
+    yield
+  except Exception as e:  # orbax and TensorStore raise many types (ValueError, OSError).
+    raise CheckpointError(
+        f"Saving a checkpoint in {mngr.directory} failed ({logs.brief(e)}). The last complete "
+        f"checkpoint is {last_saved(mngr)}; free space on that disk (or fix its permissions "
+        "or quota) and rerun to resume from it.") from e
 
 
 def save(mngr, step, state):
-  """Starts an asynchronous save of `state` at `step`; the caller decides when
-  (mngr.should_save, preemption, the last step)."""
-  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True)
+  """Starts an asynchronous save of `state` at `step`, with its checksums; logs one line. The
+  caller decides when (mngr.should_save, preemption, the last step).
+
+  Raises FloatingPointError, saving nothing, if any value of the state is NaN or inf (the loss
+  can be finite while, say, the target's weights are not), and CheckpointError if the save
+  cannot start, or the previous one failed.
+  """
+  finite = np.asarray(_finite(state).addressable_data(0))
+  bad = [name for name, ok in zip(_names(state), finite) if not ok]
+  if bad:
+    raise FloatingPointError(diverged(
+        mngr, f"The state at step {step} holds NaN or inf in {len(bad)} arrays ({bad[0]}, ...) "
+        "and is not saved"))
+  with _save_errors(mngr):
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True,
+              custom_metadata={CHECKSUMS: _checksums(state)})
+  logging.info("Saving step %d to %s.", step, directory_of(mngr, step))
+
+
+def check(mngr):
+  """Raises CheckpointError as soon as an asynchronous save has failed (a full disk, a quota);
+  never waits for a save in progress. Cheap: the loop calls it at every log step."""
+  if not mngr.is_saving_in_progress():
+    wait(mngr)
+
+
+def wait(mngr):
+  """Waits for the save in progress; CheckpointError if it failed."""
+  with _save_errors(mngr):
+    mngr.wait_until_finished()
+
+
+def _bad_latest(mngr, step, problem) -> CheckpointError:
+  older = [s for s in mngr.all_steps() if s < step]
+  fallback = (f"delete it to resume from step {max(older)}" if older
+              else "delete it (or the whole workdir) to start afresh")
+  return CheckpointError(f"The latest checkpoint, {directory_of(mngr, step)}, {problem}; "
+                         f"{fallback}.")
+
+
+def _check_shapes(mngr, step, abstract_state):
+  """CheckpointError if the arrays saved at `step` are not those of `abstract_state` (another
+  width, trunk or queue size): a config mismatch, not a corrupt checkpoint."""
+  try:
+    saved = mngr.item_metadata(step)[ITEM]
+    saved = getattr(saved, "tree", saved)
+    saved = dict(zip(_names(saved), (tuple(m.shape) for m in jax.tree.leaves(saved))))
+  except Exception as e:  # orbax raises many types (ValueError, OSError, tensorstore errors).
+    raise _bad_latest(mngr, step, f"cannot be restored ({logs.brief(e)})") from e
+  plain = jax.eval_shape(lambda t: jax.tree.map(_plain, t), abstract_state)
+  wanted = dict(zip(_names(plain), (tuple(x.shape) for x in jax.tree.leaves(plain))))
+  differ = [f"{n} is {saved.get(n, 'absent')} there, {wanted.get(n, 'absent')} here"
+            for n in sorted(set(saved) | set(wanted)) if saved.get(n) != wanted.get(n)]
+  if differ:
+    raise CheckpointError(
+        f"The latest checkpoint, {directory_of(mngr, step)}, was saved with another config: "
+        f"{differ[0]} (and {len(differ) - 1} more arrays differ). Run with the config it was "
+        f"saved with ({mngr.directory.parent / workdir_lib.CONFIG}), or use another --workdir; "
+        "the checkpoint is fine, do not delete it.")
 
 
 def restore(mngr, abstract_state):
-  """The latest checkpoint restored into the shardings of `abstract_state`, or None if none.
+  """The latest checkpoint restored into the shardings of `abstract_state` and verified against
+  its checksums, or None if there is none.
 
   abstract_state: jax.ShapeDtypeStruct leaves with shardings, e.g. jax.eval_shape(parts.init,
-  rng). An unreadable latest checkpoint is an error naming the directory to delete: resuming
-  silently from an older one would then collide with the bad step's directory at a later save.
+  rng). Each CheckpointError names the step directory and the fix: a checkpoint of another
+  config is reported as such before anything is read; an unreadable or corrupt latest step is
+  to be deleted, because resuming silently from an older one would then collide with the bad
+  step's directory at a later save.
   """
   step = mngr.latest_step()
   if step is None:
     return None
+  _check_shapes(mngr, step, abstract_state)
   try:
-    restored = mngr.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+    state = mngr.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))).state
   except Exception as e:  # orbax raises many types (ValueError, OSError, tensorstore errors).
-    older = [s for s in mngr.all_steps() if s < step]
-    fallback = (f"delete it to resume from step {max(older)}" if older
-                else "delete it (or the whole workdir) to start afresh")
-    raise CheckpointError(
-        f"The latest checkpoint, {directory_of(mngr, step)}, cannot be restored; {fallback}. "
-        f"Cause: {type(e).__name__}: {e}") from e
-  logging.info("Restored the checkpoint of step %d from %s.", step, directory_of(mngr, step))
-  return restored.state
+    raise _bad_latest(mngr, step, f"cannot be restored ({logs.brief(e)})") from e
+  where = directory_of(mngr, step)
+  stored = (mngr.metadata(step).custom_metadata or {}).get(CHECKSUMS)
+  if stored is None:
+    logging.warning("%s holds no checksums (saved by an older sce_jax): restored unverified.",
+                    where)
+  else:
+    checksums = _checksums(state)
+    bad = [name for name in checksums if stored.get(name) != checksums[name]]
+    if bad:
+      raise _bad_latest(mngr, step, f"is corrupt: {len(bad)} of its arrays ({bad[0]}, ...) "
+                        "differ from the checksums stored when it was saved")
+  logging.info("Restored step %d from %s%s.", step, where,
+               "" if stored is None else " (checksums verified)")
+  return state
 
 
 def directory_of(mngr, step) -> epath.Path:
@@ -107,27 +241,47 @@ def read_numpy(path, select):
 
 
 class Preemption:
-  """Whether the run should save and stop at this step boundary (TPU preemption, SIGTERM).
+  """Whether the run should save and stop at this step boundary: a preemption (SIGTERM) or a
+  Ctrl-C (SIGINT), after which the loop raises `stop(...)`.
 
-  One process: a SIGTERM handler sets a flag. Several processes: JAX's preemption service
+  One process: a handler of both signals sets a flag. After the first Ctrl-C, a second one
+  stops the process at once (the default action; the steps since the last checkpoint are
+  lost). Python runs the handler between bytecodes, so a Ctrl-C while XLA compiles the first
+  step takes effect when the compilation returns. Several processes: JAX's preemption service
   (started by jax.distributed.initialize; it catches SIGTERM itself) agrees on one step at
-  which every process stops, which orbax reads in `reached_preemption`.
+  which every process stops, which orbax reads in `reached_preemption`; a Ctrl-C is passed on
+  to it as a SIGTERM.
   """
 
   def __init__(self):
     self.requested = False
-    self._previous = None
-    if jax.process_count() == 1:
-      self._previous = signal.signal(signal.SIGTERM, self._request)
+    self.reason = "Preempted (SIGTERM)"
+    ours = (signal.SIGTERM, signal.SIGINT) if jax.process_count() == 1 else (signal.SIGINT,)
+    self._previous = {s: signal.signal(s, self._request) for s in ours}
 
   def _request(self, signum, frame):
     del frame
-    logging.warning("Signal %d: saving a checkpoint at the next step, then stopping.", signum)
+    if signum == signal.SIGINT:
+      signal.signal(signal.SIGINT, signal.SIG_DFL)
+      self.reason = "Interrupted (Ctrl-C)"
+      logging.warning("Ctrl-C: saving a checkpoint after this step, then stopping. Ctrl-C again "
+                      "stops at once, losing the steps since the last checkpoint.")
+      if jax.process_count() > 1:
+        signal.raise_signal(signal.SIGTERM)
+        return
+    else:
+      logging.warning("SIGTERM: saving a checkpoint after this step, then stopping.")
     self.requested = True
 
   def reached(self, mngr, step) -> bool:
     return self.requested or mngr.reached_preemption(step)
 
+  def stop(self, mngr, step) -> Preempted:
+    """What the loop raises once the save of `step` has started."""
+    return Preempted(f"{self.reason}: saved step {step} to {directory_of(mngr, step)}; rerun "
+                     "the same command to resume from it.")
+
   def close(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for s, previous in self._previous.items():
+      if previous is not None:  # None: a handler installed outside Python, left as it was.
+        signal.signal(s, previous)

@@ -82,6 +82,7 @@ def base() -> ml_collections.ConfigDict:
   c.data.cache = True
   c.data.cache_dir = "~/.cache/sce_jax"  # decoded arrays of .tar/.tar.gz sets of one image size
   c.data.on_device = False       # train set on the accelerator if it fits (data/device.py)
+  c.data.strict = False          # True: an undecodable image stops the run; False: skipped
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 512
@@ -132,13 +133,18 @@ class ConfigError(ValueError):
   """A config that cannot run; the message says what is wrong and how to fix it."""
 
 
+def check_file(file):
+  """ConfigError unless config file `file` exists."""
+  if not pathlib.Path(file).is_file():
+    raise ConfigError(f"config file {file!r} does not exist; pass --config=configs/<name>.py"
+                      "[:variants] (e.g. configs/cifar10_r18.py:smoke).")
+
+
 def load(spec) -> ml_collections.ConfigDict:
   """'configs/FILE.py[:ARG]' -> the file's get_config(ARG), locked: what --config=SPEC gives
   the command line (ml_collections' config_flags), for code and tests."""
   file, _, arg = spec.partition(":")
-  if not pathlib.Path(file).is_file():
-    raise ConfigError(f"config file {file!r} does not exist; pass --config=configs/<name>.py"
-                      "[:variants] (e.g. configs/cifar10_r18.py:smoke).")
+  check_file(file)
   module_spec = importlib.util.spec_from_file_location(pathlib.Path(file).stem, file)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
@@ -194,11 +200,21 @@ def num_target_views(config) -> int:
   return len(losses.target_views(pairs))
 
 
+# Counts and intervals that must be at least 1.
+POSITIVE = ("batch_size", "epochs", "eval.batch_size", "eval.linear.batch_size",
+            "eval.linear.epochs", "checkpoint.every_steps", "checkpoint.keep", "log_every_steps")
+
+
 def validate(config, num_devices, num_processes, workdir=None):
   """Raises ConfigError, naming the key and a fix, for a run that cannot work: a value outside
-  ENUMS, a batch that does not split over the devices and processes or into the shuffle-BN
-  groups, a queue that is not a multiple of the keys written each step, a workdir (if given)
-  that cannot be written. The data are checked when they are opened (`sources.Splits`)."""
+  ENUMS, a count in POSITIVE below 1, a batch that does not split over the devices and
+  processes or into the shuffle-BN groups, a queue that is not a multiple of the keys written
+  each step, a workdir (if given) that cannot be written. The data are checked when they are
+  opened (`sources.Splits`) and by `check_data_size`."""
+  for key in POSITIVE:
+    if config[key] <= 0:
+      raise ConfigError(f"{key}={config[key]} must be at least 1; set --config.{key} to a "
+                        "positive value.")
   for key, allowed in ENUMS.items():
     value = config[key]
     if value not in allowed:
@@ -226,6 +242,15 @@ def validate(config, num_devices, num_processes, workdir=None):
           f"{_multiple(config.sce.queue, written)} or another multiple of {written}.")
   if workdir is not None:
     _check_writable(workdir)
+
+
+def check_data_size(config, num_examples):
+  """ConfigError if the training split holds less than one batch."""
+  if num_examples < config.batch_size:
+    raise ConfigError(
+        f"The training split has {num_examples} images, fewer than one batch (batch_size="
+        f"{config.batch_size}); set --config.batch_size to at most {num_examples} (a multiple "
+        "of the device count), or point data.path at more images.")
 
 
 def _multiple(value, divisor):

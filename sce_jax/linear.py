@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import logging
 from etils import epath
 
 from sce_jax import checkpoint, evaluate, metrics, models, optim, sharding
@@ -68,15 +67,15 @@ def _check_trunk(rundir, trunk_variables):
 
 
 def linear_eval(config, trunk_variables, mesh, splits, workdir):
-  """Linear evaluation (docs/SCE.md 7) of the frozen trunk; returns linear_top1 / linear_top5,
-  or None if preempted.
+  """Linear evaluation (docs/SCE.md 7) of the frozen trunk; returns linear_top1 / linear_top5.
 
   The protocol is config.eval.linear's (`optim.linear_eval_schedule`). Training crops: the
   host's random resized crop (scale 0.08-1) for ImageNet-size data; for small sets
   (`crop.is_small`) the host passes whole images and the accelerator takes a random crop of the
   4-padded image. Both then flip (p 0.5) and normalise on the accelerator. The probe is a run of
   its own in <workdir>/linear: checkpoints (config.checkpoint's interval, the last step, and at
-  SIGTERM, after which it returns None), metrics.jsonl and the trunk's hash. Run again on the
+  a preemption or Ctrl-C, after which it raises checkpoint.Preempted), metrics.jsonl and the
+  trunk's hash. Run again on the
   same weights, it resumes from its latest checkpoint and computes what an uninterrupted probe
   does: the head's state is checkpointed, each step's key is derived from the step and the data
   stream restarts at that step.
@@ -136,10 +135,10 @@ def linear_eval(config, trunk_variables, mesh, splits, workdir):
       if preempted or step == num_steps or step % config.log_every_steps == 0:
         writer.write(step, {**{f"linear_{k}": v for k, v in step_metrics.items()},
                             "linear_lr": lr_fn(step - 1)})
+        checkpoint.check(mngr)
       if preempted:
-        logging.warning("Preempted: saved the linear probe's step %d to %s; the same command "
-                        "resumes it.", step, checkpoint.directory_of(mngr, step))
-        return None
+        raise preemption.stop(mngr, step)
+    checkpoint.wait(mngr)  # A failed last save is an error.
   finally:
     batches.close()  # stops the host pipeline (grain workers) of the infinite stream
     preemption.close()

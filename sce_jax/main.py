@@ -14,6 +14,10 @@ find the cluster (also when JAX_COORDINATOR_ADDRESS is set); or name it explicit
 --coordinator_address=HOST:PORT --num_processes=N --process_id=I. Each process reads its share
 of the data; process 0 alone writes logs and metrics. On a CPU, JAX's own setting
 JAX_NUM_CPU_DEVICES=8 makes 8 devices (tests).
+
+Output (logs.py): a short account by default; --verbosity=1 prints everything. A SIGTERM
+(preemption) or a first Ctrl-C saves a checkpoint and stops; a second Ctrl-C stops at once. The
+exit status says how the run ended (EXIT_*, README "Exit codes").
 """
 import json
 import os
@@ -24,9 +28,17 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from sce_jax import checkpoint, evaluate, linear, sharding, train
+from sce_jax import checkpoint, evaluate, linear, logs, sharding, train
 from sce_jax import config as sce_config
+from sce_jax import workdir as workdir_lib
 from sce_jax.data import sources
+
+# Exit statuses, for job scripts and launchers (README, "Exit codes"). 75 is EX_TEMPFAIL of
+# sysexits.h ("try again later"); 130 is what a shell reports for a process ended by SIGINT.
+EXIT_DONE = 0         # finished
+EXIT_ERROR = 1        # stopped by an error, reported in one line
+EXIT_PREEMPTED = 75   # a SIGTERM (preemption) or Ctrl-C: a checkpoint was saved; rerun to resume
+EXIT_INTERRUPTED = 130  # a Ctrl-C before training, or a second one: stopped at once
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. "
                                           "configs/cifar10_r18.py:smoke.", lock_config=True)
@@ -52,7 +64,11 @@ def _parse_flags(argv):
   exception's context chain.
   """
   try:
-    return flags.FLAGS(argv)
+    argv = flags.FLAGS(argv)
+    if flags.FLAGS["config"].present:  # ml_collections reports a missing file only when read.
+      spec = config_flags.get_config_filename(flags.FLAGS["config"])
+      sce_config.check_file(spec.partition(":")[0])
+    return argv
   except Exception as e:  # pylint: disable=broad-except
     chain = [e]
     while chain[-1].__context__ is not None:
@@ -89,43 +105,73 @@ def _initialize_distributed():
   jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
 
-def _evaluate(config, workdir, mode, mesh, splits):
-  """kNN or linear evaluation of eval.checkpoint, or of the workdir's latest checkpoint."""
+def _load_trunk(config, workdir, mode):
+  """The trunk to evaluate: eval.checkpoint, or the workdir's latest checkpoint; a missing or
+  mismatched one is a CheckpointError, found before the data are opened."""
   source = config.eval.checkpoint or workdir
-  trunk = evaluate.load_trunk(source, config.model)
+  if not config.eval.checkpoint:
+    try:
+      checkpoint.item_directory(workdir)
+    except ValueError as e:
+      raise checkpoint.CheckpointError(
+          f"--mode={mode} evaluates a checkpoint, and {checkpoint.directory(workdir)} has "
+          "none; train first with this --workdir, or pass --config.eval.checkpoint=PATH (a "
+          "workdir or weights to evaluate).") from e
+  try:
+    return source, evaluate.load_trunk(source, config.model)
+  except ValueError as e:  # convert's messages name the file and what does not fit.
+    raise checkpoint.CheckpointError(f"cannot evaluate {source}: {e}") from e
+
+
+def _evaluate(config, workdir, mode, mesh, splits, source, trunk):
+  """kNN or linear evaluation of `trunk` (read from `source`)."""
   if mode == "knn":
     results = evaluate.knn_eval(config, trunk, mesh, splits)
   else:
     results = linear.linear_eval(config, trunk, mesh, splits, workdir)
-    if results is None:  # Preempted: the probe saved its state; the same command resumes it.
-      return
   logging.info("%s evaluation of %s: %s", mode, source, results)
   if jax.process_index() == 0:
     (epath.Path(workdir) / f"eval_{mode}.json").write_text(
         json.dumps({"checkpoint": str(source), **results}))
 
 
+def _run(config, workdir, mode):
+  sce_config.validate(config, jax.device_count(), jax.process_count(), workdir)
+  if mode != "train":
+    source, trunk = _load_trunk(config, workdir, mode)
+  splits = sources.Splits(config.data)
+  mesh = sharding.make_mesh()
+  if mode == "train":
+    train.train(config, workdir, mesh, splits)
+  else:
+    _evaluate(config, workdir, mode, mesh, splits, source, trunk)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logs.setup(flags.FLAGS.verbosity)
   config, workdir = _CONFIG.value, _WORKDIR.value
   _set_xla_flags(config)
   _initialize_distributed()
   if jax.process_index() > 0:  # Process 0 logs the run; the others only what goes wrong.
     logging.set_verbosity(logging.WARNING)
-  logging.info("Process %d of %d, %d of %d devices; config:\n%s", jax.process_index(),
+  logging.vlog(1, "Process %d of %d, %d of %d devices; config:\n%s", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(), config)
   try:
-    sce_config.validate(config, jax.device_count(), jax.process_count(), workdir)
-    splits = sources.Splits(config.data)
-    mesh = sharding.make_mesh()
-    if _MODE.value == "train":
-      train.train(config, workdir, mesh, splits)
-    else:
-      _evaluate(config, workdir, _MODE.value, mesh, splits)
+    _run(config, workdir, _MODE.value)
+  except checkpoint.Preempted as e:
+    logging.warning("%s", e)
+    sys.exit(EXIT_PREEMPTED)
+  except KeyboardInterrupt:
+    logging.warning("Interrupted (Ctrl-C): stopped at once, nothing new was saved.")
+    sys.exit(EXIT_INTERRUPTED)
   except (sce_config.ConfigError, sources.DataError, checkpoint.CheckpointError,
-          FloatingPointError) as e:
-    sys.exit(f"Error: {e}")
+          workdir_lib.WorkdirError, FloatingPointError) as e:
+    logging.debug("Traceback of the error below:", exc_info=True)  # --verbosity=1
+    print(f"Error: {e}", file=sys.stderr)
+    sys.exit(EXIT_ERROR)
+  return EXIT_DONE  # app.run exits with it.
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 Always `<workdir>/metrics.jsonl`, one JSON object per logged step (appended across restarts, so
 a resumed run repeats the steps after its checkpoint; the last line of a step wins). Also clu's
-TensorBoard and logging writers when `clu.metric_writers` imports: it needs TensorFlow and
-TensorBoard, so it is imported here, lazily; without it the scalars are logged with absl.
+TensorBoard writer when `clu.metric_writers` imports: it needs TensorFlow and TensorBoard, so it
+is imported here, lazily. Every scalar is logged at --verbosity=1 (the training loop logs a
+one-line summary of each log step).
 """
 import importlib.util
 import json
@@ -14,16 +15,16 @@ from etils import epath
 
 
 def _clu_writer(workdir):
-  """clu's default writer, or None. TensorBoard's absence is checked first: importing
+  """clu's TensorBoard writer, or None. TensorBoard's absence is checked first: importing
   clu.metric_writers imports TensorFlow, seconds of start-up, before it would fail."""
   reason = "No module named 'tensorboard'"
   if importlib.util.find_spec("tensorboard") is not None:
     try:
       from clu import metric_writers  # pylint: disable=g-import-not-at-top
-      return metric_writers.create_default_writer(workdir, asynchronous=False)
+      return metric_writers.SummaryWriter(str(workdir))
     except ImportError as e:
       reason = e
-  logging.info("No TensorBoard summaries (%s); metrics go to metrics.jsonl and the log.", reason)
+  logging.vlog(1, "No TensorBoard summaries (%s); metrics go to metrics.jsonl.", reason)
   return None
 
 
@@ -44,8 +45,7 @@ class Writer:
     self._jsonl.flush()
     if self._clu is not None:
       self._clu.write_scalars(step, scalars)
-    else:
-      logging.info("[%d] %s", step, ", ".join(f"{k}={v:.5g}" for k, v in scalars.items()))
+    logging.vlog(1, "[%d] %s", step, ", ".join(f"{k}={v:.5g}" for k, v in scalars.items()))
 
   def close(self):
     if self._jsonl is not None:

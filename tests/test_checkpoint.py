@@ -1,6 +1,10 @@
-"""Checkpoints: sharded round trip, keep, atomicity, corrupt latest, SIGTERM flag."""
+"""Checkpoints: sharded round trip, keep, atomicity, corrupt latest, checksums, another config,
+non-finite states, failed saves, SIGTERM and Ctrl-C."""
 import os
+import pathlib
 import signal
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +16,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from sce_jax import checkpoint, sharding
 
 CFG = ml_collections.ConfigDict(dict(every_steps=2, keep=2))
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# After a failed read, TensorStore's callbacks land on orbax's closed event loop, harmlessly, at
+# a moment of their own, possibly during a later test of this module.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +65,6 @@ def test_interrupted_save_is_not_the_latest(tmp_path, mesh):
                                 make(mesh)(jax.random.key(0), 2.0)["w"])
 
 
-# tensorstore's callback on orbax's closed event loop after the failed read is harmless.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("older", [True, False])
 def test_corrupt_latest_checkpoint(tmp_path, mesh, older):
   """A garbled file in the latest checkpoint: an error naming the directory to delete."""
@@ -71,9 +77,11 @@ def test_corrupt_latest_checkpoint(tmp_path, mesh, older):
   mngr.close()
   advice = ("delete it to resume from step 2" if older
             else "delete it (or the whole workdir) to start afresh")
-  assert str(e.value).startswith(
-      f"The latest checkpoint, {tmp_path}/checkpoints/4, cannot be restored; {advice}. Cause: ")
-  assert "manifest.ocdbt" in str(e.value)
+  message = str(e.value)
+  assert message.startswith(f"The latest checkpoint, {tmp_path}/checkpoints/4, cannot be "
+                            "restored (")
+  assert message.endswith(f"); {advice}.") and "manifest.ocdbt" in message
+  assert "\n" not in message and len(message) < 1200  # The cause: one line, capped.
 
 
 def test_sigterm_sets_the_flag(tmp_path):
@@ -86,3 +94,75 @@ def test_sigterm_sets_the_flag(tmp_path):
   finally:
     preemption.close()
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_flipped_bytes_fail_the_checksum(tmp_path, mesh):
+  """64 flipped bytes of an array in its data file restore without any error from orbax; the
+  checksums stored at the save catch them. The array is random bits (int32: no NaN to refuse),
+  which zstd cannot compress, so its bytes lie in the file as they are and can be found."""
+  mngr = checkpoint.manager(tmp_path, CFG)
+  w = jax.random.randint(jax.random.key(0), (256, 64), -2**31, 2**31 - 1, jnp.int32)
+  state = {"w": jax.device_put(w, NamedSharding(mesh, P())), "step": jnp.zeros((), jnp.int32)}
+  for step in (2, 4):
+    checkpoint.save(mngr, step, state)
+  mngr.wait_until_finished()
+  piece = np.asarray(w).tobytes()[4096:4160]
+  data, = [f for f in (tmp_path / "checkpoints" / "4" / "state").glob("ocdbt.process_0/d/*")
+           if piece in f.read_bytes()]
+  raw = data.read_bytes()
+  data.write_bytes(raw.replace(piece, bytes(b ^ 0x5A for b in piece)))
+  with pytest.raises(checkpoint.CheckpointError, match=(
+      rf"^The latest checkpoint, {tmp_path}/checkpoints/4, is corrupt: 1 of its arrays \(w, "
+      r"\.\.\.\) differ from the checksums stored when it was saved; delete it to resume from "
+      r"step 2\.$")):
+    checkpoint.restore(checkpoint.manager(tmp_path, CFG), jax.eval_shape(lambda: state))
+
+
+def test_another_config_is_not_called_corrupt(tmp_path, mesh):
+  """A checkpoint of another width: the shapes say so before anything is read, and the advice
+  is to change the config, not to delete the checkpoint."""
+  _, abstract = saved(tmp_path, mesh, [2])
+  abstract["w"] = jax.ShapeDtypeStruct((4, 5), abstract["w"].dtype,
+                                       sharding=abstract["w"].sharding)
+  with pytest.raises(checkpoint.CheckpointError, match=(
+      rf"^The latest checkpoint, {tmp_path}/checkpoints/2, was saved with another config: w is "
+      r"\(4, 3\) there, \(4, 5\) here \(and 0 more arrays differ\)\. Run with the config it was "
+      rf"saved with \({tmp_path}/config.json\), or use another --workdir; the checkpoint is "
+      r"fine, do not delete it\.$")):
+    checkpoint.restore(checkpoint.manager(tmp_path, CFG), abstract)
+
+
+def test_a_non_finite_state_is_not_saved(tmp_path, mesh):
+  """inf in any array (here the weights, while a loss could still be finite) stops the save."""
+  mngr, _ = saved(tmp_path, mesh, [2])
+  state = make(mesh)(jax.random.key(0), 1.0)
+  state["w"] = state["w"].at[1, 2].set(jnp.inf)
+  with pytest.raises(FloatingPointError, match=(
+      r"^The state at step 4 holds NaN or inf in 1 arrays \(w, \.\.\.\) and is not saved: "
+      rf"training diverged\. The last good checkpoint is {tmp_path}/checkpoints/2 \(step 2\);")):
+    checkpoint.save(mngr, 4, state)
+  mngr.wait_until_finished()
+  assert mngr.all_steps() == [2]
+
+
+def test_sigint_saves_then_a_second_stops_at_once(tmp_path):
+  """A first Ctrl-C asks for a save; the handler then steps aside, so that a second one ends the
+  process at once (here a child process, killed by SIGINT)."""
+  mngr = checkpoint.manager(tmp_path, CFG)
+  preemption = checkpoint.Preemption()
+  try:
+    os.kill(os.getpid(), signal.SIGINT)
+    assert preemption.reached(mngr, 1)
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_DFL
+    assert str(preemption.stop(mngr, 1)) == (
+        f"Interrupted (Ctrl-C): saved step 1 to {tmp_path}/checkpoints/1; rerun the same "
+        "command to resume from it.")
+  finally:
+    preemption.close()
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  script = ("import os, signal, time\nfrom sce_jax import checkpoint\n"
+            "p = checkpoint.Preemption()\nos.kill(os.getpid(), signal.SIGINT)\n"
+            "assert p.requested\nos.kill(os.getpid(), signal.SIGINT)\ntime.sleep(30)\n")
+  out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=120)
+  assert out.returncode == -signal.SIGINT, out.stderr[-2000:]

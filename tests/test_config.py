@@ -1,4 +1,5 @@
 """Config files (docs/SCE.md section 5), variants, and `validate`'s message for each bad input."""
+import functools
 import os
 import subprocess
 import sys
@@ -6,6 +7,7 @@ import sys
 import pytest
 
 from sce_jax import config as sce_config
+from sce_jax import train
 from sce_jax.data import presets, sources
 from tests.helpers import CONFIGS, load_config
 
@@ -241,3 +243,40 @@ def test_cli_validates_before_compiling(cifar_root, tmp_path):
       "Error: batch_size=36 does not split evenly over 8 devices; set --config.batch_size to "
       "a multiple of 8, e.g. 32.")
   assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("key", sce_config.POSITIVE)
+def test_counts_below_one(good, key):
+  *sections, name = key.split(".")
+  functools.reduce(lambda c, s: c[s], sections, good)[name] = 0
+  with pytest.raises(sce_config.ConfigError, match=rf"^{key}=0 must be at least 1; set "
+                     rf"--config.{key} to a positive value\.$"):
+    sce_config.validate(good, 1, 1)
+
+
+def test_dataset_smaller_than_a_batch(good, tmp_path):
+  """Found when the data are opened, before the workdir is locked or anything compiles."""
+  good.batch_size = 256  # The generated training split has 200 images.
+  with pytest.raises(sce_config.ConfigError, match=(
+      r"^The training split has 200 images, fewer than one batch \(batch_size=256\); set "
+      r"--config.batch_size to at most 200")):
+    train.train(good, tmp_path)
+  assert not list(tmp_path.iterdir())
+
+
+def test_cli_missing_config_file_epochs_and_checkpoint(cifar_root, tmp_path):
+  """Each a one-line error naming the fix, before anything compiles."""
+  out = cli("--config=configs/cifar10.py:smoke", f"--workdir={tmp_path}")
+  assert (out.returncode, out.stderr.splitlines()[-1]) == (1, (
+      "Config error: config file 'configs/cifar10.py' does not exist; pass "
+      "--config=configs/<name>.py[:variants] (e.g. configs/cifar10_r18.py:smoke)."))
+  common = ("--config=configs/cifar10_r18.py:smoke", f"--config.data.path={cifar_root}",
+            f"--workdir={tmp_path}")
+  out = cli(*common, "--config.epochs=0")
+  assert (out.returncode, out.stderr.splitlines()) == (1, [
+      "Error: epochs=0 must be at least 1; set --config.epochs to a positive value."])
+  out = cli(*common, "--mode=knn")
+  assert (out.returncode, out.stderr.splitlines()) == (1, [
+      f"Error: --mode=knn evaluates a checkpoint, and {tmp_path}/checkpoints has none; train "
+      "first with this --workdir, or pass --config.eval.checkpoint=PATH (a workdir or weights "
+      "to evaluate)."])

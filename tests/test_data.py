@@ -33,7 +33,7 @@ def sharding():
 def _cfg(**overrides):
   cfg = dict(source="folder", name="", path="", eval_path="", data_dir=None, train_split="train",
              eval_split="test", image_size=32, loader="auto", shuffle_buffer=64, num_workers=0,
-             prefetch=2, cache=False)
+             prefetch=2, cache=False, strict=False)
   return ml_collections.ConfigDict({**cfg, **overrides})
 
 
@@ -209,7 +209,7 @@ def test_train_iterator_without_tensorflow(cifar_root):
       cfg = ml_collections.ConfigDict(dict(
           source="folder", name="", path={str(cifar_root)!r}, eval_path="", data_dir=None,
           train_split="train", eval_split="test", image_size=32, loader="auto",
-          shuffle_buffer=64, num_workers=0, prefetch=2, cache=False))
+          shuffle_buffer=64, num_workers=0, prefetch=2, cache=False, strict=False))
       sharding = NamedSharding(jax.make_mesh((1,), ("data",)), P("data"))
       batch = next(pipeline.train_iterator(sources.Splits(cfg).train, cfg, global_batch_size=8,
                                            views=presets.get("cifar", 32), seed=0,
@@ -357,3 +357,91 @@ def test_archive_of_several_sizes_is_unpacked(large_root, tmp_path):
                               cache_dir=str(tmp_path / "cache"))).train
   assert isinstance(split, sources.ImageFolder) and len(split) == 12
   assert not list((tmp_path / "cache").iterdir())
+
+
+BAD = ("x_flipped.jpg", "x_empty.jpg", "x_random.jpg")
+
+
+@pytest.fixture(scope="module")
+def damaged_root(cifar_root, tmp_path_factory):
+  """Two classes of 8 good JPEGs a split, and in class 'a' of each split the three files a user
+  meets: a JPEG with 64 flipped bytes, an empty file and random bytes."""
+  root = tmp_path_factory.mktemp("damaged")
+  rng = np.random.default_rng(0)
+  good = sorted(cifar_root.glob("train/*/*.jpg"))
+  for split in ("train", "test"):
+    for c, name in enumerate("ab"):
+      (root / split / name).mkdir(parents=True)
+      for i in range(8):
+        (root / split / name / f"{i}.jpg").write_bytes(good[20 * c + i].read_bytes())
+    jpeg = bytearray(good[0].read_bytes())
+    for i in rng.choice(np.arange(200, len(jpeg) - 10), 64, replace=False):
+      jpeg[i] ^= 0xFF
+    contents = (bytes(jpeg), b"", rng.bytes(500))
+    for name, content in zip(BAD, contents):
+      (root / split / "a" / name).write_bytes(content)
+      with pytest.raises(sources.UndecodableImage):
+        sources.decode({"image": content, "name": name})
+  return root
+
+
+def _skipped(caplog):
+  return sorted(r.getMessage().split()[3].rsplit("/", 1)[-1] for r in caplog.records
+                if r.getMessage().startswith("Skipped undecodable image "))
+
+
+@pytest.mark.parametrize("cache", [False, True])
+@pytest.mark.parametrize("loader", LOADERS)
+def test_undecodable_images_are_skipped(damaged_root, sharding, loader, cache, caplog):
+  """Both loaders skip a corrupt JPEG, an empty file and random bytes, naming each once: in
+  training another image of the batch stands in, so batches stay full and resuming stays exact;
+  in evaluation they are left out. data.strict=True stops at the first one instead."""
+  cfg = _cfg(path=str(damaged_root), loader=loader, cache=cache)
+  splits = sources.Splits(cfg)
+  good = np.stack([np.asarray(sources.decode(splits.train[i])) for i in range(len(splits.train))
+                   if not splits.train.paths[i].endswith(BAD)])
+  make = lambda start_step=0: pipeline.train_iterator(
+      splits.train, cfg, global_batch_size=8, views=(WHOLE,), seed=0, start_step=start_step,
+      sharding=sharding)
+  batches = _take(make(), 4)  # 19 files an epoch: every one met, some twice.
+  assert _skipped(caplog) == sorted(BAD)
+  seen = np.concatenate([b["views"][0] for b in batches]).astype(np.float32)
+  distance = np.abs(seen[:, None] - good[None].astype(np.float32)).mean(axis=(2, 3, 4))
+  assert distance.min(axis=1).max() < 3.0  # Every row is a good image (TF decodes ~1 apart).
+  assert _equal(_take(make(start_step=3), 1)[0], batches[3])
+
+  caplog.clear()
+  batches = list(pipeline.eval_iterator(splits.eval, cfg, global_batch_size=8,
+                                        sharding=sharding))
+  assert sum(int(np.asarray(b["mask"]).sum()) for b in batches) == 16
+  assert _skipped(caplog) == sorted(BAD)
+  assert all("left out of the evaluation" in r.getMessage() for r in caplog.records)
+
+  cfg.strict = True
+  with pytest.raises(sources.DataError, match=r"cannot decode image .*x_.*\.jpg; replace or "
+                     r"remove it, or set --config.data.strict=False"):
+    _take(make(), 4)
+
+
+def test_empty_class_folder_and_a_file_for_data_path(cifar_root, tmp_path, caplog):
+  """An empty class folder is left out with a warning, and the test split is labelled by the
+  training split's classes; class folders the training split lacks, or a data.path that is a
+  plain file, are one-line errors."""
+  good = sorted(cifar_root.glob("train/*/*.jpg"))
+  for split in ("train", "test"):
+    for name in ("a", "b", "c"):
+      (tmp_path / split / name).mkdir(parents=True)
+    for name, image in (("a", good[0]), ("c", good[30])):
+      (tmp_path / split / name / "0.jpg").write_bytes(image.read_bytes())
+  splits = sources.Splits(_cfg(path=str(tmp_path)))
+  assert splits.train.classes == ["a", "c"] and splits.num_classes == 2
+  assert f"Left out 1 class folder(s) of {tmp_path}/train that hold no" in caplog.text
+  assert list(splits.eval.labels) == [0, 1]
+  (tmp_path / "test" / "b" / "0.jpg").write_bytes(good[10].read_bytes())
+  with pytest.raises(sources.DataError, match=r"test has class folders the training split "
+                     r"lacks: b; both splits need the same class folders\."):
+    sources.Splits(_cfg(path=str(tmp_path))).eval
+  (tmp_path / "notes.txt").write_text("not images")
+  with pytest.raises(sources.DataError, match=r"notes.txt is a file but not a \.tar, \.tar\.gz "
+                     r"or \.tgz archive; set --config.data.path"):
+    sources.Splits(_cfg(path=str(tmp_path / "notes.txt")))

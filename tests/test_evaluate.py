@@ -70,8 +70,8 @@ def test_extract_features_sees_every_example_once():
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8)
   data = ml_collections.ConfigDict(dict(
-      image_size=8, loader="grain", num_workers=0, prefetch=2, cache=True, mean=(0.5, 0.4, 0.3),
-      std=(0.2, 0.25, 0.3)))
+      image_size=8, loader="grain", num_workers=0, prefetch=2, cache=True, strict=False,
+      mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3)))
   trunk = models.make_trunk(ml_collections.ConfigDict(dict(
       trunk="resnet18", width=2, small_stem=True, dtype="float32")))
   variables = jax.jit(trunk.init, static_argnames="train")(
@@ -115,7 +115,7 @@ def test_linear_probe_learns_separable_features():
 
 def test_knn_and_linear_eval_on_cifar_slice(cifar_root, tmp_path, monkeypatch):
   """Both evaluations end to end on a tiny random trunk: 200 train / 100 test images. A probe
-  preempted at step 2 (it saves and returns None) and run again resumes to the same losses,
+  preempted at step 2 (it saves and raises Preempted) and run again resumes to the same losses,
   checkpoints and accuracy as an uninterrupted one, through an lr milestone (half an epoch)."""
   config = load_config("cifar10_r18", "smoke")
   config.data.path = str(cifar_root)
@@ -138,7 +138,8 @@ def test_knn_and_linear_eval_on_cifar_slice(cifar_root, tmp_path, monkeypatch):
   assert 0.0 <= whole["linear_top1"] <= whole["linear_top5"] <= 1.0
   with monkeypatch.context() as patch:
     patch.setattr(checkpoint.Preemption, "reached", lambda self, mngr, step: step == 2)
-    assert linear.linear_eval(config, variables, mesh, splits, tmp_path / "split") is None
+    with pytest.raises(checkpoint.Preempted, match="saved step 2 to .*split/linear"):
+      linear.linear_eval(config, variables, mesh, splits, tmp_path / "split")
   assert linear.linear_eval(config, variables, mesh, splits, tmp_path / "split") == whole
   a, b = metrics.read(tmp_path / "whole" / "linear"), metrics.read(tmp_path / "split" / "linear")
   assert sorted(a) == [1, 2, 3, 4] and a == b

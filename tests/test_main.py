@@ -1,8 +1,12 @@
-"""The training program: exact resume, divergence, and the command line end to end."""
+"""The training program: exact resume, divergence, a failed save, and the command line end to
+end (Ctrl-C, exit codes, the workdir lock, what it prints)."""
 import json
+import logging
 import os
 import pathlib
+import resource
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -10,7 +14,8 @@ import time
 import jax
 import pytest
 
-from sce_jax import checkpoint, metrics, sharding, train
+from sce_jax import checkpoint, main, metrics, sharding, train
+from sce_jax import workdir as workdir_lib
 from tests.helpers import load_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -34,16 +39,23 @@ def mesh():
   return sharding.make_mesh(jax.devices()[:1])
 
 
-def test_resume_is_exact_and_divergence_stops(cifar_root, tmp_path, mesh):
+def test_resume_is_exact_and_divergence_stops(cifar_root, tmp_path, mesh, caplog):
   """An uninterrupted run of 8 steps with kNN monitoring every epoch (6 steps) and at the end,
   and one stopped after 4 and resumed to 8 (crossing an epoch boundary at 6), log the same
-  metrics step for step. Then a diverging continuation stops at its first NaN loss, naming
-  the step and the last checkpoint. (One test: the runs are the expensive part.)"""
+  metrics step for step; the resumed run verifies the checksums and warns that max_steps
+  changed. Then a diverging continuation stops at its first NaN loss, naming the step and the
+  last checkpoint. (One test: the runs are the expensive part.)"""
   whole, split = tmp_path / "whole", tmp_path / "split"
   train.train(smoke_config(cifar_root, max_steps=8, knn_every_epochs=1), whole, mesh)
   train.train(smoke_config(cifar_root, max_steps=4), split, mesh)
   first = metrics.read(split)
+  assert json.loads((split / workdir_lib.CONFIG).read_text())["max_steps"] == 4
+  caplog.clear()
+  caplog.set_level(logging.INFO)
   train.train(smoke_config(cifar_root, max_steps=8), split, mesh)
+  assert f"Restored step 4 from {split}/checkpoints/4 (checksums verified)." in caplog.text
+  assert "this workdir was started with" in caplog.text and "max_steps 4 -> 8." in caplog.text
+  assert not (split / workdir_lib.LOCK).exists()
 
   assert sorted(first) == [1, 2, 3, 4]
   config = smoke_config(cifar_root, max_steps=12)
@@ -69,6 +81,31 @@ def test_resume_is_exact_and_divergence_stops(cifar_root, tmp_path, mesh):
   assert checkpoint.manager(split, config.checkpoint).all_steps() == [4, 8]
 
 
+def test_a_failed_save_stops_the_run_before_the_next(cifar_root, tmp_path, mesh):
+  """A checkpoint that cannot be written stops the run in one line within the log interval,
+  not at the next save. A full disk needs root to make; a file-size limit fails the same
+  write (EFBIG, 'File too large', instead of ENOSPC)."""
+  config = smoke_config(cifar_root, max_steps=24)  # Saves at 8, 16, 24; logs every step.
+  soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+  previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # Else the signal kills the test.
+  resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))  # The state takes ~500 KB.
+  try:
+    with pytest.raises(checkpoint.CheckpointError) as e:
+      train.train(config, tmp_path, mesh)
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    signal.signal(signal.SIGXFSZ, previous)
+  message = str(e.value)
+  assert message.startswith(f"Saving a checkpoint in {tmp_path}/checkpoints failed (")
+  assert "checkpoints/8.orbax-checkpoint-tmp" in message and "File too large" in message
+  assert message.endswith("). The last complete checkpoint is none (no checkpoint was saved); "
+                          "free space on that disk (or fix its permissions or quota) and rerun "
+                          "to resume from it.")
+  assert "\n" not in message
+  assert 8 <= max(metrics.read(tmp_path)) < 16
+  assert not (tmp_path / workdir_lib.LOCK).exists()
+
+
 # --- The command line, as a user runs it, here without TensorFlow (grain input, JSONL only).
 
 
@@ -91,18 +128,24 @@ def environment(no_tf):
           "PYTHONPATH": str(no_tf)}
 
 
-def run(cmd, no_tf):
+def run(cmd, no_tf, returncode=0):
   out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=environment(no_tf),
                        timeout=240)
-  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.returncode == returncode, out.stderr[-3000:]
   return out.stderr
 
 
-def test_command_line_preempt_resume_evaluate(cifar_root, no_tf, tmp_path):
-  """Smoke pretraining stopped by SIGTERM saves and exits cleanly, resumes from that step,
-  and its final checkpoint is evaluated by kNN and by a linear probe."""
+def messages(stderr):
+  """The log lines without absl's prefix ('I1128 10:59:48.31 123 file.py:12] ')."""
+  return [line.split("] ", 1)[-1] for line in stderr.splitlines()]
+
+
+def test_command_line_interrupt_resume_evaluate(cifar_root, no_tf, tmp_path):
+  """Smoke pretraining: a second run on its workdir is refused, naming the first; Ctrl-C saves
+  and exits with EXIT_PREEMPTED; a rerun resumes from that step, printing a few lines; its
+  final checkpoint is evaluated by kNN and by a linear probe."""
   workdir = tmp_path / "work"
-  long_run = ("--config.epochs=50", "--config.max_steps=-1")  # 300 steps: time to kill it
+  long_run = ("--config.epochs=50", "--config.max_steps=-1")  # 300 steps: time to stop it
   with open(tmp_path / "train.log", "w") as log_file:
     proc = subprocess.Popen(command(cifar_root, workdir, *long_run), cwd=ROOT,
                             env=environment(no_tf), stdout=subprocess.DEVNULL, stderr=log_file)
@@ -111,19 +154,32 @@ def test_command_line_preempt_resume_evaluate(cifar_root, no_tf, tmp_path):
     while not (log.exists() and log.read_text()) and proc.poll() is None:
       assert time.time() < deadline, "no step logged in time"
       time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    second = run(command(cifar_root, workdir, *long_run), no_tf, main.EXIT_ERROR)
+    assert messages(second)[-1].startswith(
+        f"Error: {workdir} is in use by process {proc.pid} on {socket.gethostname()} (since ")
+    proc.send_signal(signal.SIGINT)
     proc.wait(timeout=120)
   stderr = (tmp_path / "train.log").read_text()
-  assert proc.returncode == 0, stderr[-3000:]
+  assert proc.returncode == main.EXIT_PREEMPTED, stderr[-3000:]
   mngr = checkpoint.manager(workdir, smoke_config(cifar_root).checkpoint)
   stopped = mngr.latest_step()
   assert 4 <= stopped < 300
-  assert f"Preempted: saved step {stopped} to {workdir}/checkpoints/{stopped}" in stderr
+  assert messages(stderr)[-1] == (
+      f"Interrupted (Ctrl-C): saved step {stopped} to {workdir}/checkpoints/{stopped}; rerun "
+      "the same command to resume from it.")
   assert max(metrics.read(workdir)) == stopped  # the last step is logged before its save
 
   stderr = run(command(cifar_root, workdir, *long_run, f"--config.max_steps={stopped + 4}"),
                no_tf)
-  assert f"Restored the checkpoint of step {stopped}" in stderr
+  lines = messages(stderr)
+  assert f"Restored step {stopped} from {workdir}/checkpoints/{stopped} (checksums verified)." in (
+      lines)
+  # The default output: a warning (max_steps changed), the restore, the summary, the parameter
+  # count, a line per log step (every 4) and per checkpoint (every 8, and the last).
+  kinds = ("The config differs", "Restored step", "SCE pretraining", "Parameters: ", "step ",
+           "Saving step ")
+  assert all(line.startswith(kinds) for line in lines), stderr
+  assert len(lines) <= 8
   assert max(metrics.read(workdir)) == stopped + 4
   assert checkpoint.manager(workdir, smoke_config(cifar_root).checkpoint).latest_step() == (
       stopped + 4)

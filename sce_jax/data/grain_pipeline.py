@@ -7,7 +7,8 @@ at 1/2 (1/4, 1/8) scale and the windows are mapped onto the smaller image. Each 
 straight from the decoded image (PIL's `box`), with no intermediate copy. Everything is a grain
 MapDataset indexed by position in the infinite stream, so a batch depends only on (seed, process,
 step): resuming at `start_step` is slicing, and the number of worker processes does not change
-the batches.
+the batches. An undecodable image comes out as crops of a black pixel, named in 'skipped' for
+pipeline.py to skip.
 """
 import functools
 import math
@@ -70,8 +71,8 @@ def _crop_views(record, rng, views):
     s = _draft_scale(full["windows"], views)
     return (width // s, height // s) if s > 1 else None
 
-  image = sources.decode(record, draft)
-  if "windows" not in full:  # An already-decoded array.
+  image, skipped = sources.decode_or_placeholder(record, draft)
+  if skipped or "windows" not in full:  # The placeholder, or an already-decoded array.
     full["size"], full["windows"] = image.size, _windows(u, image.height, image.width, views)
   s = round(full["size"][0] / image.width)  # 1, or the decode scale: image is ceil(size / s).
   out = []
@@ -79,21 +80,23 @@ def _crop_views(record, rng, views):
     box = (left, top, left + w, top + h) if s == 1 else (
         left / s, top / s, (left + w) / s, (top + h) / s)
     out.append(np.asarray(image.resize((v.size, v.size), Image.BILINEAR, box=box)))
-  return {"views": tuple(out), "label": np.int32(record["label"])}
+  return {"views": tuple(out), "label": np.int32(record["label"]), "skipped": skipped}
 
 
 def _eval_example(shard, image_size, i):
   """Example i of this process's share, or a masked zero example past its end (padding)."""
   if i >= len(shard):
     return {"image": np.zeros((image_size, image_size, 3), np.uint8),
-            "label": np.int32(0), "mask": False}
+            "label": np.int32(0), "mask": False, "skipped": ""}
   record = shard[i]
-  return {"image": center_crop(sources.decode(record), image_size),
-          "label": np.int32(record["label"]), "mask": True}
+  image, skipped = sources.decode_or_placeholder(record)
+  return {"image": center_crop(image, image_size), "label": np.int32(record["label"]),
+          "mask": not skipped, "skipped": skipped}
 
 
 def _decoded(record):
-  return {"image": np.asarray(sources.decode(record)), "label": record["label"]}
+  image, skipped = sources.decode_or_placeholder(record)
+  return {"image": np.asarray(image), "label": record["label"], "skipped": skipped}
 
 
 def _shard(source, data_cfg, process_index, process_count, equal):

@@ -12,13 +12,27 @@ data_cfg keys read here and by the host stages:
   num_workers: grain worker processes (0 = `prefetch` threads of this process).
   prefetch: host batches prepared ahead.
   cache: keep decoded images in host memory (CIFAR-size sets).
+  strict: an undecodable image stops the run (DataError) instead of being skipped.
+
+An image that cannot be decoded (corrupt, truncated, empty) is skipped, the same way on both
+host stages: they stand a black pixel in for it and name its file in the batch's 'skipped'
+strings; here each file is named in a warning (the first SKIPPED_NAMED of them) and, in
+training, its row takes a copy of the next good row of the batch, so batches keep their size
+and stay a function of (seed, process, step), which exact resuming needs; in evaluation its row
+is masked out.
 
 Nothing here imports TensorFlow unless the tf.data loader is chosen.
 """
+import math
+
 import jax
+import numpy as np
+from absl import logging
 
 from sce_jax import sharding as sharding_lib
 from sce_jax.data import sources
+
+SKIPPED_NAMED = 10  # Undecodable files named one by one; after them, counts at 100, 1000, ...
 
 # 'auto': tf.data where TensorFlow is installed and the source is on disk, else grain.
 LOADERS = ("auto", "tf", "grain")
@@ -46,6 +60,59 @@ def _local_batch(global_batch_size):
   return global_batch_size // jax.process_count()
 
 
+class _Skipped:
+  """The undecodable files one iterator has met: warned about, counted, or an error."""
+
+  def __init__(self, strict, instead):
+    self.strict, self.instead, self.seen = strict, instead, set()
+
+  def report(self, names):
+    for name in names:
+      if self.strict:
+        raise sources.DataError(
+            f"cannot decode image {name}; replace or remove it, or set "
+            "--config.data.strict=False to skip undecodable images.")
+      if name in self.seen:  # Met again in a later epoch.
+        continue
+      self.seen.add(name)
+      count = len(self.seen)
+      if count <= SKIPPED_NAMED:
+        logging.warning("Skipped undecodable image %s (%d so far; %s; data.strict=True stops "
+                        "instead).", name, count, self.instead)
+      elif math.log10(count).is_integer():
+        logging.warning("Skipped %d undecodable images so far (only the first %d are named).",
+                        count, SKIPPED_NAMED)
+
+
+def _fill(batch, bad):
+  """The batch with each row in `bad` replaced by the next good row (cyclically)."""
+  good = np.flatnonzero(~bad)
+  if not good.size:
+    raise sources.DataError("every image of a batch is undecodable; check data.path.")
+  rows = np.arange(len(bad))
+  rows[bad] = good[np.searchsorted(good, rows[bad]) % good.size]
+  return jax.tree.map(lambda x: x[rows], batch)
+
+
+def _skip_undecodable(batches, strict, train):
+  """Host batches without their 'skipped' names, reported (`_Skipped`); in training, the rows
+  of the undecodable images hold copies of other rows (evaluation masks them already)."""
+  skipped = _Skipped(strict, "another image of its batch stands in for it" if train
+                     else "left out of the evaluation")
+  try:
+    for batch in batches:
+      names = [n.decode() if isinstance(n, bytes) else str(n) for n in batch.pop("skipped")]
+      bad = np.array([bool(n) for n in names])
+      if bad.any():
+        skipped.report(n for n in names if n)
+        if train:
+          batch = _fill(batch, bad)
+      yield batch
+  finally:
+    if hasattr(batches, "close"):  # Stops the host stage (grain's worker processes).
+      batches.close()
+
+
 def train_iterator(source, data_cfg, *, global_batch_size, views, seed, start_step=0,
                    sharding):
   """Infinite training batches {'views': tuple of uint8 (B, s_v, s_v, 3), 'label': int32 (B,)}.
@@ -58,7 +125,8 @@ def train_iterator(source, data_cfg, *, global_batch_size, views, seed, start_st
       source, data_cfg, views=tuple(views), batch_size=_local_batch(global_batch_size),
       seed=seed, start_step=start_step, process_index=jax.process_index(),
       process_count=jax.process_count())
-  return sharding_lib.to_global(batches, sharding)
+  return sharding_lib.to_global(_skip_undecodable(batches, data_cfg.strict, train=True),
+                                sharding)
 
 
 def eval_iterator(source, data_cfg, *, global_batch_size, sharding):
@@ -71,4 +139,5 @@ def eval_iterator(source, data_cfg, *, global_batch_size, sharding):
   batches = _host_stage(source, data_cfg.loader).eval_batches(
       source, data_cfg, batch_size=_local_batch(global_batch_size),
       process_index=jax.process_index(), process_count=jax.process_count())
-  return sharding_lib.to_global(batches, sharding)
+  return sharding_lib.to_global(_skip_undecodable(batches, data_cfg.strict, train=False),
+                                sharding)

@@ -2,9 +2,11 @@
 
 A source has `__len__` and `__getitem__(i) -> {'image', 'label'}` (grain's RandomAccessDataSource
 protocol), and knows its `num_examples` and `num_classes`. 'image' is encoded bytes
-(`ImageFolder`), or a decoded uint8 (H, W, 3) array (`InMemory`, `Tfds`); `decode` turns either
-into a PIL image. `Splits(data_cfg)` resolves the config's `source` string once; everything
-downstream receives source objects. Nothing here imports TensorFlow at module level; `Tfds`
+(`ImageFolder`, whose records also hold the file's 'name'), or a decoded uint8 (H, W, 3) array
+(`InMemory`, `Tfds`); `decode` turns either into a PIL image, and `decode_or_placeholder` puts a
+black pixel in place of a file that cannot be decoded, for the pipelines to skip (pipeline.py).
+`Splits(data_cfg)` resolves the config's `source` string once; everything downstream receives
+source objects. Nothing here imports TensorFlow at module level; `Tfds`
 imports tensorflow_datasets when opened.
 
 An archive (.tar/.tar.gz) of images of one size (CIFAR, STL-10, Tiny ImageNet) is decoded once
@@ -27,14 +29,28 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
+from sce_jax import logs
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 EVAL_SPLITS = ("test", "val", "validation")
 _ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-_CACHE_FORMAT = 1  # Bump when the cache's layout or decoding changes: old entries are not read.
+_CACHE_FORMAT = 2  # Bump when the cache's layout or decoding changes: old entries are not read.
 
 
 class DataError(ValueError):
   """Data that cannot be read as configured; the message names the key to set."""
+
+
+class UndecodableImage(ValueError):
+  """An image file that cannot be decoded (corrupt, truncated, empty, not an image)."""
+
+  def __init__(self, name, cause):
+    super().__init__(f"cannot decode image {name}: {cause}")
+    self.name = name
+
+
+# What stands in for an undecodable image until the pipeline skips it: one black pixel.
+PLACEHOLDER = np.zeros((1, 1, 3), np.uint8)
 
 
 def is_archive(path) -> bool:
@@ -79,6 +95,31 @@ def _class_root(root, split: str, listdir=_listdir):
   return root
 
 
+def _labelled(found, where, classes=None):
+  """(classes, files, labels) of class folders `found` ({name: its image files, in order}).
+
+  classes: the names that labels index (the training split's, for another split); by default
+  the folders that hold images. An empty class folder is left out, with a warning: a class
+  without an image would shift the labels of the next ones.
+  """
+  empty = [name for name, files in found.items() if not files]
+  if empty:
+    logging.warning("Left out %d class folder(s) of %s that hold no %s images: %s.", len(empty),
+                    where, "/".join(IMAGE_EXTENSIONS), ", ".join(empty))
+  classes = list(classes) if classes is not None else [n for n in found if found[n]]
+  unknown = [name for name in found if found[name] and name not in classes]
+  if unknown:
+    raise DataError(f"{where} has class folders the training split lacks: "
+                    f"{', '.join(unknown)}; both splits need the same class folders.")
+  files, labels = [], []
+  for label, name in enumerate(classes):
+    files += found.get(name, [])
+    labels += [label] * len(found.get(name, []))
+  if not files:
+    raise DataError(f"no {'/'.join(IMAGE_EXTENSIONS)} images in class folders under {where}")
+  return classes, files, np.asarray(labels, np.int32)
+
+
 class ImageFolder:
   """A class-folder tree `root/<class>/<image>` (JPEG/PNG), classes sorted by name.
 
@@ -86,24 +127,25 @@ class ImageFolder:
   / .tar.gz archive of either, unpacked once into a temporary folder.
   """
 
-  def __init__(self, path, split: str = "train"):
+  def __init__(self, path, split: str = "train", classes=None):
+    """classes: the class names that labels index, as `_labelled`."""
     path = pathlib.Path(path)
     if not path.exists():
       raise DataError(
           f"dataset not found at {path}; set --config.data.path=... (a class-folder tree or a "
           ".tar/.tar.gz of one)")
+    if path.is_file() and not is_archive(path):
+      raise DataError(f"{path} is a file but not a .tar, .tar.gz or .tgz archive; set "
+                      "--config.data.path (or data.eval_path) to a class-folder tree or an "
+                      "archive of one.")
     self.root = _class_root(_extract(str(path.resolve())) if is_archive(path) else path, split)
-    self.classes = sorted(d.name for d in self.root.iterdir() if d.is_dir())
-    paths, labels = [], []
-    for label, name in enumerate(self.classes):
+    found = {}
+    for name in sorted(d.name for d in self.root.iterdir() if d.is_dir()):
       for folder, _, files in sorted(os.walk(self.root / name)):
-        found = sorted(f for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
-        paths += [os.path.join(folder, f) for f in found]
-        labels += [label] * len(found)
-    if not paths:
-      raise DataError(f"no {'/'.join(IMAGE_EXTENSIONS)} images in class folders under {path}")
-    self.paths = paths
-    self.labels = np.asarray(labels, np.int32)
+        found.setdefault(name, []).extend(
+            os.path.join(folder, f) for f in sorted(files)
+            if f.lower().endswith(IMAGE_EXTENSIONS))
+    self.classes, self.paths, self.labels = _labelled(found, self.root, classes)
 
   def __len__(self):
     return len(self.paths)
@@ -150,7 +192,8 @@ class InMemory:
 def _scan_archive(archive):
   """(listing, {path: bytes}) of every image in a class-folder archive, read in one pass;
   listing maps a folder to its (subfolder names, file names). None as soon as two images
-  differ in size (their headers tell), so an ImageNet archive is not read beyond that."""
+  differ in size or one has no readable header (ImageNet, a damaged file): such an archive is
+  not cached but unpacked, and not read beyond that point."""
   listing, images, size = {}, {}, None
   entry = lambda folder: listing.setdefault(folder, (set(), []))
   with tarfile.open(archive) as tar:
@@ -168,62 +211,65 @@ def _scan_archive(archive):
       data = tar.extractfile(member).read()
       try:
         image_size = Image.open(io.BytesIO(data)).size
-      except (OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"cannot decode image {archive}/{path}: {e}") from e
+      except (OSError, SyntaxError, ValueError):
+        return None
       if size not in (None, image_size):
         return None
       size, images[path] = image_size, data
   return listing, images
 
 
-def _decode_archive(archive, split, dest):
+def _decode_archive(archive, split, dest, classes):
   """Decodes one split of `archive` into dest/{images.npy, labels.npy, classes.json}, in
-  ImageFolder's order (classes sorted, then folders and files sorted). False if its images
-  differ in size."""
+  ImageFolder's order and with its labels (`_labelled`). False if the archive is not one of
+  images of one size that all decode."""
   scanned = _scan_archive(archive)
   if scanned is None:
     return False
   listing, files = scanned
   root = _class_root(pathlib.PurePosixPath("."), split,
                      lambda folder: listing.get(folder, ((), [])))
-  classes = sorted(listing.get(root, ((), []))[0])
-  label = {name: i for i, name in enumerate(classes)}
-  chosen = sorted((label[p.relative_to(root).parts[0]], str(p.parent), p.name, p)
-                  for p in files if p.is_relative_to(root) and len(p.relative_to(root).parts) > 1)
-  if not chosen:
-    raise DataError(f"no {'/'.join(IMAGE_EXTENSIONS)} images in class folders under {archive}")
-  width, height = Image.open(io.BytesIO(files[chosen[0][-1]])).size
+  ordered = sorted(files, key=lambda p: (str(p.parent), p.name))
+  found = {name: [p for p in ordered if p.is_relative_to(root / name)]
+           for name in sorted(listing.get(root, ((), []))[0])}
+  classes, chosen, labels = _labelled(found, f"{archive}:{root}", classes)
+  width, height = Image.open(io.BytesIO(files[chosen[0]])).size
   images = np.lib.format.open_memmap(dest / "images.npy", mode="w+", dtype=np.uint8,
                                      shape=(len(chosen), height, width, 3))
-  decode_into(images, [{"image": files[c[-1]], "name": f"{archive}/{c[-1]}"} for c in chosen])
+  try:
+    decode_into(images, [{"image": files[p], "name": f"{archive}:{p}"} for p in chosen])
+  except UndecodableImage as e:
+    logging.info("%s; unpacking %s rather than caching it.", e, archive)
+    return False
   images.flush()
-  np.save(dest / "labels.npy", np.asarray([c[0] for c in chosen], np.int32))
+  np.save(dest / "labels.npy", labels)
   (dest / "classes.json").write_text(json.dumps(classes))
   return True
 
 
-def read_archive(archive, split, cache_dir):
+def read_archive(archive, split, cache_dir, classes=None):
   """One split of a class-folder archive as an `InMemory` source, from the array cache in
-  `cache_dir`, which the first call builds; None when the archive's images differ in size.
+  `cache_dir`, which the first call builds; None when it cannot be cached (`_decode_archive`).
 
-  An entry is keyed by the archive's path, size and mtime and the split, so a changed archive
-  is decoded again. It is built in a temporary folder beside it and renamed into place: a
+  classes: as `_labelled`. An entry is keyed by the archive's path, size and mtime, the split
+  and the classes, so a changed archive is decoded again. It is built in a temporary folder beside it and renamed into place: a
   process never reads a partial entry, and of two processes building it at once the second
   rename fails and that process reads the first's (a killed build leaves only a hidden
   `.NAME.*` folder). Images are memory-mapped, so a second start reads them in seconds.
   """
   archive = pathlib.Path(archive).resolve()
   stat = archive.stat()
-  key = f"{archive}\0{stat.st_size}\0{stat.st_mtime_ns}\0{split}\0{_CACHE_FORMAT}"
+  key = (f"{archive}\0{stat.st_size}\0{stat.st_mtime_ns}\0{split}\0{classes}\0"
+         f"{_CACHE_FORMAT}")
   cache_dir = pathlib.Path(cache_dir).expanduser()
   entry = cache_dir / f"{archive.name}.{split}.{hashlib.sha256(key.encode()).hexdigest()[:16]}"
   if not entry.is_dir():
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{entry.name}."))
     try:
-      if not _decode_archive(archive, split, tmp):
-        logging.info("%s holds images of several sizes: unpacking it, not caching arrays.",
-                     archive)
+      if not _decode_archive(archive, split, tmp, classes):
+        logging.info("%s holds images of several sizes or a damaged one: unpacking it, not "
+                     "caching arrays.", archive)
         return None
       try:
         os.replace(tmp, entry)
@@ -278,10 +324,9 @@ class Tfds:
     try:
       self.builder.download_and_prepare()
     except Exception as e:  # pylint: disable=broad-except  # network, disk, TFDS errors alike
-      cause = (str(e).strip().splitlines() or [""])[0][:200]
       raise DataError(
           f"TFDS could not download and prepare {self.name!r} in {where} "
-          f"({type(e).__name__}: {cause}); check the internet connection, or prepare it on a "
+          f"({logs.brief(e, 200)}); check the internet connection, or prepare it on a "
           "machine that has one and set --config.data.data_dir=DIR.") from e
 
   @property
@@ -311,7 +356,8 @@ class Tfds:
 
 
 def decode(record, draft=None) -> Image.Image:
-  """The record's image as an RGB PIL image; names the file when it cannot be decoded.
+  """The record's image as an RGB PIL image; UndecodableImage names the file when it cannot be
+  decoded.
 
   draft: optional `(width, height) -> (w, h) or None`, called with the encoded image's size
   before decoding; a JPEG is then decoded by libjpeg at 1/2, 1/4 or 1/8 scale, as small as it
@@ -328,7 +374,16 @@ def decode(record, draft=None) -> Image.Image:
     im.load()
     return im if im.mode == "RGB" else im.convert("RGB")  # No copy when already RGB.
   except (OSError, SyntaxError, ValueError) as e:
-    raise ValueError(f"cannot decode image {record.get('name', '<bytes>')}: {e}") from e
+    raise UndecodableImage(record.get("name", "<bytes>"), e) from e
+
+
+def decode_or_placeholder(record, draft=None) -> tuple[Image.Image, str]:
+  """(image, '') as `decode`, or (PLACEHOLDER, the file's name) for an undecodable image. A
+  decoded record that already stands in for one keeps its name in 'skipped'."""
+  try:
+    return decode(record, draft), record.get("skipped", "")
+  except UndecodableImage as e:
+    return Image.fromarray(PLACEHOLDER), e.name
 
 
 def decode_into(images, records, labels=None):
@@ -368,10 +423,10 @@ def find_eval_path(path, split: str = "test"):
   raise DataError(f"no {split!r} split found for {path}; set --config.data.eval_path=...")
 
 
-def _folder(data_cfg, split):
+def _folder(data_cfg, split, train=None):
   """source='folder': `path` holds the training split; another split is at `eval_path`, or
-  found next to `path` when that is empty. Archives of one image size come from the array
-  cache in data.cache_dir (`read_archive`)."""
+  found next to `path` when that is empty, and labelled by the classes of `train`. Archives of
+  images of one size come from the array cache in data.cache_dir (`read_archive`)."""
   if not data_cfg.path:
     raise DataError("data.path is empty; set --config.data.path to a class-folder tree or "
                     "a .tar/.tar.gz of one (e.g. cifar10_jpg_train.tar.gz).")
@@ -380,19 +435,21 @@ def _folder(data_cfg, split):
                     "class-folder tree or a .tar/.tar.gz of one.")
   path = data_cfg.path if split == data_cfg.train_split else (
       data_cfg.eval_path or find_eval_path(data_cfg.path, split))
+  classes = None if train is None else train.classes
   if is_archive(path) and pathlib.Path(path).is_file():
-    cached = read_archive(path, split, data_cfg.cache_dir)
+    cached = read_archive(path, split, data_cfg.cache_dir, classes)
     if cached is not None:
       return cached
-  return ImageFolder(path, split)
+  return ImageFolder(path, split, classes=classes)
 
 
-# data.source -> how a split is opened. source='memory' reads
-# `data_cfg.arrays[split] = (images, labels)`, set by code (a notebook, a test), not a flag.
+# data.source -> how a split is opened, (data_cfg, split, the opened training split or None).
+# source='memory' reads `data_cfg.arrays[split] = (images, labels)`, set by code (a notebook, a
+# test), not a flag.
 SOURCES = {
     "folder": _folder,
-    "tfds": lambda data_cfg, split: Tfds(data_cfg.name, split, data_cfg.data_dir),
-    "memory": lambda data_cfg, split: InMemory(*data_cfg.arrays[split]),
+    "tfds": lambda data_cfg, split, train=None: Tfds(data_cfg.name, split, data_cfg.data_dir),
+    "memory": lambda data_cfg, split, train=None: InMemory(*data_cfg.arrays[split]),
 }
 
 
@@ -409,7 +466,7 @@ class Splits:
 
   @functools.cached_property
   def eval(self):
-    return SOURCES[self._cfg.source](self._cfg, self._cfg.eval_split)
+    return SOURCES[self._cfg.source](self._cfg, self._cfg.eval_split, self.train)
 
   @property
   def num_classes(self):

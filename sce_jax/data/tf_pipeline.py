@@ -4,7 +4,9 @@ Crops use tf.image.sample_distorted_bounding_box's law (area in `scale`, aspect 
 `ratio`, 10 attempts, whole image as fallback) and an antialiased bilinear resize. Randomness is
 stateless: the shuffle of epoch e is seeded by (seed, process, e) and the crops of the element at
 stream position p by (seed, process, p), so a batch depends only on (seed, process, step) and
-resuming at `start_step` skips records inside one epoch without decoding them.
+resuming at `start_step` skips records inside one epoch without decoding them. Records are
+{'image', 'label', 'name'} (a file's path, a TFDS record's id); an undecodable image comes out
+as crops of a black pixel, named in 'skipped' for pipeline.py to skip.
 """
 import functools
 import math
@@ -19,11 +21,28 @@ tf.config.set_visible_devices([], "GPU")  # The accelerator belongs to JAX.
 _NO_BOXES = tf.zeros([1, 0, 4])
 
 
-def _decode(data):
-  """uint8 (H, W, 3) from encoded bytes; already-decoded images pass through."""
-  if data.dtype != tf.string:
-    return data
-  return tf.io.decode_image(data, channels=3, expand_animations=False)
+def _decode_all(ds):
+  """The records with their encoded 'image' decoded to uint8 (H, W, 3), in order, several at a
+  time; an image that cannot be decoded becomes `sources.PLACEHOLDER` with its 'name' in
+  'skipped' ('' for the others). tf.data has no per-element try: each record is decoded in a
+  dataset of its own whose error is dropped (ignore_errors), then its placeholder follows, and
+  the first of the two is kept."""
+  if ds.element_spec["image"].dtype != tf.string:
+    return ds  # Decoded and cached already.
+
+  def decoded(ex):
+    return {**ex, "image": tf.io.decode_image(ex["image"], channels=3, expand_animations=False),
+            "skipped": tf.constant("")}
+
+  def one(ex):
+    placeholder = {**ex, "image": tf.constant(sources.PLACEHOLDER), "skipped": ex["name"]}
+    return (tf.data.Dataset.from_tensors(ex).map(decoded).ignore_errors()
+            .concatenate(tf.data.Dataset.from_tensors(placeholder)).take(1))
+
+  out = ds.interleave(one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  count = int(ds.cardinality())  # One out per record; interleave cannot tell.
+  return out if count == tf.data.UNKNOWN_CARDINALITY else out.apply(
+      tf.data.experimental.assert_cardinality(count))
 
 
 def distorted_window(seed, shape, scale, ratio):
@@ -69,7 +88,7 @@ def center_crop(image, image_size):
 
 @functools.singledispatch
 def _read(source, process_index, process_count, train, seed):
-  """(image, label) records of this process's share of `source`; equal shares for training."""
+  """The records of this process's share of `source`; equal shares for training."""
   raise ValueError(f"the tf.data loader reads image folders and TFDS, not "
                    f"{type(source).__name__}; use --config.data.loader=grain")
 
@@ -83,8 +102,9 @@ def _(source: sources.Tfds, process_index, process_count, train, seed):
   ds = source.builder.as_dataset(
       split=share, shuffle_files=train, decoders={"image": tfds.decode.SkipDecoding()},
       read_config=tfds.ReadConfig(shuffle_seed=seed, shuffle_reshuffle_each_iteration=False,
-                                  try_autocache=False))
-  return ds.map(lambda ex: (ex["image"], tf.cast(ex["label"], tf.int32)))
+                                  try_autocache=False, add_tfds_id=True))
+  return ds.map(lambda ex: {"image": ex["image"], "label": tf.cast(ex["label"], tf.int32),
+                            "name": ex["tfds_id"]})
 
 
 @_read.register
@@ -94,14 +114,14 @@ def _(source: sources.ImageFolder, process_index, process_count, train, seed):
   return tf.data.Dataset.from_tensor_slices(
       (source.paths[process_index:end:process_count],
        source.labels[process_index:end:process_count])).map(
-           lambda path, label: (tf.io.read_file(path), label))
+           lambda path, label: {"image": tf.io.read_file(path), "label": label, "name": path})
 
 
 def _records(source, data_cfg, process_index, process_count, train, seed=None):
-  """This process's (image, label) records, decoded and cached when data_cfg.cache."""
+  """This process's records, decoded and cached when data_cfg.cache."""
   ds = _read(source, process_index, process_count, train, seed)
   if data_cfg.cache:
-    ds = ds.map(lambda x, y: (_decode(x), y), num_parallel_calls=tf.data.AUTOTUNE).cache()
+    ds = _decode_all(ds).cache()
   return ds
 
 
@@ -130,18 +150,18 @@ def train_batches(source, data_cfg, *, views, batch_size, seed, start_step, proc
         dtype=tf.int64)
     return records.shuffle(buffer, seed=shuffle_seed)
 
-  def crops(position, image, label):
-    image = _decode(image)
+  def crops(ex):
     seeds = tf.random.experimental.stateless_split(
-        tf.random.experimental.stateless_fold_in(base, position), len(views))
-    return {"views": tuple(random_resized_crop(s, image, v.size, v.scale, v.ratio)
+        tf.random.experimental.stateless_fold_in(base, ex["position"]), len(views))
+    return {"views": tuple(random_resized_crop(s, ex["image"], v.size, v.scale, v.ratio)
                            for s, v in zip(tf.unstack(seeds), views)),
-            "label": label}
+            "label": ex["label"], "skipped": ex["skipped"]}
 
   start = start_step * batch_size
   ds = tf.data.Dataset.range(start // per_epoch, np.iinfo(np.int64).max).flat_map(epoch)
-  ds = tf.data.Dataset.zip(tf.data.Dataset.counter(start), ds.skip(start % per_epoch))
-  ds = ds.map(lambda p, x: crops(p, *x), num_parallel_calls=tf.data.AUTOTUNE)
+  ds = tf.data.Dataset.zip(tf.data.Dataset.counter(start), ds.skip(start % per_epoch)).map(
+      lambda position, ex: {**ex, "position": position})
+  ds = _decode_all(ds).map(crops, num_parallel_calls=tf.data.AUTOTUNE)
   return _to_numpy(ds.batch(batch_size, drop_remainder=True), data_cfg)
 
 
@@ -151,8 +171,11 @@ def eval_batches(source, data_cfg, *, batch_size, process_index, process_count):
   records = _records(source, data_cfg, process_index, process_count, train=False)
   padded = math.ceil(math.ceil(source.num_examples / process_count) / batch_size) * batch_size
   size = data_cfg.image_size
-  ds = records.map(lambda x, y: {"image": center_crop(_decode(x), size), "label": y,
-                                 "mask": True}, num_parallel_calls=tf.data.AUTOTUNE)
-  pad = {"image": tf.zeros([size, size, 3], tf.uint8), "label": 0, "mask": False}
+  ds = _decode_all(records).map(
+      lambda ex: {"image": center_crop(ex["image"], size), "label": ex["label"],
+                  "mask": tf.equal(ex["skipped"], ""), "skipped": ex["skipped"]},
+      num_parallel_calls=tf.data.AUTOTUNE)
+  pad = {"image": tf.zeros([size, size, 3], tf.uint8), "label": 0, "mask": False,
+         "skipped": ""}
   ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat()).take(padded)
   return _to_numpy(ds.batch(batch_size), data_cfg)

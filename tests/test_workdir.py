@@ -1,0 +1,73 @@
+"""The workdir's lock (a second run, a stale lock, another host) and config.json."""
+import json
+import os
+import socket
+import subprocess
+
+import pytest
+
+from sce_jax import workdir as workdir_lib
+from tests.helpers import load_config
+
+
+def write_lock(tmp_path, **holder):
+  (tmp_path / workdir_lib.LOCK).write_text(json.dumps(
+      {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": "", "since": "then",
+       **holder}))
+
+
+def test_a_second_run_is_refused(tmp_path):
+  """While a run holds the workdir (here this process), another stops naming its host and pid;
+  the lock is gone once the first run ends."""
+  with workdir_lib.lock(tmp_path):
+    holder = json.loads((tmp_path / workdir_lib.LOCK).read_text())
+    with pytest.raises(workdir_lib.WorkdirError) as e:
+      with workdir_lib.lock(tmp_path):
+        pass
+  assert str(e.value) == (
+      f"{tmp_path} is in use by process {os.getpid()} on {socket.gethostname()} (since "
+      f"{holder['since']}); stop that run or pass another --workdir. If it is no longer "
+      f"running, delete {tmp_path / workdir_lib.LOCK}.")
+  assert not (tmp_path / workdir_lib.LOCK).exists()
+
+
+def test_a_stale_lock_is_taken_over(tmp_path, caplog):
+  """A lock left on this host by a process that has exited (killed before it could release
+  it) is taken over, with a warning."""
+  dead = subprocess.Popen(["true"])
+  dead.wait()
+  write_lock(tmp_path, pid=dead.pid)
+  with workdir_lib.lock(tmp_path):
+    assert json.loads((tmp_path / workdir_lib.LOCK).read_text())["pid"] == os.getpid()
+  assert (f"Taking over {tmp_path / workdir_lib.LOCK} from process {dead.pid} on "
+          f"{socket.gethostname()}, which is no longer running.") in caplog.text
+
+
+def test_another_host_is_refused_unless_it_is_this_slurm_job(tmp_path, monkeypatch):
+  """Another host cannot be asked whether its run is alive; a requeued SLURM job can tell that
+  the lock is its own earlier run's."""
+  write_lock(tmp_path, host="node-17", pid=4242, slurm_job="99")
+  with pytest.raises(workdir_lib.WorkdirError, match=r"in use by process 4242 on node-17 "):
+    with workdir_lib.lock(tmp_path):
+      pass
+  monkeypatch.setenv("SLURM_JOB_ID", "99")
+  with workdir_lib.lock(tmp_path):
+    pass
+
+
+def test_config_json_and_a_differing_restart(tmp_path, caplog):
+  """A fresh start writes config.json; resuming with other values warns, in one line, and keeps
+  the file (the config the checkpoints were started with)."""
+  config = load_config("cifar10_r18", "smoke")
+  workdir_lib.record_config(tmp_path, config, resumed=False)
+  saved = json.loads((tmp_path / workdir_lib.CONFIG).read_text())
+  assert saved["model"]["width"] == 4 and saved["data"]["mean"] == list(config.data.mean)
+  workdir_lib.record_config(tmp_path, config, resumed=True)
+  assert "differs" not in caplog.text
+  config.model.width, config.max_steps = 8, 100
+  workdir_lib.record_config(tmp_path, config, resumed=True)
+  assert caplog.records[-1].getMessage() == (
+      f"The config differs from the one this workdir was started with "
+      f"({tmp_path / workdir_lib.CONFIG}): max_steps 24 -> 100; model.width 4 -> 8. The run "
+      "goes on with the new values.")
+  assert json.loads((tmp_path / workdir_lib.CONFIG).read_text()) == saved
