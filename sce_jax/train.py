@@ -68,10 +68,12 @@ def _knn(config, state, mesh, splits, writer, step):
   writer.write(step, results)
 
 
-def _describe(config, splits, parts, mesh, start, workdir):
+def _describe(config, splits, parts, mesh, start, workdir, on_device):
   """The run in one line (the whole config is logged at --verbosity=1)."""
   data = config.data
   source = data.path if data.source == "folder" else f"{data.source} {data.name}"
+  if on_device:
+    source += ", held on the devices"
   if start >= parts.num_steps:
     logging.info("%s holds step %d, the last of this config: nothing to train. Pass a new "
                  "--workdir for a fresh run, or more --config.epochs (or max_steps) to go on.",
@@ -126,7 +128,7 @@ def _train(config, workdir, mesh, splits):
     if state is None:
       state = parts.init(rng)
     start = int(state.step)
-    _describe(config, splits, parts, mesh, start, workdir)
+    _describe(config, splits, parts, mesh, start, workdir, on_device=resident is not None)
     _count_parameters(state.params)
 
     writer = metrics.Writer(workdir)

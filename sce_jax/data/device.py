@@ -78,8 +78,8 @@ def load(source, mesh):
                     "instead.", e)
     return None
   replicated = sharding.replicated(mesh)
-  logging.info("data.on_device: %d train images of %s (%.2f GB) on each device.", len(labels),
-               shape, need / 1e9)
+  logging.vlog(1, "data.on_device: %d train images of %s (%.2f GB) on each device.",
+               len(labels), shape, need / 1e9)
   return Resident(sharding.put(images, replicated), sharding.put(labels, replicated))
 
 
