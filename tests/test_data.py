@@ -167,6 +167,39 @@ def test_grain_workers_do_not_change_batches(cifar_root, sharding):
   workers.close()
 
 
+def test_grain_crops_by_stream_position(cifar_root, tmp_path):
+  """The crops of the example at stream position p come from crop_rng(seed, process, p): with
+  one photograph in each process's share, batch `step` holds crop_views of it at positions
+  step * B + i, from the start and resumed."""
+  (tmp_path / "c0").mkdir()
+  photo = Image.open(sorted(cifar_root.glob("train/*/*.jpg"))[0]).resize((200, 150), Image.BICUBIC)
+  for i in range(2):  # Process 1 of 2 reads the second copy.
+    photo.save(tmp_path / "c0" / f"{i}.jpg", quality=90)
+  folder = sources.ImageFolder(tmp_path)
+  views = presets.imagenet_two_crop(48)  # Windows of >= 96 px decode at 1/2 scale.
+  for step in (0, 3):
+    batch = next(grain_pipeline.train_batches(folder, _cfg(), views=views, batch_size=4, seed=5,
+                                              start_step=step, process_index=1, process_count=2))
+    for i in range(4):
+      crops, _ = grain_pipeline.crop_views(
+          folder[0], grain_pipeline.crop_rng(5, 1, step * 4 + i), views)
+      assert all(np.array_equal(batch["views"][v][i], crops[v]) for v in range(2))
+  assert len({v.tobytes() for v in batch["views"][0]}) == 4  # A new crop at each position.
+
+
+def test_tf_decodes_jpeg_as_pillow(cifar_root):
+  """tf.data's JPEG decode uses Pillow's IDCT: the photographs agree with Pillow's decode."""
+  tf = pytest.importorskip("tensorflow")
+  from sce_jax.data import tf_pipeline  # pylint: disable=g-import-not-at-top
+  decode = tf_pipeline._decode  # pylint: disable=protected-access
+  folder = sources.ImageFolder(cifar_root, "test")
+  for i in range(0, 100, 10):
+    ours = decode(tf.constant(folder[i]["image"])).numpy()
+    # Both are libjpeg-turbo's accurate integer IDCT (bit-identical here); the fast IDCT, TF's
+    # default, is ~0.75 grey levels off on photographs, so 0.1 tells the two apart.
+    assert np.abs(ours.astype(int) - np.asarray(sources.decode(folder[i]), int)).mean() < 0.1
+
+
 @pytest.fixture(scope="module")
 def large_root(cifar_root, tmp_path_factory):
   """ImageNet-like JPEGs: 12 CIFAR images upscaled to 300x220 and 220x300, two classes."""

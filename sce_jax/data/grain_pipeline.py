@@ -1,14 +1,18 @@
-"""Host stage on grain, without TensorFlow (docs/SCE.md section 6 CPU stage, section 7 evaluation).
+"""Host stage on grain, without TensorFlow (docs/SCE.md 6 CPU stage, 7 evaluation).
 
 Pillow decodes; crops follow torchvision's RandomResizedCrop rule (`crop.crop_window`) with
 PIL's bilinear resize, as the reference's PIL pipeline. Windows are drawn on the full-resolution
 image from its header; when every window is at least 2x (4x, 8x) its output size, libjpeg decodes
 at 1/2 (1/4, 1/8) scale and the windows are mapped onto the smaller image. Each crop is resized
-straight from the decoded image (PIL's `box`), with no intermediate copy. Everything is a grain
-MapDataset indexed by position in the infinite stream, so a batch depends only on (seed, process,
-step): resuming at `start_step` is slicing, and the number of worker processes does not change
-the batches. An undecodable image comes out as crops of a black pixel, named in 'skipped' for
-pipeline.py to skip.
+straight from the decoded image (PIL's `box`), with no intermediate copy. An undecodable image
+comes out as crops of a black pixel, named in 'skipped' for pipeline.py to skip.
+
+Everything is a grain MapDataset indexed by position in the infinite stream, so a batch depends
+only on (seed, process, step): resuming at `start_step` is slicing, and the number of worker
+processes does not change the batches. Records are grouped into batches first and a batch is
+cropped in one call, straight into its arrays, with the crops of the example at stream position
+p drawn from `crop_rng(seed, process, p)`: a per-example map and stacking cost ~10 % more CPU
+(benchmarks/RESULTS.md, Input pipeline).
 """
 import functools
 import math
@@ -60,9 +64,16 @@ def center_crop(image: Image.Image, image_size) -> np.ndarray:
   return np.asarray(image.crop((left, top, left + image_size, top + image_size)))
 
 
-def _crop_views(record, rng, views):
-  """One random resized crop per view from one decode: the same windows (and random stream)
-  as `random_resized_crop` on the full-resolution image, view after view."""
+def crop_rng(seed, process_index, position) -> np.random.Generator:
+  """The random stream of the crops of the example at `position` of a process's training
+  stream."""
+  return np.random.default_rng([seed, process_index, position])
+
+
+def crop_views(record, rng, views) -> tuple[tuple[np.ndarray, ...], str]:
+  """(one random resized crop per view from one decode, '' or the name of an undecodable
+  image): the same windows (and random stream) as `random_resized_crop` on the full-resolution
+  image, view after view."""
   u = rng.random((len(views), crop.ATTEMPTS, 4))
   full = {}
 
@@ -80,7 +91,22 @@ def _crop_views(record, rng, views):
     box = (left, top, left + w, top + h) if s == 1 else (
         left / s, top / s, (left + w) / s, (top + h) / s)
     out.append(np.asarray(image.resize((v.size, v.size), Image.BILINEAR, box=box)))
-  return {"views": tuple(out), "label": np.int32(record["label"]), "skipped": skipped}
+  return tuple(out), skipped
+
+
+def _train_batch(step, records, *, views, seed, process_index):
+  """Batch `step`: each record's `crop_views` copied into one uint8 (B, s, s, 3) array a view,
+  and the names of the undecodable images among them ('' for the others)."""
+  batch = tuple(np.empty((len(records), v.size, v.size, 3), np.uint8) for v in views)
+  skipped = []
+  for i, record in enumerate(records):
+    rng = crop_rng(seed, process_index, step * len(records) + i)
+    crops, name = crop_views(record, rng, views)
+    for out, view in zip(batch, crops):
+      out[i] = view
+    skipped.append(name)
+  return {"views": batch, "label": np.array([r["label"] for r in records], np.int32),
+          "skipped": np.array(skipped)}
 
 
 def _eval_example(shard, image_size, i):
@@ -130,10 +156,11 @@ def train_batches(source, data_cfg, *, views, batch_size, seed, start_step, proc
   epoch boundaries, so none is ever short.
   """
   ds, _ = _shard(source, data_cfg, process_index, process_count, equal=True)
-  shuffle_seed, crop_seed = np.random.SeedSequence([seed, process_index]).generate_state(2)
-  ds = ds.shuffle(int(shuffle_seed)).repeat()
-  ds = ds.random_map(functools.partial(_crop_views, views=views), seed=int(crop_seed))
-  return _iterate(ds.batch(batch_size, drop_remainder=True)[start_step:], data_cfg)
+  shuffle_seed = np.random.SeedSequence([seed, process_index]).generate_state(1)[0]
+  ds = ds.shuffle(int(shuffle_seed)).repeat().batch(batch_size, drop_remainder=True, batch_fn=list)
+  ds = ds.map_with_index(functools.partial(_train_batch, views=views, seed=seed,
+                                           process_index=process_index))
+  return _iterate(ds[start_step:], data_cfg)
 
 
 def eval_batches(source, data_cfg, *, batch_size, process_index, process_count):

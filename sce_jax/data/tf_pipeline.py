@@ -21,18 +21,26 @@ tf.config.set_visible_devices([], "GPU")  # The accelerator belongs to JAX.
 _NO_BOXES = tf.zeros([1, 0, 4])
 
 
+def _decode(data):
+  """uint8 (H, W, 3) from encoded bytes. JPEGs use the accurate integer IDCT, as Pillow: TF's
+  default, the fast one, is ~0.75 grey levels off."""
+  return tf.cond(
+      tf.io.is_jpeg(data),
+      lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
+      lambda: tf.io.decode_image(data, channels=3, expand_animations=False))
+
+
 def _decode_all(ds):
-  """The records with their encoded 'image' decoded to uint8 (H, W, 3), in order, several at a
-  time; an image that cannot be decoded becomes `sources.PLACEHOLDER` with its 'name' in
-  'skipped' ('' for the others). tf.data has no per-element try: each record is decoded in a
-  dataset of its own whose error is dropped (ignore_errors), then its placeholder follows, and
-  the first of the two is kept."""
+  """The records with their encoded 'image' decoded (`_decode`), in order, several at a time;
+  an image that cannot be decoded becomes `sources.PLACEHOLDER` with its 'name' in 'skipped'
+  ('' for the others). tf.data has no per-element try: each record is decoded in a dataset of
+  its own whose error is dropped (ignore_errors), then its placeholder follows, and the first of
+  the two is kept."""
   if ds.element_spec["image"].dtype != tf.string:
     return ds  # Decoded and cached already.
 
   def decoded(ex):
-    return {**ex, "image": tf.io.decode_image(ex["image"], channels=3, expand_animations=False),
-            "skipped": tf.constant("")}
+    return {**ex, "image": _decode(ex["image"]), "skipped": tf.constant("")}
 
   def one(ex):
     placeholder = {**ex, "image": tf.constant(sources.PLACEHOLDER), "skipped": ex["name"]}
@@ -58,10 +66,11 @@ def distorted_window(seed, shape, scale, ratio):
 def _resize(image, size):
   """Bilinear with antialiasing on downscale, as PIL; rounded back to uint8.
 
-  Most of the host stage's CPU time. antialias=False would about double the tf.data rate, but
-  differs from PIL's bilinear ~5x more (mean |diff| ~1.4 vs ~0.3 grey levels on the benchmark's
-  JPEGs), so it is not used; decode_and_crop_jpeg per crop and dct_method='INTEGER_FAST' were
-  measured and gave nothing here (benchmarks/RESULTS.md, Input pipeline).
+  Most of the host stage's CPU time (~1.7 ms a 224-px crop, Pillow's takes ~0.75) and 0.15 grey
+  levels from PIL's. antialias=False or method='area' would be faster but differ from PIL's
+  bilinear by 0.88 and 0.53; Pillow in a py function would be faster too, but holds the GIL for
+  a third of the work, which caps a process at a few cores (benchmarks/RESULTS.md, Input
+  pipeline).
   """
   out = tf.image.resize(image, size, method="bilinear", antialias=True)
   return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)
