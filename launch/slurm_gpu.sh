@@ -59,7 +59,10 @@ if [[ -z "${SLURM_JOB_ID:-}" ]]; then
 fi
 
 # Inside the allocation (the job above, or salloc): one srun step over all nodes.
-head_node="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+# The first line of the expanded host list, without a pipe into `head`: under pipefail, head
+# closing the pipe early could kill scontrol with SIGPIPE (exit 141) at random.
+head_node="$(scontrol show hostnames "$SLURM_JOB_NODELIST")"
+head_node="${head_node%%$'\n'*}"
 env_vars=("JAX_COORDINATOR_ADDRESS=$head_node:$((SLURM_JOB_ID % 4096 + 61440))")
 if ((per_node)); then
   env_vars+=("JAX_LOCAL_DEVICE_IDS=$(seq -s, 0 $((gpus - 1)))")
