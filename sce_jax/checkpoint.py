@@ -127,7 +127,8 @@ def save(mngr, step, state):
 
 def check(mngr):
   """Raises CheckpointError as soon as an asynchronous save has failed (a full disk, a quota);
-  never waits for a save in progress. Cheap: the loop calls it at every log step."""
+  never waits for a save in progress. Cheap (a thread's state): the loops call it after every
+  step, so a failed save stops the run at the first step after it ended."""
   if not mngr.is_saving_in_progress():
     wait(mngr)
 

@@ -135,7 +135,7 @@ def linear_eval(config, trunk_variables, mesh, splits, workdir):
       if preempted or step == num_steps or step % config.log_every_steps == 0:
         writer.write(step, {**{f"linear_{k}": v for k, v in step_metrics.items()},
                             "linear_lr": lr_fn(step - 1)})
-        checkpoint.check(mngr)
+      checkpoint.check(mngr)
       if preempted:
         raise preemption.stop(mngr, step)
     checkpoint.wait(mngr)  # A failed last save is an error.

@@ -153,9 +153,9 @@ def _train(config, workdir, mesh, splits):
       preempted = preemption.reached(mngr, step)
       last = preempted or step == parts.num_steps
       save = last or mngr.should_save(step)
+      checkpoint.check(mngr)
       if save or step % config.log_every_steps == 0:
         log.flush()
-        checkpoint.check(mngr)
       if save:
         checkpoint.save(mngr, step, state)
       if preempted:

@@ -82,8 +82,8 @@ def test_resume_is_exact_and_divergence_stops(cifar_root, tmp_path, mesh, caplog
 
 
 def test_a_failed_save_stops_the_run_before_the_next(cifar_root, tmp_path, mesh):
-  """A checkpoint that cannot be written stops the run in one line within the log interval,
-  not at the next save. A full disk needs root to make; a file-size limit fails the same
+  """A checkpoint that cannot be written stops the run in one line as soon as the save has
+  ended, not at the next save. A full disk needs root to make; a file-size limit fails the same
   write (EFBIG, 'File too large', instead of ENOSPC)."""
   config = smoke_config(cifar_root, max_steps=24)  # Saves at 8, 16, 24; logs every step.
   soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
