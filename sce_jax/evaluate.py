@@ -5,6 +5,7 @@ replicated and always in inference mode (BatchNorm running statistics). Trunk va
 {'params': ..., 'batch_stats': ...} of the online trunk alone: `trunk_variables(state)` during
 training, `load_trunk` for a checkpoint or imported weights. The linear probe is in linear.py.
 """
+import functools
 from typing import Any
 
 import jax
@@ -40,6 +41,14 @@ def load_trunk(path, model_cfg, which="online", allow_pickle=False) -> dict[str,
           "batch_stats": variables.get(stats_c, {}).get("trunk", {})}
 
 
+@functools.partial(jax.jit, static_argnames=("trunk", "mean", "std"))
+def _features(variables, images, *, trunk, mean, std):
+  """The trunk's float32 features of uint8 images, in inference mode. Module-level, so that
+  the kNN monitoring of a run compiles it once, not at every evaluation and split."""
+  x = augment.normalize(images.astype(jnp.float32) / 255.0, mean, std)
+  return trunk.apply(variables, x, train=False).astype(jnp.float32)
+
+
 def extract_features(trunk, variables, source, data_cfg, *, batch_size, mesh):
   """Raw trunk features and labels of every example of `source`, each exactly once.
 
@@ -47,11 +56,8 @@ def extract_features(trunk, variables, source, data_cfg, *, batch_size, mesh):
   padding rows of the last batch (mask False) are dropped. Host arrays, because a train set's
   features (ImageNet: 1.28M x 2048) need not fit on one device; knn_scores shards them back.
   """
-  @jax.jit
-  def forward(variables, images):
-    x = augment.normalize(images.astype(jnp.float32) / 255.0, data_cfg.mean, data_cfg.std)
-    return trunk.apply(variables, x, train=False).astype(jnp.float32)
-
+  forward = functools.partial(_features, trunk=trunk, mean=tuple(data_cfg.mean),
+                              std=tuple(data_cfg.std))
   variables = jax.device_put(variables, sharding.replicated(mesh))
   outputs = [(forward(variables, b["image"]), b["label"], b["mask"])
              for b in pipeline.eval_iterator(source, data_cfg, global_batch_size=batch_size,
@@ -95,20 +101,7 @@ def knn_scores(train_feats, train_labels, test_feats, *, k, temp, num_classes, m
   train_feats = np.pad(train_feats, ((0, pad), (0, 0)))
   train_labels = np.pad(train_labels, (0, pad), constant_values=-1)
   k = min(k, n)
-  k_local = min(k, train_feats.shape[0] // n_dev)
-
-  def local(train_feats, train_labels, test_feats):
-    unit = losses.l2_normalize
-    sims, labels = _nearest(unit(train_feats), train_labels, unit(test_feats),
-                            k_local)
-    sims = jax.lax.all_gather(sims, DATA, axis=1, tiled=True)
-    labels = jax.lax.all_gather(labels, DATA, axis=1, tiled=True)
-    sims, idx = jax.lax.top_k(sims, k)
-    return _vote(sims, jnp.take_along_axis(labels, idx, axis=1), temp, num_classes)
-
-  # After the all_gather every device holds the same scores; check_vma cannot tell.
-  fn = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(DATA), P(DATA), P()),
-                             out_specs=P(), check_vma=False))
+  fn = _knn_fn(mesh, min(k, train_feats.shape[0] // n_dev), k, temp, num_classes)
   rows, replicated = sharding.rows(mesh), sharding.replicated(mesh)
   train_feats, train_labels = sharding.put(train_feats, rows), sharding.put(train_labels, rows)
   m = test_feats.shape[0]
@@ -117,6 +110,23 @@ def knn_scores(train_feats, train_labels, test_feats, *, k, temp, num_classes, m
                           sharding.put(test_feats[i:i + chunk], replicated)))
             for i in range(0, m, chunk)]
   return np.concatenate(scores)[:m]
+
+
+@functools.lru_cache(maxsize=8)
+def _knn_fn(mesh, k_local, k, temp, num_classes):
+  """knn_scores' jitted program for these settings, built once (not at every evaluation)."""
+
+  def local(train_feats, train_labels, test_feats):
+    unit = losses.l2_normalize
+    sims, labels = _nearest(unit(train_feats), train_labels, unit(test_feats), k_local)
+    sims = jax.lax.all_gather(sims, DATA, axis=1, tiled=True)
+    labels = jax.lax.all_gather(labels, DATA, axis=1, tiled=True)
+    sims, idx = jax.lax.top_k(sims, k)
+    return _vote(sims, jnp.take_along_axis(labels, idx, axis=1), temp, num_classes)
+
+  # After the all_gather every device holds the same scores; check_vma cannot tell.
+  return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(DATA), P(DATA), P()),
+                               out_specs=P(), check_vma=False))
 
 
 def topk_accuracy(scores, labels, ks=(1, 5)):
