@@ -229,17 +229,18 @@ def _decode_archive(archive, split, dest, classes):
   listing, files = scanned
   root = _class_root(pathlib.PurePosixPath("."), split,
                      lambda folder: listing.get(folder, ((), [])))
-  ordered = sorted(files, key=lambda p: (str(p.parent), p.name))
-  found = {name: [p for p in ordered if p.is_relative_to(root / name)]
-           for name in sorted(listing.get(root, ((), []))[0])}
+  found = {name: [] for name in sorted(listing.get(root, ((), []))[0])}
+  for p in sorted(files, key=lambda p: (str(p.parent), p.name)):  # One pass, in folder order.
+    parts = p.relative_to(root).parts if p.is_relative_to(root) else ()
+    if len(parts) > 1:
+      found[parts[0]].append(p)
   classes, chosen, labels = _labelled(found, f"{archive}:{root}", classes)
   width, height = Image.open(io.BytesIO(files[chosen[0]])).size
   images = np.lib.format.open_memmap(dest / "images.npy", mode="w+", dtype=np.uint8,
                                      shape=(len(chosen), height, width, 3))
   try:
     decode_into(images, [{"image": files[p], "name": f"{archive}:{p}"} for p in chosen])
-  except UndecodableImage as e:
-    logging.info("%s; unpacking %s rather than caching it.", e, archive)
+  except UndecodableImage:  # Read unpacked, where the pipelines' skipping policy applies.
     return False
   images.flush()
   np.save(dest / "labels.npy", labels)
@@ -252,10 +253,11 @@ def read_archive(archive, split, cache_dir, classes=None):
   `cache_dir`, which the first call builds; None when it cannot be cached (`_decode_archive`).
 
   classes: as `_labelled`. An entry is keyed by the archive's path, size and mtime, the split
-  and the classes, so a changed archive is decoded again. It is built in a temporary folder beside it and renamed into place: a
-  process never reads a partial entry, and of two processes building it at once the second
-  rename fails and that process reads the first's (a killed build leaves only a hidden
-  `.NAME.*` folder). Images are memory-mapped, so a second start reads them in seconds.
+  and the classes, so a changed archive is decoded again. It is built in a temporary folder
+  beside it and renamed into place: a process never reads a partial entry, and of two processes
+  building it at once the second rename fails and that process reads the first's (a killed
+  build leaves only a hidden `.NAME.*` folder). Images are memory-mapped, so a second start
+  reads them in seconds.
   """
   archive = pathlib.Path(archive).resolve()
   stat = archive.stat()
