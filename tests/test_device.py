@@ -2,6 +2,7 @@
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 from sce_jax import sharding, train_step
 from sce_jax.data import augment, crop, device, presets, sources
@@ -55,6 +56,17 @@ def test_load_falls_back_when_the_set_does_not_fit(monkeypatch):
   with pytest.raises(ValueError, match="larger than the 40 training images"):
     next(device.train_batches(device.load(resident_set(8), mesh), global_batch_size=48, seed=0,
                               start_step=0, mesh=mesh))
+
+
+@pytest.mark.parametrize("damaged", ["0_bad.jpg", "9_bad.jpg"])  # The first image, or another.
+def test_load_falls_back_on_an_undecodable_image(tmp_path, damaged):
+  """The host path skips an undecodable image (pipeline.py); the device path leaves such a set
+  to it rather than stop."""
+  (tmp_path / "a").mkdir()
+  for i in range(1, 3):
+    Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(tmp_path / "a" / f"{i}.jpg")
+  (tmp_path / "a" / damaged).write_bytes(b"not an image")
+  assert device.load(sources.ImageFolder(tmp_path), sharding.make_mesh()) is None
 
 
 def _ks_statistic(a, b):

@@ -61,21 +61,22 @@ def _host_arrays(source, shape):
 
 def load(source, mesh):
   """`source` (a `sources` object) replicated on `mesh`, or None, with a log line saying why,
-  when it takes more than MEMORY_FRACTION of a device's memory or its images differ in size:
-  the run then reads it on the host."""
-  shape = np.asarray(sources.decode(source[0])).shape
-  need = source.num_examples * int(np.prod(shape))
-  budget = int(MEMORY_FRACTION * min(device_memory(d) for d in mesh.local_devices))
-  if need > budget:
-    logging.warning("data.on_device: the train set (%.2f GB) needs more than %d%% of a device's "
-                    "memory (%.2f GB); reading it on the host instead.", need / 1e9,
-                    MEMORY_FRACTION * 100, budget / MEMORY_FRACTION / 1e9)
-    return None
+  when it takes more than MEMORY_FRACTION of a device's memory, or its images differ in size or
+  do not all decode (the host path skips those, pipeline.py): the run then reads it on the
+  host."""
   try:
+    shape = np.asarray(sources.decode(source[0])).shape
+    need = source.num_examples * int(np.prod(shape))
+    budget = int(MEMORY_FRACTION * min(device_memory(d) for d in mesh.local_devices))
+    if need > budget:
+      logging.warning("data.on_device: the train set (%.2f GB) needs more than %d%% of a "
+                      "device's memory (%.2f GB); reading it on the host instead.", need / 1e9,
+                      MEMORY_FRACTION * 100, budget / MEMORY_FRACTION / 1e9)
+      return None
     images, labels = _host_arrays(source, shape)
-  except sources.DataError as e:
-    logging.warning("data.on_device needs images of one size (%s); reading it on the host "
-                    "instead.", e)
+  except (sources.DataError, sources.UndecodableImage) as e:
+    logging.warning("data.on_device needs images of one size that all decode (%s); reading "
+                    "the set on the host instead.", e)
     return None
   replicated = sharding.replicated(mesh)
   logging.vlog(1, "data.on_device: %d train images of %s (%.2f GB) on each device.",
