@@ -14,6 +14,7 @@ import os
 import socket
 import time
 
+import flax.traverse_util
 import jax
 import numpy as np
 from absl import logging
@@ -108,17 +109,6 @@ def lock(workdir):
           path.unlink()
 
 
-def _flat(tree, prefix=""):
-  """{'a.b': value} of nested dicts."""
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flat(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
-
-
 def record_config(workdir, config, resumed):
   """Writes the run's config to <workdir>/config.json when it starts afresh; when it resumes a
   checkpoint, warns (one line) about the values that differ from that file: the run goes on
@@ -133,7 +123,8 @@ def record_config(workdir, config, resumed):
   if not (resumed and path.exists()):
     path.write_text(json.dumps(values, indent=2) + "\n")
     return
-  before, now = _flat(json.loads(path.read_text())), _flat(values)
+  before, now = (flax.traverse_util.flatten_dict(v, sep=".")
+                 for v in (json.loads(path.read_text()), values))
   changed = [f"{k} {before.get(k, '(absent)')} -> {now.get(k, '(absent)')}"
              for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
   if changed:
