@@ -38,6 +38,7 @@ import photos
 from sce_jax.data import augment
 from sce_jax.data import crop
 from sce_jax.data import grain_pipeline
+from sce_jax.data import images
 from sce_jax.data import presets
 from sce_jax.data import sources
 
@@ -100,7 +101,7 @@ def crop_accuracy(root, count):
   diffs = {"grain": [], "tf": []}
   for position in range(count):
     record = folder[position % len(folder)]
-    image = sources.decode(record)
+    image = images.decode(record)
     crops, _ = grain_pipeline.crop_views(record, grain_pipeline.crop_rng(0, 0, position), VIEWS)
     u = grain_pipeline.crop_rng(0, 0, position).random((len(VIEWS), crop.ATTEMPTS, 4))
     decoded = tf_pipeline._decode(tf.constant(record["image"]))  # pylint: disable=protected-access

@@ -269,7 +269,7 @@ def main():
                # The archive opens as arrays: no host copy of the decoded images for the kNN.
                "--config.data.cache=False", f"--config.data.cache_dir={work / 'cache'}",
                f"--config.batch_size={batch}",
-               f"--config.eval.every_epochs={knn_every}", "--config.max_steps=-1",
+               f"--config.eval.knn.every_epochs={knn_every}", "--config.max_steps=-1",
                f"--config.checkpoint.every_steps={10 * steps_per_epoch * knn_every}",
                f"--workdir={workdir}"]
         start = time.monotonic()

@@ -1,4 +1,4 @@
-"""Speed of the real SCE training step (train_step.build) on synthetic data on the accelerator.
+"""Speed of the real SCE training step (train.build) on synthetic data on the accelerator.
 
 Cases:
   a  ResNet-50, two 224-px crops, 256 images per device (configs/imagenet_r50.py)
@@ -34,8 +34,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sce_jax import config as sce_config  # noqa: E402  pylint: disable=g-import-not-at-top
-from sce_jax import losses, sharding, train_step  # noqa: E402
-from sce_jax.data import device, presets  # noqa: E402
+from sce_jax import losses, sharding, train  # noqa: E402
+from sce_jax.data import presets, resident  # noqa: E402
 
 # Dense bf16 tensor peaks per device, TFLOP/s, by device_kind (first match). NVIDIA's datasheets
 # give the bf16 figure with 2:4 sparsity and note that dense is half of it; Google gives the
@@ -114,9 +114,8 @@ def case_config(case, small, devices=None):
     c.model.projector.out_dim = 16
     c.data.image_size //= 7 if c.data.image_size > 32 else 1
     c.model.dtype = "float32"
-  views = case.views or presets.get(c.data.views, c.data.image_size)
-  written = c.batch_size * len(losses.target_views(
-      losses.crop_pairs(len(views), c.sce.num_global, c.sce.symmetric)))
+  views, pairs = sce_config.crops(c, case.views)
+  written = c.batch_size * len(losses.target_views(pairs))
   c.sce.queue = max(c.sce.queue // written, 1) * written if not small else 4 * written
   c.data.on_device = case.on_device
   return c, views
@@ -136,10 +135,10 @@ def _inputs(case, config, views, mesh):
   if case.on_device:  # Synthetic images of the crop size, as CIFAR's.
     size = config.data.image_size
     images = rng.integers(0, 256, (4 * n, size, size, 3), np.uint8)
-    resident = device.Resident(*(sharding.put(x, sharding.replicated(mesh))
-                                 for x in (images, np.resize(labels, 4 * n))))
-    batches = device.train_batches(resident, global_batch_size=n, seed=0, start_step=0,
-                                   mesh=mesh)
+    held = resident.Resident(*(sharding.put(x, sharding.replicated(mesh))
+                               for x in (images, np.resize(labels, 4 * n))))
+    batches = resident.train_batches(held, global_batch_size=n, seed=0, start_step=0,
+                                     mesh=mesh)
     return lambda: next(batches)
   rows = sharding.rows(mesh)
   batch = {"views": tuple(sharding.put(rng.integers(0, 256, (n, v.size, v.size, 3), np.uint8),
@@ -161,7 +160,7 @@ def measure(case, *, colour, concat, steps, warmup, small):
     config.model.concat_views = concat
   views = views if colour else without_colour(views)
   mesh = sharding.make_mesh()
-  parts = train_step.build(config, mesh, num_classes=1000, steps_per_epoch=1000,
+  parts = train.build(config, mesh, num_classes=1000, steps_per_epoch=1000,
                            on_device=case.on_device, views=views)
   next_batch = _inputs(case, config, views, mesh)
   state = parts.init(jax.random.key(0))

@@ -57,7 +57,7 @@ def get_config(arg=None):
   # Spec 7, ImageNet protocol: SGD, lr 0.1 x batch / 256 (0.4 at batch 1024), cosine, 90 epochs.
   c.eval.linear.update(epochs=90, batch_size=1024, base_lr=0.1, scale_lr=True,
                        schedule="cosine")
-  c.eval.every_epochs = 0  # kNN over 1.28M images only at the end.
+  c.eval.knn.every_epochs = 0  # kNN over 1.28M images only at the end.
   c.checkpoint.every_steps = 2500
   c.log_every_steps = 100
   c.lock()

@@ -27,6 +27,6 @@ def get_config(arg=None):
   c.data.std = presets.STL10_STD
   if arg.smoke:
     sce_config.smoke(c)
-  c.eval.every_epochs = -1
+  c.eval.knn.every_epochs = -1
   c.lock()
   return c

@@ -73,12 +73,13 @@ def _finite(state):
                     else jnp.array(True) for x in jax.tree.leaves(state)])
 
 
-def _checksums(state) -> dict[str, str]:
-  """{array name: SHA-256 of its bytes (16 hex digits)} of a replicated state, computed on the
-  host: 0.3 s on one CPU core for a ResNet-50 ImageNet state (742 arrays, 122M values, 490 MB),
-  after the device-to-host copy."""
-  host = (np.ascontiguousarray(_plain(x).addressable_data(0)) for x in jax.tree.leaves(state))
-  return {name: hashlib.sha256(x).hexdigest()[:16] for name, x in zip(_names(state), host)}
+def checksums(tree) -> dict[str, str]:
+  """{array name: SHA-256 of its bytes (16 hex digits)} of a tree of replicated jax arrays or
+  of host arrays, computed on the host: 0.3 s on one CPU core for a ResNet-50 ImageNet state
+  (742 arrays, 122M values, 490 MB), after the device-to-host copy."""
+  host = (np.ascontiguousarray(x.addressable_data(0) if isinstance(x, jax.Array) else x)
+          for x in map(_plain, jax.tree.leaves(tree)))
+  return {name: hashlib.sha256(x).hexdigest()[:16] for name, x in zip(_names(tree), host)}
 
 
 def last_saved(mngr) -> str:
@@ -121,7 +122,7 @@ def save(mngr, step, state):
         "and is not saved"))
   with _save_errors(mngr):
     mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True,
-              custom_metadata={CHECKSUMS: _checksums(state)})
+              custom_metadata={CHECKSUMS: checksums(state)})
   logging.info("Saving step %d to %s.", step, directory_of(mngr, step))
 
 
@@ -193,8 +194,8 @@ def restore(mngr, abstract_state):
     logging.warning("%s holds no checksums (saved by an older sce_jax): restored unverified.",
                     where)
   else:
-    checksums = _checksums(state)
-    bad = [name for name in checksums if stored.get(name) != checksums[name]]
+    actual = checksums(state)
+    bad = [name for name in actual if stored.get(name) != actual[name]]
     if bad:
       raise _bad_latest(mngr, step, f"is corrupt: {len(bad)} of its arrays ({bad[0]}, ...) "
                         "differ from the checksums stored when it was saved")

@@ -86,9 +86,10 @@ def base() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 512
-  c.eval.knn_k = 200
-  c.eval.knn_temp = 0.1
-  c.eval.every_epochs = 10       # kNN during pretraining; 0: only at the end; < 0: never
+  # Evaluations during pretraining (evaluators.periodic), each at its cadence: every_epochs > 0
+  # every that many epochs and at the end; 0 only at the end; < 0 never.
+  c.eval.knn = ml_collections.ConfigDict(dict(every_epochs=10, k=200, temp=0.1))
+  c.eval.probe = ml_collections.ConfigDict(dict(every_epochs=10))  # the online probe, held out
   # The small-dataset linear protocol (docs/SCE.md 7): lr 30 (not scaled by the batch), x 0.1
   # at epochs 60 and 80. scale_lr: base_lr is per 256 images (optim.scaled_lr); schedule: one of
   # optim.LINEAR_SCHEDULES ("step": x decay_factor at each of the milestones, in epochs).
@@ -96,7 +97,7 @@ def base() -> ml_collections.ConfigDict:
       epochs=100, batch_size=256, base_lr=30.0, scale_lr=False, schedule="step",
       milestones=(60, 80), decay_factor=0.1, weight_decay=0.0, momentum=0.9,
       max_steps=-1))           # max_steps > 0 stops early (smoke runs); the schedule uses epochs
-  c.eval.checkpoint = ""       # imported trunk weights to evaluate (evaluate.load_trunk)
+  c.eval.checkpoint = ""       # imported trunk weights to evaluate (weights.load_trunk)
 
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3))
   c.log_every_steps = 50
@@ -121,7 +122,8 @@ def smoke(c):
   c.sce.queue = 128
   c.data.cache = False  # decode only the images the few steps read
   c.eval.batch_size = 256
-  c.eval.every_epochs = -1  # no kNN while training; --mode=knn evaluates the result
+  c.eval.knn.every_epochs = -1  # no evaluation while training; --mode=knn evaluates the result
+  c.eval.probe.every_epochs = -1
   c.eval.linear.batch_size = 32
   c.eval.linear.max_steps = 8
   c.checkpoint.every_steps = 8
@@ -193,11 +195,16 @@ ENUMS = {
 }
 
 
+def crops(config, views=None):
+  """(views, pairs) of a run (docs/SCE.md 2): the presets.ViewSpec of each crop of
+  config.data.views (or `views`, benchmarks) and their losses.crop_pairs."""
+  views = tuple(views or presets.get(config.data.views, config.data.image_size))
+  return views, losses.crop_pairs(len(views), config.sce.num_global, config.sce.symmetric)
+
+
 def num_target_views(config) -> int:
   """Views the target embeds each step (docs/SCE.md 2): every global crop if symmetric, else one."""
-  views = presets.get(config.data.views, config.data.image_size)
-  pairs = losses.crop_pairs(len(views), config.sce.num_global, config.sce.symmetric)
-  return len(losses.target_views(pairs))
+  return len(losses.target_views(crops(config)[1]))
 
 
 # Counts and intervals that must be at least 1.

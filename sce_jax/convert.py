@@ -1,20 +1,7 @@
-"""Weights in and out: PyTorch ResNets and SCE checkpoints <-> sce_jax (docs/SCE.md 4).
+"""Weights in and out on the command line: PyTorch ResNets and SCE checkpoints <-> sce_jax.
 
-Three layouts, one name mapping (`_PARTS`, `_LEAVES`, `_MLP_STRIDE` below):
-
-* sce_jax: nested dicts under the TrainState field names `params`, `batch_stats`,
-  `target_params`, `target_batch_stats`, each holding `trunk`, `projector`, `predictor`,
-  `probe`. Stored as an orbax checkpoint (training) or as safetensors with '/'-joined keys
-  (`params/trunk/conv1/kernel`), which is what `python -m sce_jax.convert in` writes.
-* torchvision: a ResNet state dict (`conv1.weight`, `layer1.0.downsample.1.running_var`),
-  trunk only; `fc.*` is dropped on import and `num_batches_tracked` is written as 0 on export.
-* authors: the state dict of eztorch's / CEA-LIST/SCE's Lightning SCEModel: `trunk.`,
-  `projector.layers.{k}.`, `predictor.layers.{k}.`, `momentum_trunk.`, `momentum_projector.`
-  (MLPHead is an nn.Sequential of (Linear, BatchNorm1d, ReLU) groups). Its other buffers
-  (`queue`, `queue_ptr`) are not weights and are skipped.
-
-Conv kernels are HWIO in Flax and OIHW in torch, Dense kernels (in, out) and Linear weights
-(out, in); the ResNet modules use symmetric padding like torch, so the numbers carry over as is.
+Reading, the layouts (sce_jax, torchvision, the authors') and validation are `weights.py`'s
+(docs/SCE.md 4); this module writes files and holds the command line.
 
 Usage:
   python -m sce_jax.convert in  SRC OUT.safetensors [--config FILE[:ARG]] [--allow_pickle]
@@ -24,261 +11,15 @@ SRC: an sce_jax workdir / checkpoint dir, a .safetensors file (any layout), or a
 .pth/.pt/.ckpt file (needs PyTorch).
 """
 import argparse
-import functools
-import json
 import pathlib
-import pickle
-import re
 import sys
-from typing import Any, Mapping
 
-from absl import logging
 import flax.traverse_util
-import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from sce_jax import checkpoint
 from sce_jax import config as sce_config
-from sce_jax.models import resnet, sce
-
-COLLECTIONS = ("params", "batch_stats", "target_params", "target_batch_stats")
-# Each network's (params, batch_stats) collections.
-NETS = {"online": ("params", "batch_stats"), "target": ("target_params", "target_batch_stats")}
-# sce_jax (network, part) <-> the authors' state-dict prefix.
-_PARTS = {
-    ("online", "trunk"): "trunk.",
-    ("online", "projector"): "projector.",
-    ("online", "predictor"): "predictor.",
-    ("target", "trunk"): "momentum_trunk.",
-    ("target", "projector"): "momentum_projector.",
-}
-# (collection, Flax leaf, torch leaf). Torch's `weight` is a kernel when ndim > 1, else a scale.
-_LEAVES = (
-    ("params", "kernel", "weight"),
-    ("params", "scale", "weight"),
-    ("params", "bias", "bias"),
-    ("batch_stats", "mean", "running_mean"),
-    ("batch_stats", "var", "running_var"),
-)
-_TO_TORCH_LEAF = {(c, f): t for c, f, t in _LEAVES}
-_MLP_STRIDE = 3  # MLP layer i is Sequential entry 3i (Linear) and 3i + 1 (BatchNorm1d).
-_TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".tar", ".bin")
-
-
-# ---------------------------------------------------------------------------------------------
-# Names.
-
-
-def _torch_module(path, mlp):
-  """('layer1_0', 'downsample_1') -> 'layer1.0.downsample.1'; MLP ('bn1',) -> 'layers.4'."""
-  if not mlp:
-    return ".".join(path).replace("_", ".")
-  (name,) = path
-  m = re.fullmatch(r"(linear|bn)(\d+)", name)
-  if not m:
-    return name
-  return f"layers.{_MLP_STRIDE * int(m[2]) + (m[1] == 'bn')}"
-
-
-def _flax_module(name, mlp):
-  """The inverse of `_torch_module`; names it cannot map are kept (and flagged by checks)."""
-  if not mlp:
-    return tuple(re.sub(r"\.(\d+)", r"_\1", name).split("."))
-  m = re.fullmatch(r"layers\.(\d+)", name)
-  kind = m and {0: "linear", 1: "bn"}.get(int(m[1]) % _MLP_STRIDE)
-  return (f"{kind}{int(m[1]) // _MLP_STRIDE}",) if kind else (name,)
-
-
-def torch_key(collection, path, layout="authors"):
-  """The torch name of a Flax leaf: ('params', ('trunk', 'bn1', 'scale')) -> 'trunk.bn1.weight'.
-
-  layout 'torchvision' names trunk leaves without the `trunk.` prefix.
-  """
-  net = "target" if collection.startswith("target_") else "online"
-  kind = collection.removeprefix("target_")
-  part, *module, leaf = path
-  prefix = "" if layout == "torchvision" else _PARTS.get((net, part), f"{net}.{part}.")
-  leaf = _TO_TORCH_LEAF.get((kind, leaf), leaf)
-  return f"{prefix}{_torch_module(tuple(module), part != 'trunk')}.{leaf}"
-
-
-def _to_torch_array(leaf, x):
-  x = np.asarray(x)
-  if leaf == "kernel":
-    x = x.transpose(3, 2, 0, 1) if x.ndim == 4 else x.T
-  return np.ascontiguousarray(x)
-
-
-def _from_torch_leaf(leaf, x):
-  """torch leaf name and array -> (collection kind, Flax leaf, array in Flax layout)."""
-  if leaf == "weight" and x.ndim > 1:
-    return "params", "kernel", np.ascontiguousarray(
-        x.transpose(2, 3, 1, 0) if x.ndim == 4 else x.T)
-  for kind, flax_leaf, torch_leaf in _LEAVES:
-    if torch_leaf == leaf and flax_leaf != "kernel":
-      return kind, flax_leaf, x
-  return "params", leaf, x  # unknown: kept so that a check reports it by name
-
-
-def _nested(flat):
-  return flax.traverse_util.unflatten_dict(flat)
-
-
-def _flat(tree):
-  return flax.traverse_util.flatten_dict(tree) if tree else {}
-
-
-# ---------------------------------------------------------------------------------------------
-# Torch layouts <-> sce_jax variables.
-
-
-def _unwrap(state_dict):
-  """Lightning's {'state_dict': ...} (nested or flattened to 'state_dict.'), DDP's 'module.'."""
-  if isinstance(state_dict.get("state_dict"), Mapping):
-    state_dict = state_dict["state_dict"]
-  for prefix, need_all in (("state_dict.", False), ("state_dict/", False), ("module.", True)):
-    hits = [k.startswith(prefix) for k in state_dict]
-    if hits and (all(hits) if need_all else any(hits)):
-      state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-  return state_dict
-
-
-def torch_layout(state_dict) -> str:
-  """'authors' when SCE-model prefixes are present, else 'torchvision'."""
-  prefixes = tuple(_PARTS.values())
-  return "authors" if any(k.startswith(prefixes) for k in state_dict) else "torchvision"
-
-
-def from_torch(state_dict: Mapping[str, np.ndarray]) -> dict[str, Any]:
-  """A torchvision or authors' state dict (numpy arrays) -> sce_jax variables.
-
-  No model config is needed: names map one to one. Use `check_variables` to validate.
-  """
-  state_dict = _unwrap(dict(state_dict))
-  layout = torch_layout(state_dict)
-  parts = _PARTS if layout == "authors" else {("online", "trunk"): ""}
-  flat, skipped = {}, []
-  for key, x in state_dict.items():
-    match = [(net_part, p) for net_part, p in parts.items() if key.startswith(p)]
-    if not match or (layout == "torchvision" and key.startswith("fc.")):
-      skipped.append(key)  # torchvision's classifier, the authors' queue buffers.
-      continue
-    (net, part), prefix = match[0]
-    module, _, leaf = key[len(prefix):].rpartition(".")
-    if leaf == "num_batches_tracked":
-      continue
-    kind, flax_leaf, x = _from_torch_leaf(leaf, np.asarray(x))
-    if np.issubdtype(x.dtype, np.floating):
-      x = x.astype(np.float32)
-    collection = NETS[net][kind == "batch_stats"]
-    flat[(collection, part) + _flax_module(module, part != "trunk") + (flax_leaf,)] = x
-  if skipped:
-    logging.info("Skipped %d keys outside the networks: %s", len(skipped), skipped[:8])
-  return _nested(flat)
-
-
-def to_torch(variables, layout="torchvision", which="online") -> dict[str, np.ndarray]:
-  """sce_jax variables -> a torch-layout state dict of numpy arrays.
-
-  torchvision: the `which` ('online' or 'target') trunk. authors: every network part present.
-  """
-  if layout == "torchvision":
-    collections = NETS[which]
-    if "trunk" not in variables.get(collections[0], {}):
-      raise ValueError(f"No {which} trunk to export; found {describe(variables)}.")
-    parts = {(which, "trunk")}
-  elif layout == "authors":
-    collections, parts = COLLECTIONS, set(_PARTS)
-  else:
-    raise ValueError(f"layout must be 'torchvision' or 'authors', got {layout!r}")
-  out = {}
-  for collection in collections:
-    net = "target" if collection.startswith("target_") else "online"
-    for path, x in _flat(variables.get(collection)).items():
-      if (net, path[0]) not in parts:
-        continue
-      key = torch_key(collection, path, layout)
-      out[key] = _to_torch_array(path[-1], x)
-      if path[-1] == "mean":  # a BatchNorm: torch also stores its update count.
-        out[key.removesuffix("running_mean") + "num_batches_tracked"] = np.zeros((), np.int64)
-  return out
-
-
-def describe(variables) -> str:
-  """'online trunk, projector; target trunk', for messages."""
-  nets = []
-  for net, (collection, _) in NETS.items():
-    if variables.get(collection):
-      nets.append(f"{net} {', '.join(sorted(variables[collection]))}")
-  return "; ".join(nets) or "no networks"
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading and writing files.
-
-
-def _torch_load(path, allow_pickle):
-  """A torch file's state dict as numpy arrays. Torch is imported here only."""
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError(
-        f"reading {pathlib.Path(path).suffix} needs PyTorch: pip install torch, or convert to "
-        f"safetensors (python -m sce_jax.convert in {path} OUT.safetensors, where torch is "
-        "installed).") from e
-  try:
-    obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
-  except pickle.UnpicklingError as e:
-    raise ValueError(
-        f"{path} holds Python objects besides tensors (a Lightning checkpoint's hyper-parameters, "
-        "say), which torch.load(weights_only=True) refuses. If you trust the file, pass "
-        "allow_pickle=True (--allow_pickle).") from e
-  if not isinstance(obj, Mapping):
-    raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict.")
-  state_dict = _unwrap(obj)
-  return {k: (v.detach().cpu().float() if v.is_floating_point() else v.cpu()).numpy()
-          for k, v in state_dict.items() if torch.is_tensor(v)}
-
-
-def _read_orbax(path, only=None):
-  """The weight collections of a TrainState checkpoint as numpy, skipping the optimiser state
-  and the queue; `only` = (net, part), e.g. ('online', 'trunk'), restores just that."""
-
-  def select(metadata):
-    wanted = {k: metadata[k] for k in COLLECTIONS if k in metadata and metadata[k]}
-    if only is not None:
-      net, part = only
-      wanted = {k: {part: v[part]} for k, v in wanted.items() if k in NETS[net] and part in v}
-    if not wanted:
-      raise ValueError(f"{path} holds none of {COLLECTIONS}; found {sorted(metadata)}.")
-    return wanted
-
-  return checkpoint.read_numpy(path, select)
-
-
-def read(path, allow_pickle=False, only=None):
-  """Any supported checkpoint -> (sce_jax variables as numpy, without validation; the source's
-  layout: 'sce_jax' | 'torchvision' | 'authors'). `only` = (net, part) lets an orbax read skip
-  the rest."""
-  path = pathlib.Path(path)
-  if path.is_dir():
-    return _read_orbax(path, only), "sce_jax"
-  if not path.exists():
-    raise FileNotFoundError(f"No such checkpoint: {path}")
-  if path.suffix == ".safetensors":
-    import safetensors.numpy  # pylint: disable=g-import-not-at-top
-    flat = safetensors.numpy.load_file(path)
-    if flat and all(k.split("/")[0] in COLLECTIONS for k in flat):
-      return flax.traverse_util.unflatten_dict(flat, sep="/"), "sce_jax"
-    state_dict = _unwrap(flat)
-  elif path.suffix in _TORCH_SUFFIXES:
-    state_dict = _torch_load(path, allow_pickle)
-  else:
-    raise ValueError(f"Unknown checkpoint type {path}: expected a directory (orbax), "
-                     f".safetensors, or one of {_TORCH_SUFFIXES}.")
-  return from_torch(state_dict), torch_layout(state_dict)
+from sce_jax import weights
+from sce_jax.weights import NETS
 
 
 def save_safetensors(variables, path, metadata=None):
@@ -307,147 +48,6 @@ def save_torch(state_dict, path, layout="torchvision"):
 
 
 # ---------------------------------------------------------------------------------------------
-# Validation against a model config.
-
-
-def _block_counts(trunk_params):
-  """{stage: number of blocks} and whether the blocks are bottlenecks, from module names."""
-  counts = {}
-  for name in trunk_params:
-    m = re.fullmatch(r"layer(\d+)_(\d+)", name)
-    if m:
-      counts[int(m[1])] = max(counts.get(int(m[1]), 0), int(m[2]) + 1)
-  stages = tuple(counts.get(i, 0) for i in range(1, max(counts, default=0) + 1))
-  return stages, "conv3" in trunk_params.get("layer1_0", {})
-
-
-def _arch_of(trunk_params):
-  """(resnet.ARCHS name or None, a description) of a trunk, from its module names."""
-  stages, bottleneck = _block_counts(trunk_params)
-  for name, (sizes, block) in resnet.ARCHS.items():
-    if tuple(sizes) == stages and (block is resnet.Bottleneck) == bottleneck:
-      return name, _arch_desc(name)
-  kind = "Bottleneck" if bottleneck else "BasicBlock"
-  return None, (f"a ResNet with {kind} blocks {stages}, which no config builds (known: "
-                + ", ".join(_arch_desc(n) for n in resnet.ARCHS) + ")")
-
-
-def detect_arch(trunk_params) -> str:
-  """The resnet.ARCHS name of a trunk, from its keys (e.g. `layer3.5` present, `conv3`)."""
-  name, desc = _arch_of(trunk_params)
-  if name is None:
-    raise ValueError(f"Unsupported trunk: {desc}.")
-  return name
-
-
-def _arch_desc(name):
-  sizes, block = resnet.ARCHS[name]
-  return f"{name} ({block.__name__} blocks {tuple(sizes)})"
-
-
-def _mlp_config(params, stats):
-  """An MLP's config from its parameters and statistics."""
-  if not params:  # a stand-in, never compared: only parts present in a file are checked.
-    return dict(hidden_dim=1, out_dim=1, num_layers=1, last_bn=False, last_bias=False)
-  n = sum(bool(re.fullmatch(r"linear\d+", k)) for k in params)
-  last = params.get(f"linear{n - 1}", {})
-  out_dim = last["kernel"].shape[1] if "kernel" in last else 0
-  hidden = params["linear0"]["kernel"].shape[1] if n > 1 and "kernel" in params.get(
-      "linear0", {}) else out_dim
-  return dict(hidden_dim=hidden, out_dim=out_dim, num_layers=n,
-              last_bn=f"bn{n - 1}" in (stats or {}), last_bias="bias" in last)
-
-
-def infer_model_config(variables) -> ml_collections.ConfigDict:
-  """The config.model that a checkpoint's shapes imply (its depth, width, stem, heads)."""
-  net = "online" if variables.get("params", {}).get("trunk") else "target"
-  params, stats = (variables.get(c, {}) for c in NETS[net])
-  if "trunk" not in params:
-    raise ValueError(f"No trunk in the checkpoint; found {describe(variables)}.")
-  trunk = params["trunk"]
-  stem = np.shape(trunk.get("conv1", {}).get("kernel", ()))
-  width, small_stem = (int(stem[3]), stem[0] == 3) if len(stem) == 4 else (64, False)
-  return ml_collections.ConfigDict(dict(
-      trunk=detect_arch(trunk), width=width, small_stem=small_stem, dtype="float32",
-      projector=_mlp_config(params.get("projector"), stats.get("projector")),
-      predictor=(_mlp_config(params["predictor"], stats.get("predictor"))
-                 if params.get("predictor") else dict(_mlp_config({}, {}), num_layers=0))))
-
-
-@functools.lru_cache(maxsize=16)
-def _model_shapes(model_json, net, num_classes):
-  """Leaf shapes of SCENet's variables: {(collection kind, *path): shape}."""
-  cfg = ml_collections.ConfigDict(json.loads(model_json))
-  model = sce.SCENet(cfg, with_predictor=net == "online", num_classes=num_classes)
-  x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
-  shapes = jax.eval_shape(functools.partial(model.init, train=True), jax.random.key(0), x)
-  return {k: tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(shapes).items()}
-
-
-def check_variables(variables, model_cfg, parts=None, source="checkpoint", layout="sce_jax"):
-  """Raises ValueError unless the networks in `variables` fit `model_cfg` key for key.
-
-  parts: the (net, part) pairs to check (default: all present). Problems name each key in the
-  source's own layout (torch names and shapes for torch files), plus the sce_jax path.
-  """
-  model_cfg = getattr(model_cfg, "model", model_cfg)
-  if parts is None:
-    parts = [(net, p) for net, (c, _) in NETS.items() for p in variables.get(c, {})]
-  problems = []
-  for net, part in parts:
-    params = variables.get(NETS[net][0], {})
-    if part == "trunk":
-      arch, got = _arch_of(params.get("trunk", {}))
-      if arch != model_cfg.trunk:
-        raise ValueError(f"{source}: its {net} trunk is {got}, but the config asks for "
-                         f"{_arch_desc(model_cfg.trunk)}: a depth mismatch.")
-      stem = np.shape(params["trunk"].get("conv1", {}).get("kernel", ()))
-      want = (3 if model_cfg.small_stem else 7, model_cfg.width)
-      if len(stem) == 4 and (stem[0], stem[3]) != want:
-        problems.append(f"the {net} trunk has width {stem[3]} and a {stem[0]}x{stem[0]} stem; "
-                        f"the config has width {want[1]} and a {want[0]}x{want[0]} stem")
-    probe = variables.get("params", {}).get("probe", {}).get("kernel")
-    classes = int(probe.shape[1]) if net == "online" and probe is not None else 0
-    expected = _model_shapes(model_cfg.to_json() if hasattr(model_cfg, "to_json")
-                             else json.dumps(model_cfg), net, classes)
-    expected = {k: v for k, v in expected.items() if k[1] == part}
-    got = {}
-    for kind, collection in zip(("params", "batch_stats"), NETS[net]):
-      tree = variables.get(collection, {}).get(part)
-      got.update({(kind, part) + k: np.shape(v) for k, v in _flat(tree).items()})
-    problems += _compare(got, expected, net, layout)
-  if problems:
-    shown = problems[:12] + ([f"... and {len(problems) - 12} more"] if len(problems) > 12 else [])
-    raise ValueError(f"{source} does not match the model config ({model_cfg.trunk}, width "
-                     f"{model_cfg.width}, small_stem={model_cfg.small_stem}):\n  "
-                     + "\n  ".join(shown))
-
-
-def _compare(got, expected, net, layout):
-  """Problem lines for missing / unexpected / mis-shaped leaves of one network part."""
-  def name(k):
-    collection = ("target_" if net == "target" else "") + k[0]
-    flax_name = "/".join((collection,) + k[1:])
-    if layout == "sce_jax":
-      return flax_name
-    return f"{torch_key(collection, k[1:], layout)} (sce_jax {flax_name})"
-
-  def shape(k, s):  # torch files are reported in torch's layout.
-    if layout == "sce_jax" or k[-1] != "kernel":
-      return tuple(s)
-    return tuple(s[i] for i in (3, 2, 0, 1)) if len(s) == 4 else tuple(s[::-1])
-
-  lines = [f"missing key {name(k)}, shape {shape(k, s)}" for k, s in expected.items()
-           if k not in got]
-  lines += [f"unexpected key {name(k)}, shape {shape(k, s)}" for k, s in got.items()
-            if k not in expected]
-  lines += [f"shape mismatch at {name(k)}: checkpoint {shape(k, s)}, config "
-            f"{shape(k, expected[k])}" for k, s in got.items()
-            if k in expected and tuple(s) != tuple(expected[k])]
-  return lines
-
-
-# ---------------------------------------------------------------------------------------------
 # Command line.
 
 
@@ -467,17 +67,17 @@ def main(argv=None):
                       help="let torch.load unpickle objects (Lightning .ckpt); trusted files only")
   args = parser.parse_args(argv)
 
-  variables, layout = read(args.src, args.allow_pickle)
+  variables, layout = weights.read(args.src, args.allow_pickle)
   model_cfg = (sce_config.load(args.config).model if args.config
-               else infer_model_config(variables))
-  check_variables(variables, model_cfg, source=args.src, layout=layout)
+               else weights.infer_model_config(variables))
+  weights.check_variables(variables, model_cfg, source=args.src, layout=layout)
   if args.direction == "in":
     if not args.dst.endswith(".safetensors"):
       parser.error("in: DST must be a .safetensors file")
     save_safetensors(variables, args.dst, {"source": str(args.src), "trunk": model_cfg.trunk})
   else:
-    save_torch(to_torch(variables, args.layout, args.which), args.dst, args.layout)
-  print(f"{args.src} ({layout}; {describe(variables)}; {model_cfg.trunk}) -> {args.dst}")
+    save_torch(weights.to_torch(variables, args.layout, args.which), args.dst, args.layout)
+  print(f"{args.src} ({layout}; {weights.describe(variables)}; {model_cfg.trunk}) -> {args.dst}")
 
 
 if __name__ == "__main__":

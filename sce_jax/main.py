@@ -4,10 +4,10 @@
       --config.data.path=cifar10_jpg_train.tar.gz --workdir=/tmp/w
   python -m sce_jax.main --config=configs/imagenet_r50.py:multicrop,epochs=200 --workdir=DIR
 
---mode=train (default) pretrains, resuming from the workdir's latest checkpoint, then runs a
-final kNN evaluation (unless eval.every_epochs < 0). --mode=knn and --mode=linear evaluate the
-workdir's latest checkpoint, or imported weights with --config.eval.checkpoint=PATH, and write
-<workdir>/eval_<mode>.json. Config values are overridden with --config.KEY=VALUE.
+--mode=train (default) pretrains, resuming from the workdir's latest checkpoint, then runs the
+final evaluations (config.eval.<name>.every_epochs >= 0). --mode=knn and --mode=linear evaluate
+the workdir's latest checkpoint, or imported weights with --config.eval.checkpoint=PATH, and
+write <workdir>/eval_<mode>.json. Config values are overridden with --config.KEY=VALUE.
 
 Several processes (TPU pods, GPU clusters): --distributed lets jax.distributed.initialize()
 find the cluster (also when JAX_COORDINATOR_ADDRESS is set); or name it explicitly:
@@ -28,10 +28,10 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from sce_jax import checkpoint, evaluate, linear, logs, sharding, train
+from sce_jax import checkpoint, evaluators, logs, sharding, train, weights
 from sce_jax import config as sce_config
 from sce_jax import workdir as workdir_lib
-from sce_jax.data import sources
+from sce_jax.data import images, sources
 
 # Exit statuses, for job scripts and launchers (README, "Exit codes"). 75 is EX_TEMPFAIL of
 # sysexits.h ("try again later"); 130 is what a shell reports for a process ended by SIGINT.
@@ -43,8 +43,9 @@ EXIT_INTERRUPTED = 130  # a Ctrl-C before training, or a second one: stopped at 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. "
                                           "configs/cifar10_r18.py:smoke.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and results go here.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "knn", "linear"],
-                          "Pretrain, or evaluate a trunk by kNN or linear probe.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", *evaluators.MODES],
+                          "Pretrain, or evaluate a trunk (sce_jax/evaluators/: kNN, linear "
+                          "probe).")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Several processes: jax.distributed.initialize() finds them (SLURM, "
     "Open MPI, Cloud TPU, Kubernetes). Implied by --coordinator_address or the environment "
@@ -118,17 +119,14 @@ def _load_trunk(config, workdir, mode):
           "none; train first with this --workdir, or pass --config.eval.checkpoint=PATH (a "
           "workdir or weights to evaluate).") from e
   try:
-    return source, evaluate.load_trunk(source, config.model)
+    return source, weights.load_trunk(source, config.model)
   except ValueError as e:  # convert's messages name the file and what does not fit.
     raise checkpoint.CheckpointError(f"cannot evaluate {source}: {e}") from e
 
 
 def _evaluate(config, workdir, mode, mesh, splits, source, trunk):
-  """kNN or linear evaluation of `trunk` (read from `source`)."""
-  if mode == "knn":
-    results = evaluate.knn_eval(config, trunk, mesh, splits)
-  else:
-    results = linear.linear_eval(config, trunk, mesh, splits, workdir)
+  """The evaluator `mode` of `trunk` (read from `source`); results to eval_<mode>.json."""
+  results = evaluators.MODES[mode](config, trunk, mesh, splits, workdir)
   logging.info("%s evaluation of %s: %s", mode, source, results)
   if jax.process_index() == 0:
     (epath.Path(workdir) / f"eval_{mode}.json").write_text(
@@ -166,7 +164,7 @@ def main(argv):
   except KeyboardInterrupt:
     logging.warning("Interrupted (Ctrl-C): stopped at once, nothing new was saved.")
     sys.exit(EXIT_INTERRUPTED)
-  except (sce_config.ConfigError, sources.DataError, checkpoint.CheckpointError,
+  except (sce_config.ConfigError, images.DataError, checkpoint.CheckpointError,
           workdir_lib.WorkdirError, FloatingPointError) as e:
     logging.debug("Traceback of the error below:", exc_info=True)  # --verbosity=1
     print(f"Error: {e}", file=sys.stderr)

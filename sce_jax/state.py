@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 
 from sce_jax import losses
-from sce_jax.models import SCENet
 
 # sce.target_init: a copy of the online weights (eztorch), or an independent random init (the
 # WACV code); docs/SCE.md section 3.
@@ -24,15 +23,6 @@ class TrainState:
   queue: Any               # (K, D) FIFO ring of target embeddings; None without a queue
   queue_ptr: jax.Array
   rng: jax.Array
-
-
-def make_models(config, num_classes):
-  """Online network (with predictor and probe) and target network (trunk + projector, its
-  trunk's BatchNorm split into sce.target_bn_splits groups for shuffle-BN, docs/SCE.md 3)."""
-  probe_classes = num_classes if config.probe.enabled else 0
-  return (SCENet(config.model, with_predictor=True, num_classes=probe_classes),
-          SCENet(config.model, with_predictor=False, num_classes=0,
-                 trunk_bn_splits=config.sce.target_bn_splits))
 
 
 def init_state(config, online, target, tx, rng, image_size):

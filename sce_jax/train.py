@@ -1,71 +1,72 @@
-"""The pretraining loop: restore or initialise, step, log, checkpoint, evaluate.
+"""Pretraining: the run assembled from the config (`build`), then the loop of `loop.py`.
 
-Resuming is exact: the state holds the step, the queue and the rng, and the data iterator
-restarts at the restored step, so a stopped and resumed run computes what an uninterrupted one
-does. Losses are checked for NaN/inf before every log and the whole state before every save,
-so no checkpoint holds a diverged state. The workdir is locked while the run trains in it.
+Resuming is exact: the state holds the step, the queue and the rng, and the data stream restarts
+at the restored step, so a stopped and resumed run computes what an uninterrupted one does. The
+workdir is locked while the run trains in it.
 """
-import contextlib
-import datetime
-import time
+import functools
+from typing import Callable, NamedTuple
 
 import jax
-import numpy as np
 from absl import logging
 from clu import parameter_overview
 
-from sce_jax import checkpoint, evaluate, logs, metrics, sharding, train_step
+from sce_jax import evaluators, loop, optim, sharding, train_step
 from sce_jax import config as sce_config
+from sce_jax import state as state_lib
 from sce_jax import workdir as workdir_lib
-from sce_jax.data import device, pipeline, sources
+from sce_jax.data import augment, pipeline, resident, sources
+from sce_jax.models import SCENet, make_models
 
 
-class _Log:
-  """Collects each step's metrics on the device; `flush` fetches them in one transfer, checks
-  the losses, writes the last step's metrics with throughput and ETA, and logs one line."""
-
-  def __init__(self, writer, mngr, *, start, num_steps, batch_size):
-    self.writer, self.mngr = writer, mngr
-    self.num_steps, self.batch_size = num_steps, batch_size
-    self.pending = []
-    self.last_step, self.last_time = start, time.time()
-    self.bar = logs.progress_bar(num_steps, start)
-
-  def add(self, step, step_metrics):
-    self.pending.append((step, step_metrics))
-    if self.bar is not None:
-      self.bar.update(1)
-
-  def flush(self):
-    if not self.pending:
-      return
-    pending, self.pending = jax.device_get(self.pending), []
-    for step, m in pending:
-      if not np.isfinite(m["loss"]):
-        raise FloatingPointError(checkpoint.diverged(
-            self.mngr, f"The loss is {m['loss']} at step {step}"))
-    step, m = pending[-1]
-    now = time.time()
-    steps_per_sec = (step - self.last_step) / max(now - self.last_time, 1e-9)
-    self.last_step, self.last_time = step, now
-    eta = (self.num_steps - step) / max(steps_per_sec, 1e-9)
-    self.writer.write(step, {**m, "steps_per_sec": steps_per_sec,
-                             "images_per_sec": steps_per_sec * self.batch_size,
-                             "eta_seconds": eta})
-    logging.info("step %d/%d: loss %.4f, %.1f img/s, ETA %s", step, self.num_steps, m["loss"],
-                 steps_per_sec * self.batch_size, datetime.timedelta(seconds=round(eta)))
-    if self.bar is not None:
-      self.bar.set_postfix(loss=f"{m['loss']:.4f}", refresh=False)
-
-  def close(self):
-    if self.bar is not None:
-      self.bar.close()
+class Parts(NamedTuple):
+  """What a run needs, assembled once from the config."""
+  online: SCENet
+  target: SCENet
+  views: tuple        # presets.ViewSpec of each crop
+  pairs: list         # losses.crop_pairs of the views
+  steps_per_epoch: int
+  total_steps: int    # what the schedules see: epochs x steps_per_epoch
+  num_steps: int      # where this run stops: total_steps, or config.max_steps if smaller
+  init: Callable      # rng -> TrainState, placed replicated on the mesh
+  step: Callable      # (state, batch) -> (state, metrics), jitted, state donated
 
 
-def _knn(config, state, mesh, splits, writer, step):
-  results = evaluate.knn_eval(config, evaluate.trunk_variables(state), mesh, splits)
-  logging.info("kNN at step %d: %s", step, results)
-  writer.write(step, results)
+def build(config, mesh, *, num_classes, steps_per_epoch, float_views=False, on_device=False,
+          views=None):
+  """Models, optimiser, schedules, state initialiser and the jitted step for `config`.
+
+  The step takes uint8 crops and runs the accelerator augmentations of config.data.views on
+  them; with on_device it takes `resident.train_batches` and crops them itself; with
+  float_views it takes network-ready float views as they are (tests). views: ViewSpecs in place
+  of config.data.views' preset (benchmarks).
+  """
+  data = config.data
+  views, pairs = sce_config.crops(config, views)
+  total_steps = int(config.epochs * steps_per_epoch)
+  num_steps = min(total_steps, config.max_steps) if config.max_steps > 0 else total_steps
+  online, target = make_models(config, num_classes)
+  lr_fn = optim.lr_schedule(config.optim, global_batch=config.batch_size,
+                            steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+  ema_fn = optim.ema_schedule(config.sce, total_steps)
+  tx = optim.make_optimizer(config, lr_fn, total_steps)
+  # Initialisation runs once, but XLA:CPU spends ~50 s optimising a ResNet-18's random
+  # initialisers at its default level against ~5 s at level 0 (measured on 2 cores).
+  cold = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+  init = jax.jit(functools.partial(state_lib.init_state, config, online, target, tx,
+                                   image_size=data.image_size),
+                 out_shardings=sharding.replicated(mesh), compiler_options=cold)
+  stage = dict(specs=views, mean=data.mean, std=data.std)
+  prepare, batch_sharding = None, None  # float_views
+  if on_device:
+    prepare = functools.partial(resident.prepare, **stage)
+    batch_sharding = resident.batch_sharding(mesh)
+  elif not float_views:
+    prepare = functools.partial(augment.augment_batch, **stage)
+  step = train_step.make_train_step(config, mesh, online, target, tx, lr_fn, ema_fn, pairs,
+                                    prepare, batch_sharding)
+  return Parts(online, target, views, pairs, steps_per_epoch, total_steps, num_steps, init,
+               step)
 
 
 def _describe(config, splits, parts, mesh, start, workdir, on_device):
@@ -101,67 +102,32 @@ def train(config, workdir, mesh=None, splits=None):
 
   splits: the opened data (`sources.Splits`), by default opened from config.data. Stops after
   config.max_steps (if > 0) or the epochs; at a preemption (SIGTERM) or a Ctrl-C it saves and
-  raises checkpoint.Preempted. kNN monitoring every config.eval.every_epochs epochs (> 0), and
-  at the end (>= 0). Holds the workdir's lock throughout (workdir.WorkdirError if another run
-  does); config.json records the config of a fresh start, and a resumed run with other values
-  is warned about.
+  raises checkpoint.Preempted. The evaluators of config.eval (`evaluators.periodic`) run at
+  their cadence and at the end. Holds the workdir's lock throughout (workdir.WorkdirError if
+  another run does); config.json records the config of a fresh start, and a resumed run with
+  other values is warned about.
   """
   mesh = mesh or sharding.make_mesh()
   splits = splits or sources.Splits(config.data)
   sce_config.check_data_size(config, splits.train.num_examples)
   with workdir_lib.lock(workdir):
-    return _train(config, workdir, mesh, splits)
-
-
-def _train(config, workdir, mesh, splits):
-  resident = device.load(splits.train, mesh) if config.data.on_device else None
-  parts = train_step.build(config, mesh, num_classes=splits.num_classes,
-                           steps_per_epoch=splits.train.num_examples // config.batch_size,
-                           on_device=resident is not None)
-  rng = jax.random.key(config.seed)
-  mngr = checkpoint.manager(workdir, config.checkpoint)
-  with contextlib.ExitStack() as cleanup:  # Every callback runs, in reverse order.
-    cleanup.callback(mngr.close)
-    cleanup.callback(checkpoint.wait, mngr)  # A failed last save is an error.
-    state = checkpoint.restore(mngr, jax.eval_shape(parts.init, rng))
-    workdir_lib.record_config(workdir, config, resumed=state is not None)
-    if state is None:
-      state = parts.init(rng)
-    start = int(state.step)
-    _describe(config, splits, parts, mesh, start, workdir, on_device=resident is not None)
-    _count_parameters(state.params)
-
-    writer = metrics.Writer(workdir)
-    cleanup.callback(writer.close)
-    log = _Log(writer, mngr, start=start, num_steps=parts.num_steps,
-               batch_size=config.batch_size)
-    cleanup.callback(log.close)
-    knn_every = max(config.eval.every_epochs, 0) * parts.steps_per_epoch
-    preemption = checkpoint.Preemption()
-    cleanup.callback(preemption.close)
-    if resident is not None:
-      batches = device.train_batches(resident, global_batch_size=config.batch_size,
-                                     seed=config.seed, start_step=start, mesh=mesh)
-    else:
-      batches = pipeline.train_iterator(
-          splits.train, config.data, global_batch_size=config.batch_size, views=parts.views,
-          seed=config.seed, start_step=start, sharding=sharding.rows(mesh))
-    cleanup.callback(batches.close)
-    for step in range(start + 1, parts.num_steps + 1):
-      state, step_metrics = parts.step(state, next(batches))
-      log.add(step, step_metrics)
-      preempted = preemption.reached(mngr, step)
-      last = preempted or step == parts.num_steps
-      save = last or mngr.should_save(step)
-      checkpoint.check(mngr)
-      if save or step % config.log_every_steps == 0:
-        log.flush()
-      if save:
-        checkpoint.save(mngr, step, state)
-      if preempted:
-        raise preemption.stop(mngr, step)
-      if knn_every and step % knn_every == 0 and not last:
-        _knn(config, state, mesh, splits, writer, step)
-    if config.eval.every_epochs >= 0:
-      _knn(config, state, mesh, splits, writer, int(state.step))
-    return state
+    held = resident.load(splits.train, mesh) if config.data.on_device else None
+    parts = build(config, mesh, num_classes=splits.num_classes,
+                  steps_per_epoch=splits.train.num_examples // config.batch_size,
+                  on_device=held is not None)
+    with loop.Run(workdir, config.checkpoint, what="", num_steps=parts.num_steps,
+                  batch_size=config.batch_size, log_every=config.log_every_steps) as run:
+      state, start, resumed = run.restore(parts.init, jax.random.key(config.seed))
+      workdir_lib.record_config(workdir, config, resumed=resumed)
+      _describe(config, splits, parts, mesh, start, workdir, on_device=held is not None)
+      _count_parameters(state.params)
+      if held is not None:
+        batches = resident.train_batches(held, global_batch_size=config.batch_size,
+                                         seed=config.seed, start_step=start, mesh=mesh)
+      else:
+        batches = pipeline.train_iterator(
+            splits.train, config.data, global_batch_size=config.batch_size,
+            views=parts.views, seed=config.seed, start_step=start,
+            sharding=sharding.rows(mesh))
+      return run.train(state, start, parts.step, batches,
+                       evaluators.periodic(config, mesh, splits, parts.steps_per_epoch))

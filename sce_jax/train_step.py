@@ -9,19 +9,12 @@ FIFO queue update with the target embeddings of the whole global batch. Everythi
 shard_map is written for the global batch, so BatchNorm statistics are those of the global
 batch (synchronised BN).
 """
-import functools
-from typing import Callable, NamedTuple
-
 import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
-from sce_jax import losses, optim
-from sce_jax import sharding
-from sce_jax import state as state_lib
-from sce_jax.data import augment, device, presets
-from sce_jax.models import SCENet
+from sce_jax import losses, sharding
 from sce_jax.sharding import DATA
 
 
@@ -134,7 +127,7 @@ def make_train_step(config, mesh, online, target, tx, lr_fn, ema_fn, pairs, prep
 
   prepare(key, batch) -> {'views': tuple of normalised float (B, H_v, W_v, 3) views, 'label':
   (B,) int32} is the input stage run inside the step (host crops: `augment.augment_batch`;
-  data on the device: `device.prepare`); without it, batch is such a dict, used as given.
+  data on the device: `resident.prepare`); without it, batch is such a dict, used as given.
   batch_sharding: the batch's shardings (default: every leaf split over `data`); arrays in the
   batch are arguments of the step, never donated. pairs: `losses.crop_pairs` of the views.
   """
@@ -198,57 +191,3 @@ def make_train_step(config, mesh, online, target, tx, lr_fn, ema_fn, pairs, prep
 
   return jax.jit(step, in_shardings=(replicated, batch_sharding or sharding.rows(mesh)),
                  out_shardings=(replicated, replicated), donate_argnums=0)
-
-
-class Parts(NamedTuple):
-  """What a run needs, assembled once from the config."""
-  online: SCENet
-  target: SCENet
-  tx: optax.GradientTransformation
-  lr_fn: Callable
-  ema_fn: Callable
-  views: tuple        # presets.ViewSpec of each crop
-  pairs: list         # losses.crop_pairs of the views
-  steps_per_epoch: int
-  total_steps: int    # what the schedules see: epochs x steps_per_epoch
-  num_steps: int      # where this run stops: total_steps, or config.max_steps if smaller
-  init: Callable      # rng -> TrainState, placed replicated on the mesh
-  step: Callable      # (state, batch) -> (state, metrics), jitted, state donated
-
-
-def build(config, mesh, *, num_classes, steps_per_epoch, float_views=False, on_device=False,
-          views=None):
-  """Models, optimiser, schedules, state initialiser and the jitted step for `config`.
-
-  The step takes uint8 crops and runs the accelerator augmentations of config.data.views on
-  them; with on_device it takes `device.train_batches` and crops them itself; with float_views
-  it takes network-ready float views as they are (tests). views: ViewSpecs in place of
-  config.data.views' preset (benchmarks).
-  """
-  data = config.data
-  views = views or presets.get(data.views, data.image_size)
-  pairs = losses.crop_pairs(len(views), config.sce.num_global, config.sce.symmetric)
-  total_steps = int(config.epochs * steps_per_epoch)
-  num_steps = min(total_steps, config.max_steps) if config.max_steps > 0 else total_steps
-  online, target = state_lib.make_models(config, num_classes)
-  lr_fn = optim.lr_schedule(config.optim, global_batch=config.batch_size,
-                            steps_per_epoch=steps_per_epoch, total_steps=total_steps)
-  ema_fn = optim.ema_schedule(config.sce, total_steps)
-  tx = optim.make_optimizer(config, lr_fn, total_steps)
-  # Initialisation runs once, but XLA:CPU spends ~50 s optimising a ResNet-18's random
-  # initialisers at its default level against ~5 s at level 0 (measured on 2 cores).
-  cold = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
-  init = jax.jit(functools.partial(state_lib.init_state, config, online, target, tx,
-                                   image_size=data.image_size),
-                 out_shardings=sharding.replicated(mesh), compiler_options=cold)
-  stage = dict(specs=views, mean=data.mean, std=data.std)
-  prepare, batch_sharding = None, None  # float_views
-  if on_device:
-    prepare = functools.partial(device.prepare, **stage)
-    batch_sharding = device.batch_sharding(mesh)
-  elif not float_views:
-    prepare = functools.partial(augment.augment_batch, **stage)
-  step = make_train_step(config, mesh, online, target, tx, lr_fn, ema_fn, pairs, prepare,
-                         batch_sharding)
-  return Parts(online, target, tx, lr_fn, ema_fn, views, pairs, steps_per_epoch, total_steps,
-               num_steps, init, step)

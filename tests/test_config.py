@@ -8,7 +8,7 @@ import pytest
 
 from sce_jax import config as sce_config
 from sce_jax import train
-from sce_jax.data import presets, sources
+from sce_jax.data import images, presets, sources
 from tests.helpers import CONFIGS, load_config
 
 ROOT = CONFIGS.parent
@@ -158,11 +158,11 @@ def test_queue_not_a_multiple_of_keys_per_step(good):
 
 def test_missing_dataset(good, tmp_path):
   good.data.path = str(tmp_path / "nowhere.tar.gz")
-  with pytest.raises(sources.DataError, match=r"data.path=.*nowhere.tar.gz does not exist; "
+  with pytest.raises(images.DataError, match=r"data.path=.*nowhere.tar.gz does not exist; "
                      r"set --config.data.path to a class-folder tree"):
     sources.Splits(good.data)
   good.data.path = ""
-  with pytest.raises(sources.DataError, match=r"data.path is empty; set --config.data.path"):
+  with pytest.raises(images.DataError, match=r"data.path is empty; set --config.data.path"):
     sources.Splits(good.data)
 
 
@@ -188,7 +188,7 @@ def test_tfds_prepares_a_missing_dataset(good, tmp_path, tfds_builder):
     raise ConnectionError("Failed to establish a new connection: [Errno -3] Temporary "
                           "failure in name resolution\nmore lines")
   tfds_builder(offline)
-  with pytest.raises(sources.DataError) as e:
+  with pytest.raises(images.DataError) as e:
     sources.Splits(good.data)
   assert str(e.value) == (
       f"TFDS could not download and prepare 'cifar10' in data_dir={tmp_path}/cifar10/3.0.2 "
@@ -200,7 +200,7 @@ def test_tfds_prepares_a_missing_dataset(good, tmp_path, tfds_builder):
 def test_tfds_manual_download_is_explained(good, tmp_path, tfds_builder):
   tfds_builder(lambda *a, **k: pytest.fail("ImageNet cannot be downloaded by TFDS"))
   good.data.source, good.data.name, good.data.data_dir = "tfds", "imagenet2012", str(tmp_path)
-  with pytest.raises(sources.DataError, match=r"'imagenet2012' is not prepared in .* needs a "
+  with pytest.raises(images.DataError, match=r"'imagenet2012' is not prepared in .* needs a "
                      r"manual download: put its files in DIR/downloads/manual/"):
     sources.Splits(good.data)
 

@@ -1,6 +1,6 @@
-"""Weight conversion (sce_jax/convert.py): torch layouts <-> sce_jax, checked against an
-independent float64 NumPy ResNet, the authors' key names, and orbax checkpoints. No torch needed;
-test_matches_torchvision runs where torchvision is installed."""
+"""Weights (sce_jax/weights.py) and their conversion (sce_jax/convert.py): torch layouts <->
+sce_jax, checked against an independent float64 NumPy ResNet, the authors' key names, and orbax
+checkpoints. No torch needed; test_matches_torchvision runs where torchvision is installed."""
 import pathlib
 import sys
 import types
@@ -13,7 +13,7 @@ import pytest
 import safetensors.numpy
 
 from sce_jax import config as sce_config
-from sce_jax import convert, evaluate
+from sce_jax import convert, weights
 from sce_jax.models import resnet, sce
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -182,7 +182,7 @@ def test_converted_trunk_matches_numpy_forward(tmp_path, name, small_stem, size)
   sd = torchvision_state(name, rng, small_stem=small_stem)
   path = tmp_path / "tv.safetensors"
   safetensors.numpy.save_file(sd, path)
-  trunk = evaluate.load_trunk(path, model_cfg(name, small_stem=small_stem))
+  trunk = weights.load_trunk(path, model_cfg(name, small_stem=small_stem))
   x = rng.normal(size=(2, size, size, 3)).astype(np.float32)
   got = flax_features(trunk, name, x, small_stem=small_stem)
   want = np_resnet(sd, name, x, small_stem)
@@ -213,7 +213,7 @@ def test_torchvision_round_trip(tmp_path, name, small_stem, width):
       assert v.dtype == np.int64 and v.shape == () and v == 0
     else:
       np.testing.assert_array_equal(v, sd[k], err_msg=k)
-  assert_trees_equal(convert.read(mid)[0], convert.read(out)[0])
+  assert_trees_equal(weights.read(mid)[0], weights.read(out)[0])
 
 
 @pytest.mark.parametrize("cfg", [model_cfg("resnet18", 8, True, "cifar"),
@@ -223,19 +223,19 @@ def test_sce_round_trip(tmp_path, cfg):
   """sce_jax -> authors' layout -> sce_jax keeps every network part (the probe is sce_jax's
   own); sce_jax -> torchvision -> sce_jax keeps each trunk."""
   variables = random_variables(cfg, np.random.default_rng(2))
-  back = convert.from_torch(convert.to_torch(variables, "authors"))
+  back = weights.from_torch(weights.to_torch(variables, "authors"))
   variables["params"].pop("probe")
   assert_trees_equal(back, variables)
-  convert.check_variables(back, cfg)
+  weights.check_variables(back, cfg)
   for which, (params, stats) in (("online", ("params", "batch_stats")),
                                  ("target", ("target_params", "target_batch_stats"))):
-    tv = convert.from_torch(convert.to_torch(variables, "torchvision", which))
+    tv = weights.from_torch(weights.to_torch(variables, "torchvision", which))
     assert_trees_equal(tv, {"params": {"trunk": variables[params]["trunk"]},
                             "batch_stats": {"trunk": variables[stats]["trunk"]}})
   path = tmp_path / "sce.safetensors"
   convert.save_safetensors(variables, path)
-  assert_trees_equal(convert.read(path)[0], variables)
-  inferred = convert.infer_model_config(variables)
+  assert_trees_equal(weights.read(path)[0], variables)
+  inferred = weights.infer_model_config(variables)
   assert (inferred.trunk, inferred.width, inferred.small_stem) == (
       cfg.trunk, cfg.width, cfg.small_stem)
   assert dict(inferred.projector) == dict(cfg.projector)
@@ -285,12 +285,12 @@ def test_authors_checkpoint_as_safetensors(tmp_path):
   sd = ckpt["state_dict"]
   path = tmp_path / "sce.safetensors"  # a Lightning checkpoint flattened to 'state_dict.<key>'.
   safetensors.numpy.save_file({f"state_dict.{k}": v for k, v in sd.items()}, path)
-  variables = convert.read(path)[0]
+  variables = weights.read(path)[0]
   check_authors_variables(variables, sd)
   cfg = model_cfg("resnet50", 8)
   cfg.projector.hidden_dim = 24
-  convert.check_variables(variables, cfg)
-  target = evaluate.load_trunk(path, cfg, which="target")
+  weights.check_variables(variables, cfg)
+  target = weights.load_trunk(path, cfg, which="target")
   np.testing.assert_array_equal(target["batch_stats"]["bn1"]["mean"],
                                 sd["momentum_trunk.bn1.running_mean"])
   # Back out in the authors' layout: the same network keys, without the queue.
@@ -302,7 +302,7 @@ def test_authors_checkpoint_as_safetensors(tmp_path):
 
 
 class _FakeTensor:
-  """Just what convert._torch_load asks of a torch.Tensor."""
+  """Just what weights._torch_load asks of a torch.Tensor."""
 
   def __init__(self, x):
     self.x = x
@@ -341,8 +341,8 @@ def test_authors_lightning_ckpt(tmp_path, monkeypatch):
   path = tmp_path / "last.ckpt"
   path.write_bytes(b"not read by the stand-in")
   with pytest.raises(ValueError, match="allow_pickle"):
-    convert.read(path)[0]
-  check_authors_variables(convert.read(path, allow_pickle=True)[0], ckpt["state_dict"])
+    weights.read(path)[0]
+  check_authors_variables(weights.read(path, allow_pickle=True)[0], ckpt["state_dict"])
   assert calls == [True, False]
 
 
@@ -366,14 +366,14 @@ def test_error_missing_key(r50_file):
   sd, d = r50_file
   sd = {k: v for k, v in sd.items() if k != "layer2.1.bn2.running_var"}
   with pytest.raises(ValueError, match=r"missing key layer2\.1\.bn2\.running_var .*\(16,\)"):
-    evaluate.load_trunk(_write(sd, d), model_cfg("resnet50", 8))
+    weights.load_trunk(_write(sd, d), model_cfg("resnet50", 8))
 
 
 def test_error_unexpected_key(r50_file):
   sd, d = r50_file
   sd = dict(sd, **{"layer1.0.conv4.weight": np.zeros((8, 8, 1, 1), np.float32)})
   with pytest.raises(ValueError, match=r"unexpected key layer1\.0\.conv4\.weight"):
-    evaluate.load_trunk(_write(sd, d), model_cfg("resnet50", 8))
+    weights.load_trunk(_write(sd, d), model_cfg("resnet50", 8))
 
 
 def test_error_shape_mismatch(r50_file):
@@ -381,9 +381,9 @@ def test_error_shape_mismatch(r50_file):
   sd = dict(sd, **{"layer1.0.conv2.weight": np.zeros((8, 4, 3, 3), np.float32)})
   with pytest.raises(ValueError, match=r"layer1\.0\.conv2\.weight .*checkpoint \(8, 4, 3, 3\), "
                      r"config \(8, 8, 3, 3\)"):
-    evaluate.load_trunk(_write(sd, d), model_cfg("resnet50", 8))
+    weights.load_trunk(_write(sd, d), model_cfg("resnet50", 8))
   with pytest.raises(ValueError) as e:  # the CIFAR stem.
-    evaluate.load_trunk(_write(r50_file[0], d), model_cfg("resnet50", 8, small_stem=True))
+    weights.load_trunk(_write(r50_file[0], d), model_cfg("resnet50", 8, small_stem=True))
   assert "width 8 and a 7x7 stem; the config has width 8 and a 3x3 stem" in str(e.value)
   assert "conv1.weight (sce_jax params/trunk/conv1/kernel): checkpoint (8, 3, 7, 7), config " \
       "(8, 3, 3, 3)" in str(e.value)
@@ -393,10 +393,10 @@ def test_error_wrong_depth(tmp_path):
   sd = torchvision_state("resnet18", np.random.default_rng(6), 8)
   with pytest.raises(ValueError, match=r"resnet18 \(BasicBlock.*config asks for resnet50 "
                      r"\(Bottleneck blocks \(3, 4, 6, 3\)\).*depth mismatch"):
-    evaluate.load_trunk(_write(sd, tmp_path), model_cfg("resnet50", 8))
+    weights.load_trunk(_write(sd, tmp_path), model_cfg("resnet50", 8))
   sd = {k: v for k, v in sd.items() if not k.startswith("layer4.1.")}
   with pytest.raises(ValueError, match=r"BasicBlock blocks \(2, 2, 2, 1\), which no config"):
-    evaluate.load_trunk(_write(sd, tmp_path), model_cfg("resnet18", 8))
+    weights.load_trunk(_write(sd, tmp_path), model_cfg("resnet18", 8))
 
 
 def test_error_pth_without_torch(tmp_path, monkeypatch):
@@ -405,13 +405,13 @@ def test_error_pth_without_torch(tmp_path, monkeypatch):
   path.write_bytes(b"\x80")
   with pytest.raises(ImportError, match=r"reading \.pth needs PyTorch: pip install torch, or "
                      "convert to safetensors"):
-    evaluate.load_trunk(path, model_cfg())
+    weights.load_trunk(path, model_cfg())
 
 
 def test_error_no_target_trunk(r50_file):
   sd, d = r50_file
   with pytest.raises(ValueError, match="no target trunk.*online trunk"):
-    evaluate.load_trunk(_write(sd, d), model_cfg("resnet50", 8), which="target")
+    weights.load_trunk(_write(sd, d), model_cfg("resnet50", 8), which="target")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,10 +433,10 @@ def test_orbax_checkpoint_in_and_out(tmp_path):
   manager.close()
   work = tmp_path / "work"
   for which, prefix in (("online", ""), ("target", "target_")):
-    trunk = evaluate.load_trunk(work, cfg, which=which)
+    trunk = weights.load_trunk(work, cfg, which=which)
     assert_trees_equal(trunk, {"params": variables[prefix + "params"]["trunk"],
                                "batch_stats": variables[prefix + "batch_stats"]["trunk"]})
-  step_dir = evaluate.load_trunk(work / "checkpoints" / "100", cfg)
+  step_dir = weights.load_trunk(work / "checkpoints" / "100", cfg)
   assert_trees_equal(step_dir["params"], variables["params"]["trunk"])
 
   out = tmp_path / "r50.safetensors"
@@ -449,7 +449,7 @@ def test_orbax_checkpoint_in_and_out(tmp_path):
                                 variables["params"]["trunk"]["layer4_2"]["conv3"]["kernel"]
                                 .transpose(3, 2, 0, 1))
   convert.main(["out", str(work), str(out), "--which", "target"])
-  assert_trees_equal(evaluate.load_trunk(out, cfg)["params"],
+  assert_trees_equal(weights.load_trunk(out, cfg)["params"],
                      variables["target_params"]["trunk"])
 
 
@@ -492,7 +492,7 @@ def test_matches_torchvision(tmp_path):
   assert set(sd) == set(torchvision_state("resnet50", np.random.default_rng(0)))
   path = tmp_path / "resnet50.pth"
   torch.save(sd, path)
-  trunk = evaluate.load_trunk(path, model_cfg())
+  trunk = weights.load_trunk(path, model_cfg())
   x = np.random.default_rng(9).normal(size=(2, 64, 64, 3)).astype(np.float32)
   model.fc = torch.nn.Identity()
   with torch.no_grad():

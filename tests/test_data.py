@@ -14,8 +14,11 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from PIL import Image
 
+from sce_jax.data import archive_cache
 from sce_jax.data import crop
+from sce_jax.data import folders
 from sce_jax.data import grain_pipeline
+from sce_jax.data import images
 from sce_jax.data import pipeline
 from sce_jax.data import presets
 from sce_jax.data import sources
@@ -67,8 +70,8 @@ def test_host_crop_window_law(host, scale):
 
 def _identify(seen, folder):
   """Index in `folder` of each image in `seen` (TF and Pillow decode JPEG ~1/255 apart)."""
-  images = np.stack([np.asarray(sources.decode(folder[i])) for i in range(len(folder))])
-  distance = np.abs(seen[:, None].astype(np.float32) - images[None].astype(np.float32))
+  decoded = np.stack([np.asarray(images.decode(folder[i])) for i in range(len(folder))])
+  distance = np.abs(seen[:, None].astype(np.float32) - decoded[None].astype(np.float32))
   distance = distance.mean(axis=(2, 3, 4))
   assert distance.min(axis=1).max() < 3.0  # Each one is an image of the folder, uncropped.
   return distance.argmin(axis=1)
@@ -144,8 +147,9 @@ def test_processes_share_the_data(cifar_root, loader):
   module = importlib.import_module(f"sce_jax.data.{loader}_pipeline")
   cfg = _cfg(path=str(cifar_root), loader=loader)
   splits = sources.Splits(cfg)
-  evals = [list(module.eval_batches(splits.eval, cfg, batch_size=8, process_index=i,
-                                    process_count=2)) for i in range(2)]
+  # pipeline.eval_iterator's count: ceil(ceil(100 / 2 processes) / 8) = 7 batches each.
+  evals = [list(module.eval_batches(splits.eval, cfg, batch_size=8, num_batches=7,
+                                    process_index=i, process_count=2)) for i in range(2)]
   assert len(evals[0]) == len(evals[1]) == 7
   seen = np.concatenate([b["image"][b["mask"]] for batches in evals for b in batches])
   assert sorted(_identify(seen, splits.eval)) == list(range(100))
@@ -197,7 +201,7 @@ def test_tf_decodes_jpeg_as_pillow(cifar_root):
     ours = decode(tf.constant(folder[i]["image"])).numpy()
     # Both are libjpeg-turbo's accurate integer IDCT (bit-identical here); the fast IDCT, TF's
     # default, is ~0.75 grey levels off on photographs, so 0.1 tells the two apart.
-    assert np.abs(ours.astype(int) - np.asarray(sources.decode(folder[i]), int)).mean() < 0.1
+    assert np.abs(ours.astype(int) - np.asarray(images.decode(folder[i]), int)).mean() < 0.1
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +222,7 @@ def test_eval_resize_and_centre_crop(large_root, sharding):
   out = {loader: next(pipeline.eval_iterator(
       folder, _cfg(image_size=128, loader=loader), global_batch_size=16,
       sharding=sharding)) for loader in LOADERS}
-  ref = np.stack([grain_pipeline.center_crop(sources.decode(folder[i]), 128)
+  ref = np.stack([grain_pipeline.center_crop(images.decode(folder[i]), 128)
                   for i in range(len(folder))])
   for loader, batch in out.items():
     image = np.asarray(batch["image"], np.float32)[np.asarray(batch["mask"])]
@@ -238,7 +242,7 @@ def test_train_iterator_without_tensorflow(cifar_root):
       sys.meta_path.insert(0, Block())
       import jax, ml_collections
       from jax.sharding import NamedSharding, PartitionSpec as P
-      from sce_jax.data import pipeline, presets, sources
+      from sce_jax.data import images, pipeline, presets, sources
       cfg = ml_collections.ConfigDict(dict(
           source="folder", name="", path={str(cifar_root)!r}, eval_path="", data_dir=None,
           train_split="train", eval_split="test", image_size=32, loader="auto",
@@ -252,7 +256,7 @@ def test_train_iterator_without_tensorflow(cifar_root):
       cfg.source, cfg.name = "tfds", "cifar10"
       try:
         sources.Splits(cfg)
-      except sources.DataError as e:
+      except images.DataError as e:
         print("tfds:", e)
       """)
   result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
@@ -292,16 +296,16 @@ def test_archive_and_eval_path(cifar_root, tmp_path):
   assert archive.classes == folder.classes and len(archive) == len(folder) == 200
   assert archive[7]["image"] == folder[7]["image"] and archive[7]["label"] == folder[7]["label"]
   assert not str(archive.root).startswith(str(tmp_path))  # Unpacked elsewhere.
-  assert sources.find_eval_path(train, "test") == tmp_path / "slice_test.tar.gz"
-  assert sources.find_eval_path(cifar_root, "test") == cifar_root / "test"
+  assert folders.find_eval_path(train, "test") == tmp_path / "slice_test.tar.gz"
+  assert folders.find_eval_path(cifar_root, "test") == cifar_root / "test"
   (tmp_path / "tree" / "train" / "a").mkdir(parents=True)
   (tmp_path / "tree" / "val" / "a").mkdir(parents=True)
-  assert sources.find_eval_path(tmp_path / "tree", "test") == tmp_path / "tree" / "val"
-  assert len(sources.ImageFolder(sources.find_eval_path(train, "test"), "test")) == 100
+  assert folders.find_eval_path(tmp_path / "tree", "test") == tmp_path / "tree" / "val"
+  assert len(sources.ImageFolder(folders.find_eval_path(train, "test"), "test")) == 100
 
 
 def test_clear_errors(tmp_path, cifar_root):
-  with pytest.raises(sources.DataError, match="dataset not found at .*data.path"):
+  with pytest.raises(images.DataError, match="dataset not found at .*data.path"):
     sources.ImageFolder(tmp_path / "missing")
   (tmp_path / "empty" / "cls").mkdir(parents=True)
   with pytest.raises(ValueError, match="no .* images"):
@@ -310,9 +314,9 @@ def test_clear_errors(tmp_path, cifar_root):
   bad.parent.mkdir(parents=True)
   bad.write_bytes(b"not a jpeg")
   with pytest.raises(ValueError, match="cannot decode image .*broken.jpg"):
-    sources.decode(sources.ImageFolder(tmp_path / "bad")[0])
-  with pytest.raises(sources.DataError, match="eval_path"):
-    sources.find_eval_path(cifar_root / "train", "test")
+    images.decode(sources.ImageFolder(tmp_path / "bad")[0])
+  with pytest.raises(images.DataError, match="eval_path"):
+    folders.find_eval_path(cifar_root / "train", "test")
 
 
 @pytest.fixture(scope="module")
@@ -335,48 +339,57 @@ def test_archive_cache(archives, cifar_root, tmp_path, monkeypatch):
   assert isinstance(cached, sources.InMemory) and cached.classes == folder.classes
   np.testing.assert_array_equal(cached.labels, folder.labels)
   np.testing.assert_array_equal(
-      cached.images, np.stack([np.asarray(sources.decode(folder[i])) for i in range(200)]))
+      cached.images, np.stack([np.asarray(images.decode(folder[i])) for i in range(200)]))
   assert splits.eval.num_examples == 100 and splits.num_classes == 10
   entries = sorted(p.name for p in (tmp_path / "cache").iterdir())
   assert len(entries) == 2 and not any(e.startswith(".") for e in entries)  # No temp folders.
   archive = archives / "slice_train.tar.gz"
   cfg.path = str(archive)
   with monkeypatch.context() as patch:
-    patch.setattr(sources, "_decode_archive", None)  # A second open must not decode.
+    patch.setattr(archive_cache, "_decode_archive", None)  # A second open must not decode.
     np.testing.assert_array_equal(sources.Splits(cfg).train.images, cached.images)
   changed = tmp_path / "changed.tar.gz"
   changed.write_bytes(archive.read_bytes())
-  sources.read_archive(changed, "train", tmp_path / "cache")
+  archive_cache.read(changed, "train", tmp_path / "cache")
   os.utime(changed, (changed.stat().st_atime, changed.stat().st_mtime + 10))
-  sources.read_archive(changed, "train", tmp_path / "cache")
+  archive_cache.read(changed, "train", tmp_path / "cache")
   assert len(list((tmp_path / "cache").glob("changed.tar.gz.train.*"))) == 2
 
 
 def test_archive_cache_built_by_two_processes_at_once(archives, tmp_path):
-  """Two processes that decode the same archive at once (each holds its decoded copy for 2 s
-  before renaming it into place, so both builds overlap) both read a whole, correct cache."""
+  """Two processes that decode the same archive at once both read a whole, correct cache. Each
+  holds its decoded copy until the other has decoded its own too (a barrier of two files), so
+  both renames race for the same entry: the race the cache must survive."""
+  barrier = tmp_path / "barrier"
+  barrier.mkdir()
   script = textwrap.dedent(f"""
-      import time
+      import os, pathlib, sys, time
       import numpy as np
-      from sce_jax.data import sources
-      decode = sources._decode_archive
-      def slow(*args):
+      from sce_jax.data import archive_cache
+      decode = archive_cache._decode_archive
+      def after_both(*args):
         done = decode(*args)
-        time.sleep(2)
+        barrier = pathlib.Path({str(barrier)!r})
+        (barrier / str(os.getpid())).touch()
+        deadline = time.time() + 60
+        while len(list(barrier.iterdir())) < 2:
+          if time.time() > deadline:
+            sys.exit("the other process never decoded")
+          time.sleep(0.01)
         return done
-      sources._decode_archive = slow
-      data = sources.read_archive({str(archives / "slice_train.tar.gz")!r}, "train",
-                                  {str(tmp_path / "cache")!r})
-      print(int(np.asarray(data.images, np.int64).sum()), data.labels.tolist() == sorted(
-          data.labels.tolist()))
+      archive_cache._decode_archive = after_both
+      images, labels, _ = archive_cache.read({str(archives / "slice_train.tar.gz")!r}, "train",
+                                             {str(tmp_path / "cache")!r})
+      print(int(np.asarray(images, np.int64).sum()), labels.tolist() == sorted(labels.tolist()))
       """)
   procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
   outputs = [proc.communicate(timeout=120) for proc in procs]
   assert all(proc.returncode == 0 for proc in procs), outputs
-  expected = sources.read_archive(archives / "slice_train.tar.gz", "train", tmp_path / "cache")
+  assert len(list(barrier.iterdir())) == 2  # both decoded before either renamed
+  images, _, _ = archive_cache.read(archives / "slice_train.tar.gz", "train", tmp_path / "cache")
   for out, _ in outputs:
-    assert out.split() == [str(int(np.asarray(expected.images, np.int64).sum())), "True"]
+    assert out.split() == [str(int(np.asarray(images, np.int64).sum())), "True"]
   assert [p.name[:24] for p in (tmp_path / "cache").iterdir()] == ["slice_train.tar.gz.train"]
 
 
@@ -385,7 +398,7 @@ def test_archive_of_several_sizes_is_unpacked(large_root, tmp_path):
   folder."""
   with tarfile.open(tmp_path / "large_train.tar", "w") as tar:
     tar.add(large_root, arcname="train")
-  assert sources.read_archive(tmp_path / "large_train.tar", "train", tmp_path / "cache") is None
+  assert archive_cache.read(tmp_path / "large_train.tar", "train", tmp_path / "cache") is None
   split = sources.Splits(_cfg(path=str(tmp_path / "large_train.tar"),
                               cache_dir=str(tmp_path / "cache"))).train
   assert isinstance(split, sources.ImageFolder) and len(split) == 12
@@ -413,8 +426,8 @@ def damaged_root(cifar_root, tmp_path_factory):
     contents = (bytes(jpeg), b"", rng.bytes(500))
     for name, content in zip(BAD, contents):
       (root / split / "a" / name).write_bytes(content)
-      with pytest.raises(sources.UndecodableImage):
-        sources.decode({"image": content, "name": name})
+      with pytest.raises(images.UndecodableImage):
+        images.decode({"image": content, "name": name})
   return root
 
 
@@ -431,7 +444,7 @@ def test_undecodable_images_are_skipped(damaged_root, sharding, loader, cache, c
   in evaluation they are left out. data.strict=True stops at the first one instead."""
   cfg = _cfg(path=str(damaged_root), loader=loader, cache=cache)
   splits = sources.Splits(cfg)
-  good = np.stack([np.asarray(sources.decode(splits.train[i])) for i in range(len(splits.train))
+  good = np.stack([np.asarray(images.decode(splits.train[i])) for i in range(len(splits.train))
                    if not splits.train.paths[i].endswith(BAD)])
   make = lambda start_step=0: pipeline.train_iterator(
       splits.train, cfg, global_batch_size=8, views=(WHOLE,), seed=0, start_step=start_step,
@@ -451,7 +464,7 @@ def test_undecodable_images_are_skipped(damaged_root, sharding, loader, cache, c
   assert all("left out of the evaluation" in r.getMessage() for r in caplog.records)
 
   cfg.strict = True
-  with pytest.raises(sources.DataError, match=r"cannot decode image .*x_.*\.jpg; replace or "
+  with pytest.raises(images.DataError, match=r"cannot decode image .*x_.*\.jpg; replace or "
                      r"remove it, or set --config.data.strict=False"):
     _take(make(), 4)
 
@@ -471,10 +484,10 @@ def test_empty_class_folder_and_a_file_for_data_path(cifar_root, tmp_path, caplo
   assert f"Left out 1 class folder(s) of {tmp_path}/train that hold no" in caplog.text
   assert list(splits.eval.labels) == [0, 1]
   (tmp_path / "test" / "b" / "0.jpg").write_bytes(good[10].read_bytes())
-  with pytest.raises(sources.DataError, match=r"test has class folders the training split "
+  with pytest.raises(images.DataError, match=r"test has class folders the training split "
                      r"lacks: b; both splits need the same class folders\."):
     sources.Splits(_cfg(path=str(tmp_path))).eval
   (tmp_path / "notes.txt").write_text("not images")
-  with pytest.raises(sources.DataError, match=r"notes.txt is a file but not a \.tar, \.tar\.gz "
+  with pytest.raises(images.DataError, match=r"notes.txt is a file but not a \.tar, \.tar\.gz "
                      r"or \.tgz archive; set --config.data.path"):
     sources.Splits(_cfg(path=str(tmp_path / "notes.txt")))

@@ -6,7 +6,8 @@ import numpy as np
 import optax
 import pytest
 
-from sce_jax import checkpoint, evaluate, linear, metrics, models, optim
+from sce_jax import checkpoint, metrics, models, optim
+from sce_jax.evaluators import common, knn, linear
 from sce_jax.data import augment, sources
 from sce_jax.sharding import make_mesh
 from tests.helpers import load_config
@@ -33,7 +34,7 @@ def _features(n, m, dim=16, num_classes=7, seed=0):
 def test_knn_predict_matches_numpy():
   train, labels, test = _features(300, 50)
   unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
-  got = evaluate.knn_predict(jnp.asarray(unit(train)), jnp.asarray(labels),
+  got = knn.knn_predict(jnp.asarray(unit(train)), jnp.asarray(labels),
                              jnp.asarray(unit(test)), k=20, temp=0.1, num_classes=7)
   np.testing.assert_allclose(got, _numpy_knn(train, labels, test, 20, 0.1, 7), rtol=1e-4)
 
@@ -43,7 +44,7 @@ def test_knn_scores_sharded_and_chunked_match_numpy(n, k):
   """8 devices, a train set that does not divide over them (padding), a ragged last chunk of
   test rows, k above one device's share of rows, and k above the train set size."""
   train, labels, test = _features(n, 45, seed=n + k)
-  got = evaluate.knn_scores(train, labels, test, k=k, temp=0.1, num_classes=7,
+  got = knn.knn_scores(train, labels, test, k=k, temp=0.1, num_classes=7,
                             mesh=make_mesh(), chunk=16)
   assert got.shape == (45, 7)
   np.testing.assert_allclose(got, _numpy_knn(train, labels, test, k, 0.1, 7), rtol=1e-4)
@@ -51,7 +52,7 @@ def test_knn_scores_sharded_and_chunked_match_numpy(n, k):
 
 def test_topk_accuracy():
   scores = np.array([[0.1, 0.5, 0.4], [0.9, 0.05, 0.05], [0.2, 0.3, 0.5]])
-  assert evaluate.topk_accuracy(scores, np.array([1, 1, 0]), ks=(1, 2, 5)) == [
+  assert common.topk_accuracy(scores, np.array([1, 1, 0]), ks=(1, 2, 5)) == [
       pytest.approx(1 / 3), pytest.approx(2 / 3), 1.0]
 
 
@@ -76,7 +77,7 @@ def test_extract_features_sees_every_example_once():
       trunk="resnet18", width=2, small_stem=True, dtype="float32")))
   variables = jax.jit(trunk.init, static_argnames="train")(
       jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False)
-  feats, labels = evaluate.extract_features(trunk, variables,
+  feats, labels = common.extract_features(trunk, variables,
                                             sources.InMemory(images, np.arange(n)), data,
                                             batch_size=16, mesh=make_mesh())
   assert sorted(labels.tolist()) == list(range(n))
@@ -97,18 +98,21 @@ def test_linear_probe_learns_separable_features():
     return (centres[labels] + rng.normal(size=(n, dim))).astype(np.float32), labels
 
   head = linear.linear_head(num_classes)
-  tx = optim.sgd(optax.cosine_decay_schedule(0.1, 100), weight_decay=0.0, momentum=0.9)
-  step = linear.make_linear_step(head, tx, lambda frozen, key, x: x, mesh)
-  params = head.init(jax.random.key(0), jnp.zeros((1, dim)))["params"]
+  lr_fn = optax.cosine_decay_schedule(0.1, 100)
+  tx = optim.sgd(lr_fn, weight_decay=0.0, momentum=0.9)
+  step = linear.make_linear_step(head, tx, lr_fn, lambda frozen, key, x: x, mesh,
+                                 jax.random.key(1))
+  state = linear.init(head, tx, dim)(jax.random.key(0))
+  params = state["params"]
   assert float(jnp.std(params["kernel"])) == pytest.approx(0.01, rel=0.1)
   assert not np.any(params["bias"])
-  opt_state = tx.init(params)
-  for i in range(100):
+  for _ in range(100):
     x, y = sample(64)
-    params, opt_state, metrics = step(params, opt_state, {}, x, y, jax.random.key(i))
+    state, metrics = step(state, {}, x, y)
+  assert int(state["step"]) == 100 and float(metrics["lr"]) == pytest.approx(float(lr_fn(99)))
   x, y = sample(1000)
-  params = jax.device_get(params)
-  top1, top5 = evaluate.topk_accuracy(x @ params["kernel"] + params["bias"], y)
+  params = jax.device_get(state["params"])
+  top1, top5 = common.topk_accuracy(x @ params["kernel"] + params["bias"], y)
   assert top1 > 0.9 and top5 >= top1
   assert metrics["loss"] < 0.5
 
@@ -131,17 +135,20 @@ def test_knn_and_linear_eval_on_cifar_slice(cifar_root, tmp_path, monkeypatch):
   mesh = make_mesh()
   splits = sources.Splits(config.data)
 
-  knn = evaluate.knn_eval(config, variables, mesh, splits)
-  assert 0.0 <= knn["knn_top1"] <= knn["knn_top5"] <= 1.0
+  knn_results = knn.evaluate(config, variables, mesh, splits)
+  assert 0.0 <= knn_results["knn_top1"] <= knn_results["knn_top5"] <= 1.0
 
-  whole = linear.linear_eval(config, variables, mesh, splits, tmp_path / "whole")
+  whole = linear.evaluate(config, variables, mesh, splits, tmp_path / "whole")
   assert 0.0 <= whole["linear_top1"] <= whole["linear_top5"] <= 1.0
   with monkeypatch.context() as patch:
     patch.setattr(checkpoint.Preemption, "reached", lambda self, mngr, step: step == 2)
     with pytest.raises(checkpoint.Preempted, match="saved step 2 to .*split/linear"):
-      linear.linear_eval(config, variables, mesh, splits, tmp_path / "split")
-  assert linear.linear_eval(config, variables, mesh, splits, tmp_path / "split") == whole
-  a, b = metrics.read(tmp_path / "whole" / "linear"), metrics.read(tmp_path / "split" / "linear")
+      linear.evaluate(config, variables, mesh, splits, tmp_path / "split")
+  assert linear.evaluate(config, variables, mesh, splits, tmp_path / "split") == whole
+  probe_metrics = lambda run: {
+      step: {k: v for k, v in record.items() if k.startswith("linear_")}
+      for step, record in metrics.read(tmp_path / run / "linear").items()}
+  a, b = probe_metrics("whole"), probe_metrics("split")  # throughput and ETA differ
   assert sorted(a) == [1, 2, 3, 4] and a == b
   assert [a[s]["linear_lr"] for s in a] == pytest.approx([30, 30, 30, 3])  # unscaled, x 0.1
   assert all(np.isfinite(r["linear_loss"]) for r in a.values())
@@ -150,4 +157,4 @@ def test_knn_and_linear_eval_on_cifar_slice(cifar_root, tmp_path, monkeypatch):
   other = jax.tree.map(lambda x: x + 1, variables)
   with pytest.raises(checkpoint.CheckpointError, match=r"linear holds a linear probe of other "
                      r"trunk weights; delete it \(or pass another --workdir\) to probe these"):
-    linear.linear_eval(config, other, mesh, splits, tmp_path / "whole")
+    linear.evaluate(config, other, mesh, splits, tmp_path / "whole")

@@ -94,6 +94,7 @@ def test_slurm_job_step_dry_run(tmp_path, per_node):
                   "--distributed --config=c.py --workdir=/w --mode=train")
 
 
+@pytest.mark.slow
 def test_notebook_smoke(tmp_path):
   """The Colab notebook top to bottom on the CPU with the smoke parameters injected (papermill
   style, a cell after the `parameters` one): the smoke config trained in the kernel from

@@ -68,6 +68,7 @@ def free_port():
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(panoramas, tmp_path):
   one, two = tmp_path / "one", tmp_path / "two"
   coordinator = f"--coordinator_address=localhost:{free_port()}"

@@ -6,12 +6,15 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import proof  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
+@pytest.mark.slow
 def test_proof_smoke_writes_every_key(tmp_path):
   out = subprocess.run([sys.executable, "benchmarks/proof.py", "--smoke", "--out", str(tmp_path)],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)

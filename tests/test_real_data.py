@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from sce_jax.data import sources
+from sce_jax.data.images import decode
 from tests import test_augment
 from tests.conftest import CIFAR10_CLASSES
 
@@ -73,5 +74,5 @@ def test_folder_source_reads_the_archive():
   assert folder.classes == list(CIFAR10_CLASSES)
   assert len(folder) == 10_000 and np.bincount(folder.labels).tolist() == [1000] * 10
   assert all(p.endswith(".jpg") for p in folder.paths)
-  image = sources.decode(folder[0])
+  image = decode(folder[0])
   assert image.mode == "RGB" and image.size == (32, 32)

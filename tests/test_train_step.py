@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sce_jax import losses, sharding, train_step
+from sce_jax import losses, sharding, train, train_step
 from tests.helpers import load_config
 
 BATCH, SIZE = 16, 16
@@ -39,7 +39,7 @@ def batch(seed, views=2):
 
 def run(config, devices, steps, seed=0):
   mesh = sharding.make_mesh(devices)
-  parts = train_step.build(config, mesh, num_classes=10, steps_per_epoch=10, float_views=True)
+  parts = train.build(config, mesh, num_classes=10, steps_per_epoch=10, float_views=True)
   state = parts.init(jax.random.key(seed))
   metrics = []
   for i in range(steps):
@@ -129,7 +129,7 @@ def test_views_pass_one_by_one_or_image_major():
   stats, start = {}, None
   for concat in (False, True):
     config.model.concat_views = concat
-    parts = train_step.build(config, mesh, num_classes=10, steps_per_epoch=10, float_views=True)
+    parts = train.build(config, mesh, num_classes=10, steps_per_epoch=10, float_views=True)
     start = start or parts.init(jax.random.key(0))  # the same for both settings
     state = jax.tree.map(jnp.copy, start)  # the step donates it
     want = jax.device_get(jax.jit(functools.partial(_hand_step, parts, config, concat=concat))(
@@ -156,8 +156,8 @@ def test_bfloat16_gradients_are_summed_in_float32(tmp_path):
   (The final program cannot show it: XLA:CPU then promotes bfloat16 all-reduces to float32 by
   itself, which TPUs and GPUs do not.)"""
   config = tiny_config(**{"model.dtype": "bfloat16"})
-  parts = train_step.build(config, sharding.make_mesh(), num_classes=10, steps_per_epoch=10,
-                           float_views=True)
+  parts = train.build(config, sharding.make_mesh(), num_classes=10, steps_per_epoch=10,
+                      float_views=True)
   lowered = parts.step.lower(jax.eval_shape(parts.init, jax.random.key(0)), batch(0))
   lowered.compile({"xla_dump_to": str(tmp_path), "xla_dump_hlo_pass_re": "spmd-partitioning"})
   (hlo,) = tmp_path.glob("*jit_step*after_spmd-partitioning*")
@@ -185,8 +185,8 @@ def cifar_parts():
   step puts the shuffled target embeddings back in order."""
   config = tiny_config(**{"sce.queue": 3 * BATCH, "optim.base_lr": 4.0,
                           "sce.target_bn_splits": 1})
-  return train_step.build(config, sharding.make_mesh(), num_classes=10, steps_per_epoch=10,
-                          float_views=True)
+  return train.build(config, sharding.make_mesh(), num_classes=10, steps_per_epoch=10,
+                     float_views=True)
 
 
 def test_queue_is_fifo_of_the_last_keys(cifar_parts):

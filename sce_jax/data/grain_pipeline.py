@@ -15,7 +15,6 @@ p drawn from `crop_rng(seed, process, p)`: a per-example map and stacking cost ~
 (benchmarks/RESULTS.md, Input pipeline).
 """
 import functools
-import math
 import os
 
 from absl import flags
@@ -24,20 +23,13 @@ import numpy as np
 from PIL import Image
 
 from sce_jax.data import crop
-from sce_jax.data import sources
-
-
-def random_resized_crop(rng, image: Image.Image, size, scale, ratio) -> np.ndarray:
-  """torchvision RandomResizedCrop on a PIL image; rng is a np.random.Generator."""
-  top, left, h, w = (int(v) for v in crop.crop_window(
-      rng.random((crop.ATTEMPTS, 4)), image.height, image.width, scale, ratio))
-  return np.asarray(image.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h)))
+from sce_jax.data import images
 
 
 def _windows(u, height, width, views):
   """(top, left, h, w) of each view's crop from uniforms u (len(views), ATTEMPTS, 4), as
-  `random_resized_crop` draws them one view after the other; views that share (scale, ratio)
-  are drawn in one vectorised call."""
+  torchvision's RandomResizedCrop draws them (`crop.crop_window`) one view after the other;
+  views that share (scale, ratio) are drawn in one vectorised call."""
   windows = [None] * len(views)
   groups = {}
   for i, v in enumerate(views):
@@ -72,8 +64,8 @@ def crop_rng(seed, process_index, position) -> np.random.Generator:
 
 def crop_views(record, rng, views) -> tuple[tuple[np.ndarray, ...], str]:
   """(one random resized crop per view from one decode, '' or the name of an undecodable
-  image): the same windows (and random stream) as `random_resized_crop` on the full-resolution
-  image, view after view."""
+  image): torchvision's RandomResizedCrop windows of the full-resolution image (`_windows`),
+  view after view."""
   u = rng.random((len(views), crop.ATTEMPTS, 4))
   full = {}
 
@@ -82,7 +74,7 @@ def crop_views(record, rng, views) -> tuple[tuple[np.ndarray, ...], str]:
     s = _draft_scale(full["windows"], views)
     return (width // s, height // s) if s > 1 else None
 
-  image, skipped = sources.decode_or_placeholder(record, draft)
+  image, skipped = images.decode_or_placeholder(record, draft)
   if skipped or "windows" not in full:  # The placeholder, or an already-decoded array.
     full["size"], full["windows"] = image.size, _windows(u, image.height, image.width, views)
   s = round(full["size"][0] / image.width)  # 1, or the decode scale: image is ceil(size / s).
@@ -115,13 +107,13 @@ def _eval_example(shard, image_size, i):
     return {"image": np.zeros((image_size, image_size, 3), np.uint8),
             "label": np.int32(0), "mask": False, "skipped": ""}
   record = shard[i]
-  image, skipped = sources.decode_or_placeholder(record)
+  image, skipped = images.decode_or_placeholder(record)
   return {"image": center_crop(image, image_size), "label": np.int32(record["label"]),
           "mask": not skipped, "skipped": skipped}
 
 
 def _decoded(record):
-  image, skipped = sources.decode_or_placeholder(record)
+  image, skipped = images.decode_or_placeholder(record)
   return {"image": np.asarray(image), "label": record["label"], "skipped": skipped}
 
 
@@ -134,7 +126,7 @@ def _shard(source, data_cfg, process_index, process_count, equal):
   if data_cfg.cache:
     ds = grain.MapDataset.source(list(
         ds.map(_decoded).to_iter_dataset(grain.ReadOptions(num_threads=os.cpu_count()))))
-  return ds, len(source)
+  return ds
 
 
 def _iterate(ds, data_cfg):
@@ -155,7 +147,7 @@ def train_batches(source, data_cfg, *, views, batch_size, seed, start_step, proc
   Reshuffled every epoch (grain folds the epoch into the shuffle seed); batches run across
   epoch boundaries, so none is ever short.
   """
-  ds, _ = _shard(source, data_cfg, process_index, process_count, equal=True)
+  ds = _shard(source, data_cfg, process_index, process_count, equal=True)
   shuffle_seed = np.random.SeedSequence([seed, process_index]).generate_state(1)[0]
   ds = ds.shuffle(int(shuffle_seed)).repeat().batch(batch_size, drop_remainder=True, batch_fn=list)
   ds = ds.map_with_index(functools.partial(_train_batch, views=views, seed=seed,
@@ -163,11 +155,10 @@ def train_batches(source, data_cfg, *, views, batch_size, seed, start_step, proc
   return _iterate(ds[start_step:], data_cfg)
 
 
-def eval_batches(source, data_cfg, *, batch_size, process_index, process_count):
-  """Host batches {'image', 'label', 'mask'} of `source`, every example once, padded at the end
-  so that all processes yield the same number of batches."""
-  shard, total = _shard(source, data_cfg, process_index, process_count, equal=False)
-  num_batches = math.ceil(math.ceil(total / process_count) / batch_size)
+def eval_batches(source, data_cfg, *, batch_size, num_batches, process_index, process_count):
+  """`num_batches` host batches {'image', 'label', 'mask'} of `source`: every example of this
+  process's share once, then padding (`pipeline.eval_iterator`)."""
+  shard = _shard(source, data_cfg, process_index, process_count, equal=False)
   ds = grain.MapDataset.range(num_batches * batch_size).map(
       functools.partial(_eval_example, shard, data_cfg.image_size))
   return _iterate(ds.batch(batch_size), data_cfg)

@@ -30,7 +30,7 @@ import numpy as np
 from absl import logging
 
 from sce_jax import sharding as sharding_lib
-from sce_jax.data import sources
+from sce_jax.data import images, sources
 
 SKIPPED_NAMED = 10  # Undecodable files named one by one; after them, counts at 100, 1000, ...
 
@@ -69,7 +69,7 @@ class _Skipped:
   def report(self, names):
     for name in names:
       if self.strict:
-        raise sources.DataError(
+        raise images.DataError(
             f"cannot decode image {name}; replace or remove it, or set "
             "--config.data.strict=False to skip undecodable images.")
       if name in self.seen:  # Met again in a later epoch.
@@ -88,7 +88,7 @@ def _fill(batch, bad):
   """The batch with each row in `bad` replaced by the next good row (cyclically)."""
   good = np.flatnonzero(~bad)
   if not good.size:
-    raise sources.DataError("every image of a batch is undecodable; check data.path.")
+    raise images.DataError("every image of a batch is undecodable; check data.path.")
   rows = np.arange(len(bad))
   rows[bad] = good[np.searchsorted(good, rows[bad]) % good.size]
   return jax.tree.map(lambda x: x[rows], batch)
@@ -134,10 +134,13 @@ def eval_iterator(source, data_cfg, *, global_batch_size, sharding):
 
   S = data_cfg.image_size: `crop.eval_geometry` (resize and centre crop for ImageNet-size sets,
   the plain image for small ones). The last batches are padded with mask False; every example
-  counts exactly once over all processes and devices.
+  counts exactly once over all processes and devices, and every process yields as many batches
+  as the one with the largest share.
   """
+  local_batch, processes = _local_batch(global_batch_size), jax.process_count()
   batches = _host_stage(source, data_cfg.loader).eval_batches(
-      source, data_cfg, batch_size=_local_batch(global_batch_size),
-      process_index=jax.process_index(), process_count=jax.process_count())
+      source, data_cfg, batch_size=local_batch,
+      num_batches=math.ceil(math.ceil(source.num_examples / processes) / local_batch),
+      process_index=jax.process_index(), process_count=processes)
   return sharding_lib.to_global(_skip_undecodable(batches, data_cfg.strict, train=False),
                                 sharding)

@@ -9,12 +9,12 @@ resuming at `start_step` skips records inside one epoch without decoding them. R
 as crops of a black pixel, named in 'skipped' for pipeline.py to skip.
 """
 import functools
-import math
 
 import numpy as np
 import tensorflow as tf
 
 from sce_jax.data import crop
+from sce_jax.data import images
 from sce_jax.data import sources
 
 tf.config.set_visible_devices([], "GPU")  # The accelerator belongs to JAX.
@@ -32,7 +32,7 @@ def _decode(data):
 
 def _decode_all(ds):
   """The records with their encoded 'image' decoded (`_decode`), in order, several at a time;
-  an image that cannot be decoded becomes `sources.PLACEHOLDER` with its 'name' in 'skipped'
+  an image that cannot be decoded becomes `images.PLACEHOLDER` with its 'name' in 'skipped'
   ('' for the others). tf.data has no per-element try: each record is decoded in a dataset of
   its own whose error is dropped (ignore_errors), then its placeholder follows, and the first of
   the two is kept."""
@@ -43,7 +43,7 @@ def _decode_all(ds):
     return {**ex, "image": _decode(ex["image"]), "skipped": tf.constant("")}
 
   def one(ex):
-    placeholder = {**ex, "image": tf.constant(sources.PLACEHOLDER), "skipped": ex["name"]}
+    placeholder = {**ex, "image": tf.constant(images.PLACEHOLDER), "skipped": ex["name"]}
     return (tf.data.Dataset.from_tensors(ex).map(decoded).ignore_errors()
             .concatenate(tf.data.Dataset.from_tensors(placeholder)).take(1))
 
@@ -174,11 +174,10 @@ def train_batches(source, data_cfg, *, views, batch_size, seed, start_step, proc
   return _to_numpy(ds.batch(batch_size, drop_remainder=True), data_cfg)
 
 
-def eval_batches(source, data_cfg, *, batch_size, process_index, process_count):
-  """Host batches {'image', 'label', 'mask'} of `source`, every example once, padded at the end
-  so that all processes yield the same number of batches."""
+def eval_batches(source, data_cfg, *, batch_size, num_batches, process_index, process_count):
+  """`num_batches` host batches {'image', 'label', 'mask'} of `source`: every example of this
+  process's share once, then padding (`pipeline.eval_iterator`)."""
   records = _records(source, data_cfg, process_index, process_count, train=False)
-  padded = math.ceil(math.ceil(source.num_examples / process_count) / batch_size) * batch_size
   size = data_cfg.image_size
   ds = _decode_all(records).map(
       lambda ex: {"image": center_crop(ex["image"], size), "label": ex["label"],
@@ -186,5 +185,5 @@ def eval_batches(source, data_cfg, *, batch_size, process_index, process_count):
       num_parallel_calls=tf.data.AUTOTUNE)
   pad = {"image": tf.zeros([size, size, 3], tf.uint8), "label": 0, "mask": False,
          "skipped": ""}
-  ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat()).take(padded)
+  ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat()).take(num_batches * batch_size)
   return _to_numpy(ds.batch(batch_size), data_cfg)

@@ -52,3 +52,12 @@ class SCENet(nn.Module):
     if self.num_classes:
       out["logits"] = self.probe(jax.lax.stop_gradient(feat).astype(jnp.float32))
     return out
+
+
+def make_models(config, num_classes):
+  """Online network (with predictor and probe) and target network (trunk + projector, its
+  trunk's BatchNorm split into sce.target_bn_splits groups for shuffle-BN, docs/SCE.md 3)."""
+  probe_classes = num_classes if config.probe.enabled else 0
+  return (SCENet(config.model, with_predictor=True, num_classes=probe_classes),
+          SCENet(config.model, with_predictor=False, num_classes=0,
+                 trunk_bn_splits=config.sce.target_bn_splits))

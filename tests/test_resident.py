@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sce_jax import sharding, train_step
-from sce_jax.data import augment, crop, device, presets, sources
+from sce_jax import sharding, train
+from sce_jax.data import augment, crop, presets, resident as resident_lib, sources
 from tests import test_train_step
 
 N = 40  # images in the resident set: an epoch is 2.5 batches of 16
@@ -17,18 +17,18 @@ def resident_set(size, n=N, seed=0):
 
 
 def indices(resident, mesh, steps, start_step=0, seed=0, batch=16):
-  batches = device.train_batches(resident, global_batch_size=batch, seed=seed,
-                                 start_step=start_step, mesh=mesh)
+  batches = resident_lib.train_batches(resident, global_batch_size=batch, seed=seed,
+                                       start_step=start_step, mesh=mesh)
   return [np.asarray(next(batches)["index"]) for _ in range(steps)]
 
 
 def test_every_image_once_per_epoch_and_exact_resume():
   mesh = sharding.make_mesh()
-  resident = device.load(resident_set(8), mesh)
+  resident = resident_lib.load(resident_set(8), mesh)
   assert resident.images.sharding.is_fully_replicated
   steps = indices(resident, mesh, 10)  # 160 positions: 4 epochs of 40
-  first = next(device.train_batches(resident, global_batch_size=16, seed=0, start_step=0,
-                                    mesh=mesh))
+  first = next(resident_lib.train_batches(resident, global_batch_size=16, seed=0, start_step=0,
+                                          mesh=mesh))
   assert first["index"].sharding == sharding.rows(mesh)
   stream = np.concatenate(steps)
   epochs = stream.reshape(4, N)
@@ -39,23 +39,23 @@ def test_every_image_once_per_epoch_and_exact_resume():
     np.testing.assert_array_equal(np.stack(indices(resident, mesh, 3, start_step=start)),
                                   np.stack(steps[start:start + 3]))
   assert not np.array_equal(indices(resident, mesh, 1, seed=1)[0], steps[0])
-  one = device.load(resident_set(8), sharding.make_mesh(jax.devices()[:1]))
+  one = resident_lib.load(resident_set(8), sharding.make_mesh(jax.devices()[:1]))
   np.testing.assert_array_equal(  # The device count does not change the batches.
       np.stack(indices(one, sharding.make_mesh(jax.devices()[:1]), 10)), np.stack(steps))
 
 
 def test_load_falls_back_when_the_set_does_not_fit(monkeypatch):
   mesh = sharding.make_mesh()
-  monkeypatch.setattr(device, "MEMORY_FRACTION", N * 8 * 8 * 3 / 2 / device.device_memory(
-      mesh.local_devices[0]))  # Room for half of the set.
-  assert device.load(resident_set(8), mesh) is None
+  room = N * 8 * 8 * 3 / 2 / resident_lib.device_memory(mesh.local_devices[0])
+  monkeypatch.setattr(resident_lib, "MEMORY_FRACTION", room)  # Room for half of the set.
+  assert resident_lib.load(resident_set(8), mesh) is None
   monkeypatch.undo()
   mixed = sources.InMemory([np.zeros((8, 8, 3), np.uint8), np.zeros((9, 8, 3), np.uint8)],
                            [0, 1])
-  assert device.load(mixed, mesh) is None
+  assert resident_lib.load(mixed, mesh) is None
   with pytest.raises(ValueError, match="larger than the 40 training images"):
-    next(device.train_batches(device.load(resident_set(8), mesh), global_batch_size=48, seed=0,
-                              start_step=0, mesh=mesh))
+    next(resident_lib.train_batches(resident_lib.load(resident_set(8), mesh),
+                                    global_batch_size=48, seed=0, start_step=0, mesh=mesh))
 
 
 @pytest.mark.parametrize("damaged", ["0_bad.jpg", "9_bad.jpg"])  # The first image, or another.
@@ -66,7 +66,7 @@ def test_load_falls_back_on_an_undecodable_image(tmp_path, damaged):
   for i in range(1, 3):
     Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(tmp_path / "a" / f"{i}.jpg")
   (tmp_path / "a" / damaged).write_bytes(b"not an image")
-  assert device.load(sources.ImageFolder(tmp_path), sharding.make_mesh()) is None
+  assert resident_lib.load(sources.ImageFolder(tmp_path), sharding.make_mesh()) is None
 
 
 def _ks_statistic(a, b):
@@ -105,10 +105,10 @@ def test_device_crops_follow_the_host_law():
 
 def _run(config, devices, steps):
   mesh = sharding.make_mesh(devices)
-  resident = device.load(resident_set(24), mesh)
-  parts = train_step.build(config, mesh, num_classes=10, steps_per_epoch=2, on_device=True)
-  batches = device.train_batches(resident, global_batch_size=config.batch_size,
-                                 seed=config.seed, start_step=0, mesh=mesh)
+  resident = resident_lib.load(resident_set(24), mesh)
+  parts = train.build(config, mesh, num_classes=10, steps_per_epoch=2, on_device=True)
+  batches = resident_lib.train_batches(resident, global_batch_size=config.batch_size,
+                                       seed=config.seed, start_step=0, mesh=mesh)
   state = parts.init(jax.random.key(0))
   metrics = []
   for _ in range(steps):

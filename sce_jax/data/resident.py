@@ -23,7 +23,8 @@ import numpy as np
 from absl import logging
 
 from sce_jax import sharding
-from sce_jax.data import augment, sources
+from sce_jax.data import augment
+from sce_jax.data.images import DataError, UndecodableImage, decode, decode_into
 
 # The data set may take this share of a device's memory; the rest is the model's and the step's.
 MEMORY_FRACTION = 0.25
@@ -55,7 +56,7 @@ def _host_arrays(source, shape):
     return np.asarray(images), np.asarray(source.labels, np.int32)
   images = np.empty((source.num_examples, *shape), np.uint8)
   labels = np.empty(source.num_examples, np.int32)
-  sources.decode_into(images, source, labels)
+  decode_into(images, source, labels)
   return images, labels
 
 
@@ -65,7 +66,7 @@ def load(source, mesh):
   do not all decode (the host path skips those, pipeline.py): the run then reads it on the
   host."""
   try:
-    shape = np.asarray(sources.decode(source[0])).shape
+    shape = np.asarray(decode(source[0])).shape
     need = source.num_examples * int(np.prod(shape))
     budget = int(MEMORY_FRACTION * min(device_memory(d) for d in mesh.local_devices))
     if need > budget:
@@ -74,7 +75,7 @@ def load(source, mesh):
                       MEMORY_FRACTION * 100, budget / MEMORY_FRACTION / 1e9)
       return None
     images, labels = _host_arrays(source, shape)
-  except (sources.DataError, sources.UndecodableImage) as e:
+  except (DataError, UndecodableImage) as e:
     logging.warning("data.on_device needs images of one size that all decode (%s); reading "
                     "the set on the host instead.", e)
     return None
@@ -97,8 +98,8 @@ def train_batches(resident, *, global_batch_size, seed, start_step, mesh):
   of steps start_step, start_step + 1, ... (forever): what `prepare` reads."""
   n = resident.num_examples
   if global_batch_size > n:
-    raise sources.DataError(f"batch_size={global_batch_size} is larger than the {n} training "
-                            f"images; set --config.batch_size to at most {n}.")
+    raise DataError(f"batch_size={global_batch_size} is larger than the {n} training "
+                    f"images; set --config.batch_size to at most {n}.")
   indices = jax.jit(functools.partial(batch_indices, seed=seed, num_examples=n,
                                       batch_size=global_batch_size),
                     out_shardings=sharding.rows(mesh))

@@ -1,0 +1,108 @@
+"""The class-folder layout of a data set on disk or in an archive: where its splits and classes
+are, and how its files are labelled (docs/SCE.md 6).
+
+`root/<class>/<image>`, or `root/<split>/<class>/<image>`, or a .tar/.tar.gz of either. Classes
+are the folders that hold images, sorted by name; another split is labelled by the training
+split's classes.
+"""
+import atexit
+import functools
+import pathlib
+import shutil
+import tarfile
+import tempfile
+
+import numpy as np
+from absl import logging
+
+from sce_jax.data.images import IMAGE_EXTENSIONS, DataError
+
+EVAL_SPLITS = ("test", "val", "validation")
+_ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+
+def is_archive(path) -> bool:
+  """A .tar / .tar.gz / .tgz file: cached as arrays (`archive_cache.read`) or unpacked
+  (`extract`)."""
+  return str(path).endswith(_ARCHIVE_SUFFIXES)
+
+
+@functools.cache
+def extract(archive: str) -> pathlib.Path:
+  """Unpacks `archive` once per process into a temporary folder (never beside the archive)."""
+  dest = pathlib.Path(tempfile.mkdtemp(prefix="sce_jax_"))
+  atexit.register(shutil.rmtree, dest, ignore_errors=True)
+  with tarfile.open(archive) as tar:
+    tar.extractall(dest, filter="data")
+  return dest
+
+
+def _listdir(folder: pathlib.Path):
+  """(subfolder names, file names) of a folder."""
+  entries = list(folder.iterdir())
+  return [e.name for e in entries if e.is_dir()], [e.name for e in entries if e.is_file()]
+
+
+def _has_images(files) -> bool:
+  return any(f.lower().endswith(IMAGE_EXTENSIONS) for f in files)
+
+
+def class_root(root, split: str, listdir=_listdir):
+  """`root/split` when it exists, else `root` itself if it holds class folders.
+
+  listdir(folder) -> (subfolder names, file names): a folder on disk by default, or an archive's
+  listing (`archive_cache.read`).
+  """
+  dirs, _ = listdir(root)
+  if split in dirs:
+    return root / split
+  subdirs = sorted(dirs)
+  if len(subdirs) == 1 and not _has_images(listdir(root / subdirs[0])[1]):
+    return root / subdirs[0]  # An archive's single split folder.
+  if subdirs and not any(_has_images(listdir(root / d)[1]) for d in subdirs):
+    raise DataError(f"no split {split!r} in {root}; found {subdirs}")
+  return root
+
+
+def labelled(found, where, classes=None):
+  """(classes, files, labels) of class folders `found` ({name: its image files, in order}).
+
+  classes: the names that labels index (the training split's, for another split); by default
+  the folders that hold images. An empty class folder is left out, with a warning: a class
+  without an image would shift the labels of the next ones.
+  """
+  empty = [name for name, files in found.items() if not files]
+  if empty:
+    logging.warning("Left out %d class folder(s) of %s that hold no %s images: %s.", len(empty),
+                    where, "/".join(IMAGE_EXTENSIONS), ", ".join(empty))
+  classes = list(classes) if classes is not None else [n for n in found if found[n]]
+  unknown = [name for name in found if found[name] and name not in classes]
+  if unknown:
+    raise DataError(f"{where} has class folders the training split lacks: "
+                    f"{', '.join(unknown)}; both splits need the same class folders.")
+  files, labels = [], []
+  for label, name in enumerate(classes):
+    files += found.get(name, [])
+    labels += [label] * len(found.get(name, []))
+  if not files:
+    raise DataError(f"no {'/'.join(IMAGE_EXTENSIONS)} images in class folders under {where}")
+  return classes, files, np.asarray(labels, np.int32)
+
+
+def find_eval_path(path, split: str = "test"):
+  """Where the evaluation split of training data `path` lives.
+
+  A folder with a `split` (else test/val/validation) subfolder: that subfolder. An archive
+  whose name contains 'train': its sibling with that name in place of 'train'.
+  """
+  path = pathlib.Path(path)
+  names = (split,) + tuple(s for s in EVAL_SPLITS if s != split)
+  if path.is_dir():
+    candidates = [path / name for name in names]
+  else:
+    candidates = [path.with_name(path.name.replace("train", name))
+                  for name in names if "train" in path.name]
+  for candidate in candidates:
+    if candidate.exists():
+      return candidate
+  raise DataError(f"no {split!r} split found for {path}; set --config.data.eval_path=...")

@@ -1,0 +1,135 @@
+"""Linear evaluation of a frozen trunk (docs/SCE.md section 7).
+
+A linear head trained with SGD on the features of the frozen online trunk in inference mode,
+sharded over the `data` mesh like the rest: batches split over the devices, trunk and head
+replicated. The trunk runs on every step, because the training crops are random. A 90- or
+100-epoch probe is a run of its own (`loop.Run` in <workdir>/linear): it checkpoints and resumes
+like pretraining.
+"""
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from etils import epath
+
+from sce_jax import checkpoint, loop, models, optim, sharding
+from sce_jax.evaluators import common
+from sce_jax.data import augment, crop, pipeline
+from sce_jax.data.presets import ViewSpec
+
+
+def linear_head(num_classes):
+  """Docs 7: weights N(0, 0.01), zero bias."""
+  return nn.Dense(num_classes, kernel_init=nn.initializers.normal(0.01), name="head")
+
+
+def make_linear_step(head, tx, lr_fn, features_fn, mesh, key):
+  """The jitted probe step: step(state, frozen, inputs, labels) -> (state, metrics).
+
+  state: {'step', 'params', 'opt_state'} (`init`). features_fn(frozen, key, inputs) -> (B, D)
+  features, under stop-gradient, with a key derived from `key` and the step, so a resumed probe
+  draws what an uninterrupted one does; `frozen` (the trunk variables) is an argument, not a
+  closure, so the weights are not baked into the program. With features_fn = lambda frozen,
+  key, x: x the step trains on given features. Metrics: loss, top1 (of the batch), lr.
+  """
+
+  def step(state, frozen, inputs, labels):
+    count = state["step"] + 1
+    feats = features_fn(frozen, jax.random.fold_in(key, count), inputs)
+    feats = jax.lax.stop_gradient(feats).astype(jnp.float32)
+
+    def loss_fn(params):
+      logits = head.apply({"params": params}, feats)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), logits
+
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    top1 = jnp.mean(jnp.argmax(logits, -1) == labels)
+    state = {"step": count, "params": optax.apply_updates(state["params"], updates),
+             "opt_state": opt_state}
+    return state, {"loss": loss, "top1": top1, "lr": lr_fn(count - 1)}
+
+  replicated, rows = sharding.replicated(mesh), sharding.rows(mesh)
+  return jax.jit(step, in_shardings=(replicated, replicated, rows, rows),
+                 out_shardings=replicated, donate_argnums=0)
+
+
+def init(head, tx, dim):
+  """rng -> a fresh probe state {'step', 'params', 'opt_state'}."""
+
+  def fn(rng):
+    params = head.init(rng, jnp.zeros((1, dim)))["params"]
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+  return fn
+
+
+def _check_trunk(rundir, trunk_variables):
+  """A probe resumes only on the weights it started with: <rundir>/trunk_checksums.json names
+  them (checkpoint.checksums). Probing other weights (the workdir's pretraining went on) needs
+  the old probe out of the way."""
+  digests = checkpoint.checksums(trunk_variables)
+  record = rundir / "trunk_checksums.json"
+  if record.exists() and json.loads(record.read_text()) != digests:
+    raise checkpoint.CheckpointError(
+        f"{rundir} holds a linear probe of other trunk weights; delete it (or pass another "
+        "--workdir) to probe these.")
+  if jax.process_index() == 0:
+    rundir.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(digests))
+
+
+def evaluate(config, trunk_variables, mesh, splits, workdir):
+  """Linear evaluation (docs/SCE.md 7) of the frozen trunk; returns linear_top1 / linear_top5.
+
+  The protocol is config.eval.linear's (`optim.linear_eval_schedule`). Training crops: the
+  host's random resized crop (scale 0.08-1) for ImageNet-size data; for small sets
+  (`crop.is_small`) the host passes whole images and the accelerator takes a random crop of the
+  4-padded image. Both then flip (p 0.5) and normalise on the accelerator. The probe is a run of
+  its own in <workdir>/linear (`loop.Run`: checkpoints, metrics.jsonl, a preemption or Ctrl-C
+  raises checkpoint.Preempted after saving) beside the trunk's checksums; run again on the same
+  weights, it resumes from its latest checkpoint and computes what an uninterrupted probe does.
+  """
+  lin, data = config.eval.linear, config.data
+  small = crop.is_small(data.image_size)
+  view = (ViewSpec(data.image_size, scale=(1.0, 1.0), ratio=(1.0, 1.0), jitter=0.0, gray=0.0)
+          if small else ViewSpec(data.image_size, scale=(0.08, 1.0), jitter=0.0, gray=0.0))
+  trunk = models.make_trunk(config.model)
+
+  def features_fn(frozen, key, images):
+    crop_key, aug_key = jax.random.split(key)
+    if small:
+      images = augment.random_pad_crop(crop_key, images, 4)
+    x = augment.augment_view(aug_key, images, view, data.mean, data.std)
+    return trunk.apply(frozen, x, train=False)
+
+  steps_per_epoch = max(splits.train.num_examples // lin.batch_size, 1)
+  total_steps = int(lin.epochs * steps_per_epoch)
+  lr_fn = optim.linear_eval_schedule(lin, steps_per_epoch=steps_per_epoch,
+                                     total_steps=total_steps)
+  tx = optim.sgd(lr_fn, weight_decay=lin.weight_decay, momentum=lin.momentum)
+  head = linear_head(splits.num_classes)
+  dim = models.feature_dim(config.model.trunk, config.model.width)
+  init_key, key = jax.random.split(jax.random.key(config.seed))
+  rundir = epath.Path(workdir) / "linear"
+  _check_trunk(rundir, trunk_variables)
+  frozen = jax.device_put(trunk_variables, sharding.replicated(mesh))
+  step = make_linear_step(head, tx, lr_fn, features_fn, mesh, key)
+  num_steps = min(total_steps, lin.max_steps) if lin.max_steps > 0 else total_steps
+  with loop.Run(rundir, config.checkpoint, what="linear probe", num_steps=num_steps,
+                batch_size=lin.batch_size, log_every=config.log_every_steps,
+                prefix="linear_") as run:
+    state, start, _ = run.restore(
+        jax.jit(init(head, tx, dim), out_shardings=sharding.replicated(mesh)), init_key)
+    batches = pipeline.train_iterator(splits.train, data, global_batch_size=lin.batch_size,
+                                      views=(view,), seed=config.seed, start_step=start,
+                                      sharding=sharding.rows(mesh))
+    state = run.train(state, start,
+                      lambda s, b: step(s, frozen, b["views"][0], b["label"]), batches)
+
+  feats, labels = common.extract_features(trunk, trunk_variables, splits.eval, data,
+                                          batch_size=config.eval.batch_size, mesh=mesh)
+  params = jax.device_get(state["params"])
+  top1, top5 = common.topk_accuracy(feats @ params["kernel"] + params["bias"], labels)
+  return {"linear_top1": top1, "linear_top5": top5}
