@@ -94,7 +94,7 @@ def _diff(crop_array, image, top, left, h, w):
 
 def crop_accuracy(root, count):
   """{loader: (mean, max)} over the two crops of `count` examples of `_diff`, each loader's
-  crop against the reference on that crop's own window (tf.data draws its windows by TF's law)."""
+  crop against the reference on that crop's own window (tf.data draws its own windows)."""
   from sce_jax.data import tf_pipeline
   import tensorflow as tf
   folder = sources.ImageFolder(root)

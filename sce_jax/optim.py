@@ -23,10 +23,18 @@ def scaled_lr(base_lr, batch_size):
 
 
 def lr_schedule(optim_cfg, *, global_batch, steps_per_epoch, total_steps):
-  """Linear scaling (`scaled_lr`), linear warmup from 0, cosine to 0, per step."""
+  """Linear scaling (`scaled_lr`), then the authors' warmup and cosine (docs/SCE.md 3), per step.
+
+  Their LinearWarmupCosineAnnealingLR, stepped after each of the W warmup steps, gives step t
+  peak * t / (W - 1): 0 at the first step, the peak at the last warmup step, where
+  optax.warmup_cosine_decay_schedule is still at peak * (W - 1) / W. Then step t >= W has
+  peak * (1 + cos(pi * (t - W) / (T - W))) / 2.
+  """
   peak = scaled_lr(optim_cfg.base_lr, global_batch)
   warmup = int(optim_cfg.warmup_epochs * steps_per_epoch)
-  return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total_steps, warmup + 1))
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, peak, warmup - 1),
+       optax.cosine_decay_schedule(peak, max(total_steps - warmup, 1))], [warmup])
 
 
 def linear_eval_schedule(lin_cfg, *, steps_per_epoch, total_steps):

@@ -1,5 +1,6 @@
 """Host input pipelines (tf.data, grain), sources, the trainer's entry points (docs/SCE.md 6-7)."""
 import importlib
+import math
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from jax.sharding import PartitionSpec as P
 from PIL import Image
 
 from sce_jax.data import archive_cache
+from sce_jax.data import augment
 from sce_jax.data import crop
 from sce_jax.data import folders
 from sce_jax.data import grain_pipeline
@@ -66,6 +68,108 @@ def test_host_crop_window_law(host, scale):
   assert scale[0] - 0.005 <= area.min() < scale[0] + 0.01
   assert scale[1] - 0.02 < area.max() <= scale[1] + 0.005
   assert np.histogram(area, 4)[0].min() > n / 20  # Covers the whole range.
+
+
+def _torchvision_window(u, height, width, scale, ratio):
+  """torchvision's RandomResizedCrop.get_params, line by line, its random draws taken from u
+  (ATTEMPTS, 4): uniform_(a, b) is a + u (b - a), randint(0, n) is floor(u n)."""
+  area = height * width
+  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+  for u_area, u_ratio, u_top, u_left in u:
+    target_area = area * (scale[0] + u_area * (scale[1] - scale[0]))
+    aspect_ratio = math.exp(log_ratio[0] + u_ratio * (log_ratio[1] - log_ratio[0]))
+    w = int(round(math.sqrt(target_area * aspect_ratio)))
+    h = int(round(math.sqrt(target_area / aspect_ratio)))
+    if 0 < w <= width and 0 < h <= height:
+      return int(u_top * (height - h + 1)), int(u_left * (width - w + 1)), h, w
+  in_ratio = float(width) / float(height)  # Fallback to central crop.
+  if in_ratio < min(ratio):
+    w = width
+    h = int(round(w / min(ratio)))
+  elif in_ratio > max(ratio):
+    h = height
+    w = int(round(h * max(ratio)))
+  else:
+    w, h = width, height
+  return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _tf_windows(tf, n, shape, scale, ratio):
+  """(uniforms (n, ATTEMPTS, 4), windows (n, 4)) of n tf.data crops (seeds (0, i)) of an image
+  of `shape`, traced as the pipeline's, without a static shape."""
+  from sce_jax.data import tf_pipeline  # pylint: disable=g-import-not-at-top
+
+  @tf.function(input_signature=[tf.TensorSpec([3], tf.int32)])
+  def draw(image_shape):
+    seeds = tf.stack([tf.zeros([n], tf.int64), tf.range(n, dtype=tf.int64)], axis=1)
+    u = tf.vectorized_map(lambda s: tf.random.stateless_uniform(
+        [crop.ATTEMPTS, 4], s, dtype=tf.float64), seeds)
+    begin_size = tf.vectorized_map(lambda s: tf.concat(
+        tf_pipeline.distorted_window(s, image_shape, scale, ratio), 0), seeds)
+    return u, tf.gather(begin_size, [0, 1, 3, 4], axis=1)
+  return tuple(a.numpy() for a in draw(tf.constant([*shape, 3])))
+
+
+@pytest.mark.parametrize("shape", [(375, 500), (32, 32), (3, 500), (500, 3)])
+@pytest.mark.parametrize("host", LOADERS)
+def test_host_crop_window_is_torchvisions(host, shape):
+  """The host paths' windows are torchvision's, draw by draw, from the same uniforms: ImageNet-
+  and CIFAR-like images, and two that take each branch of the fallback. (The device path
+  computes in float32 and agrees in law: test_crop_paths_share_one_law.)"""
+  n, scale, ratio = 1000, (0.2, 1.0), (3 / 4, 4 / 3)
+  if host == "tf":
+    u, ours = _tf_windows(pytest.importorskip("tensorflow"), n, shape, scale, ratio)
+  else:
+    u = np.random.default_rng(0).random((n, crop.ATTEMPTS, 4))
+    ours = np.stack(crop.crop_window(u, *shape, scale, ratio), axis=-1)
+  want = np.array([_torchvision_window(x, *shape, scale, ratio) for x in u])
+  np.testing.assert_array_equal(ours, want)
+
+
+def _ks_statistic(a, b):
+  """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the empirical CDFs."""
+  grid = np.union1d(a, b)
+  cdf = lambda x: np.searchsorted(np.sort(x), grid, side="right") / len(x)
+  return np.abs(cdf(a) - cdf(b)).max()
+
+
+# (image shape, scale): ImageNet-like images at the global and the four local crop scales of
+# the multi-crop run, CIFAR's 32x32 at its scale.
+_LAW_CASES = ([((375, 500), s) for s in dict.fromkeys(
+    v.scale for v in presets.imagenet_multi_crop())] + [((32, 32), presets.cifar(32)[0].scale)])
+
+
+@pytest.mark.parametrize("shape,scale", _LAW_CASES)
+@pytest.mark.parametrize("path", ["tf", "device"])
+def test_crop_paths_share_one_law(path, shape, scale):
+  """10,000 windows of tf.data's or the device's crop against 10,000 of grain's (torchvision's
+  law, test_host_crop_window_is_torchvisions): every window lies in the image, and the area
+  fraction and the log aspect ratio agree.
+
+  Means: within 5 sigma of their difference, sigma = sqrt(var_a / n + var_b / n) (a false alarm
+  once in 1.7e6). Quantiles: the two-sample KS statistic, the largest gap between the empirical
+  CDFs (so each quantile of one sample is a quantile of the other within that gap), below its
+  level at alpha = 1e-6, sqrt(-ln(alpha / 2) / 2) * sqrt(2 / n) = 0.038. TF's own law
+  (sample_distorted_bounding_box) fails every case: at scale (0.2, 1), a mean area of 0.457
+  against 0.495 of a 375x500 image (15 sigma) and 0.495 against 0.551 of a 32x32 one.
+  """
+  n, ratio = 10_000, (3 / 4, 4 / 3)
+  if path == "tf":
+    _, windows = _tf_windows(pytest.importorskip("tensorflow"), n, shape, scale, ratio)
+    top, left, h, w = windows.T
+  else:
+    top, left, h, w = map(np.asarray, jax.jit(augment.crop_windows, static_argnums=range(1, 6))(
+        jax.random.key(0), n, *shape, scale, ratio))
+  assert (top >= 0).all() and (left >= 0).all() and (h > 0).all() and (w > 0).all()
+  assert (top + h <= shape[0]).all() and (left + w <= shape[1]).all()
+  _, _, gh, gw = crop.crop_window(np.random.default_rng(0).random((n, crop.ATTEMPTS, 4)),
+                                  *shape, scale, ratio)
+  laws = lambda h, w: {"area": h * w / np.prod(shape), "log aspect": np.log(w / h)}
+  for name, a in laws(h, w).items():
+    b = laws(gh, gw)[name]
+    sigma = np.sqrt(a.var() / n + b.var() / n)
+    assert abs(a.mean() - b.mean()) < 5 * sigma, (name, a.mean(), b.mean(), sigma)
+    assert _ks_statistic(a, b) < np.sqrt(-np.log(1e-6 / 2) / 2) * np.sqrt(2 / n), name
 
 
 def _identify(seen, folder):

@@ -1,12 +1,13 @@
 """Networks of docs/SCE.md section 4: torchvision layout, parameter counts, heads; shuffle-BN's
 split BatchNorm (section 3) and float32 weight gradients of bfloat16 layers (section 5)."""
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sce_jax.models import heads, precision, resnet
+from sce_jax.models import heads, precision, resnet, sce
 from tests.helpers import load_config
 
 
@@ -72,6 +73,66 @@ def test_bfloat16_compute_with_float32_params():
   out = jax.eval_shape(lambda: m.apply(m.init(jax.random.key(0), jnp.ones((2, 16, 16, 3)),
                                               train=False), jnp.ones((2, 16, 16, 3)), train=False))
   assert out.dtype == jnp.bfloat16
+
+
+# --- Initialisation: torchvision's ResNet, PyTorch's defaults (docs/SCE.md 4) ----------------
+
+
+def _assert_law(x, law, scale, where):
+  """x's values drawn from N(0, scale^2) ('normal'), U(-scale, scale) ('uniform'), or all equal
+  to scale ('constant').
+
+  The sample std s of n values is within 6 standard errors of the law's sigma (a false alarm
+  once in 5e8 a check): sigma / sqrt(2n) for a normal law; for a uniform one (fourth moment
+  9 sigma^4 / 5) sqrt(var(s^2)) / (2 sigma) = sqrt(0.8 / n) sigma / 2. A uniform sample also
+  reaches its bound: max |x| < (1 - e) scale has probability (1 - e)^n < exp(-n e), 8e-7 at
+  e = 14 / n; a normal law of the same sigma would exceed the bound.
+  """
+  x = np.asarray(x, np.float64).ravel()
+  n = x.size
+  if law == "constant":
+    assert (x == scale).all(), where
+    return
+  sigma, se = (scale, 1 / np.sqrt(2 * n)) if law == "normal" else (
+      scale / np.sqrt(3), np.sqrt(0.8 / n) / 2)
+  assert abs(x.std() / sigma - 1) < 6 * se, (where, x.std(), sigma)
+  assert abs(x.mean()) < 6 * sigma / np.sqrt(n), where
+  if law == "uniform":
+    assert (1 - 14 / n) * scale < np.abs(x).max() <= scale, where
+
+
+@pytest.mark.parametrize("name", ["cifar10_r18", "imagenet_r50"])
+def test_initial_weights_follow_the_authors_initialisers(name):
+  """Every parameter of the online network at its initialiser in the authors' code, which
+  builds torchvision's ResNet and PyTorch layers (docs/SCE.md 4, Initialisation):
+  - convolutions: torchvision's kaiming_normal_(mode="fan_out", nonlinearity="relu"),
+    N(0, 2 / fan_out) with fan_out = kh * kw * out; except the CIFAR stem, an nn.Conv2d put in
+    after torchvision's init, at PyTorch's default U(-1, 1) / sqrt(fan_in), fan_in = kh * kw * in;
+  - BatchNorm: scale 1, bias 0 (zero_init_residual is off);
+  - heads: nn.Linear's default, weight and bias U(-1, 1) / sqrt(fan_in);
+  - the online probe: the authors' linear head, N(0, 0.01) and a zero bias.
+  """
+  model = load_config(name).model
+  net = sce.SCENet(model, num_classes=10)
+  params = jax.jit(lambda k: net.init(k, jnp.zeros((2, 32, 32, 3)), train=False))(
+      jax.random.key(0))["params"]
+  flat = traverse_util.flatten_dict(params)
+  if model.small_stem:  # The CIFAR projector's last layer has a bias (docs/SCE.md 4).
+    assert ("projector", "linear1", "bias") in flat
+  for path, x in flat.items():
+    where, layer = "/".join(path), flat.get((*path[:-1], "kernel"))
+    if path[0] == "probe":
+      law = ("normal", 0.01) if path[-1] == "kernel" else ("constant", 0.0)
+    elif layer is None:  # BatchNorm
+      law = ("constant", 1.0 if path[-1] == "scale" else 0.0)
+    elif layer.ndim == 4 and path == ("trunk", "conv1", "kernel") and model.small_stem:
+      law = ("uniform", 1 / np.sqrt(np.prod(x.shape[:3])))
+    elif layer.ndim == 4:
+      kh, kw, _, out = x.shape
+      law = ("normal", np.sqrt(2 / (kh * kw * out)))
+    else:  # Linear layers of the heads, weight or bias.
+      law = ("uniform", 1 / np.sqrt(layer.shape[0]))
+    _assert_law(x, *law, where)
 
 
 # --- Shuffle-BN's SplitBatchNorm (docs/SCE.md 3) ----------------------------------------------
@@ -149,6 +210,19 @@ def test_split_batch_norm_matches_numpy(train):
 # --- float32 weight gradients of bfloat16 layers (models/precision.py) ------------------------
 
 
+_DN = ("NHWC", "HWIO", "NHWC")
+
+
+def _conv_vjps(x, w, stride, padding):
+  """jax.vjp of `precision.conv_general_dilated` and of plain lax on the same operands:
+  ((out, pullback), (plain out, plain pullback))."""
+  ours = lambda x, w: precision.conv_general_dilated(x, w, (stride, stride), padding,
+                                                     dimension_numbers=_DN)
+  plain = lambda x, w: jax.lax.conv_general_dilated(x, w.astype(x.dtype), (stride, stride),
+                                                    padding, dimension_numbers=_DN)
+  return jax.vjp(ours, x, w), jax.vjp(plain, x, w)
+
+
 @pytest.mark.parametrize("kernel,stride,padding", [
     (3, 1, ((1, 1), (1, 1))), (3, 2, ((1, 1), (1, 1))), (7, 2, ((3, 3), (3, 3))),
     (1, 2, ((0, 0), (0, 0))), (3, 2, "SAME")])
@@ -158,13 +232,7 @@ def test_conv_weight_gradient_is_float32(kernel, stride, padding):
   rng = np.random.default_rng(kernel * 10 + stride)
   x = jnp.asarray(rng.normal(size=(4, 9, 9, 3)), jnp.bfloat16)
   w = jnp.asarray(rng.normal(size=(kernel, kernel, 3, 5)), jnp.float32)
-  dn = ("NHWC", "HWIO", "NHWC")
-  ours = lambda x, w: precision.conv_general_dilated(x, w, (stride, stride), padding,
-                                                     dimension_numbers=dn)
-  plain = lambda x, w: jax.lax.conv_general_dilated(x, w.astype(x.dtype), (stride, stride),
-                                                    padding, dimension_numbers=dn)
-  out, pullback = jax.vjp(ours, x, w)
-  want, plain_pullback = jax.vjp(plain, x, w)
+  (out, pullback), (want, plain_pullback) = _conv_vjps(x, w, stride, padding)
   g = jnp.asarray(rng.normal(size=out.shape), jnp.bfloat16)
   np.testing.assert_array_equal(out, want)
   (dx, dw), (want_dx, _) = pullback(g), plain_pullback(g)
@@ -172,10 +240,22 @@ def test_conv_weight_gradient_is_float32(kernel, stride, padding):
   assert dw.dtype == jnp.float32
   # Products of bfloat16 numbers are exact in float32: only the summation order differs.
   f32 = lambda w: jax.lax.conv_general_dilated(x.astype(jnp.float32), w, (stride, stride),
-                                               padding, dimension_numbers=dn,
+                                               padding, dimension_numbers=_DN,
                                                precision="highest")
   _, f32_pullback = jax.vjp(f32, w.astype(jnp.bfloat16).astype(jnp.float32))
   np.testing.assert_allclose(dw, f32_pullback(g.astype(jnp.float32))[0], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("stride,padding", [(1, ((1, 1), (1, 1))), (2, "VALID")])
+def test_conv_with_an_empty_output_has_lax_zero_gradients(stride, padding):
+  """A 9x9 kernel on a 3x3 input padded to at most 5x5 has no output position: lax's gradients
+  are zeros of the operands' shapes and dtypes, and so are ours."""
+  x = jnp.ones((2, 3, 3, 3), jnp.bfloat16)
+  w = jnp.ones((9, 9, 3, 5), jnp.float32)
+  (out, pullback), (want, plain_pullback) = _conv_vjps(x, w, stride, padding)
+  assert out.shape == want.shape == (2, 0, 0, 5)
+  for a, b in zip(pullback(out), plain_pullback(want)):
+    assert a.dtype == b.dtype and a.shape == b.shape and not np.asarray(a).any()
 
 
 def test_dense_weight_gradient_is_float32_and_float32_layers_are_plain():

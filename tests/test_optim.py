@@ -66,14 +66,43 @@ def test_sgd_is_torch_sgd_with_coupled_decay():
   np.testing.assert_allclose(ours["w"], w, rtol=1e-5)
 
 
-def test_lr_schedule_scales_warms_up_and_decays():
-  cfg = ml_collections.ConfigDict(dict(base_lr=0.3, warmup_epochs=2))
+def authors_lr(base_lr, warmup, total, steps):
+  """The lr of each of the first `steps` steps under the authors' LinearWarmupCosineAnnealingLR
+  (CEA-LIST/SCE sce/schedulers, from pl_bolts), in float64: its chainable get_lr, stepped after
+  every optimiser step (the scheduler's `interval: step`), from last_epoch 0 at the first step.
+  Its branch for last_epoch past `total` is left out: never reached here."""
+  lrs = []
+  for t in range(steps):
+    if t == 0 and warmup != 0:
+      lr = 0.0  # warmup_start_lr
+    elif t < warmup:
+      lr = lr + base_lr / (warmup - 1)
+    elif t == warmup:
+      lr = base_lr
+    else:
+      lr = ((1 + np.cos(np.pi * (t - warmup) / (total - warmup)))
+            / (1 + np.cos(np.pi * (t - warmup - 1) / (total - warmup))) * lr)
+    lrs.append(lr)
+  return np.array(lrs)
+
+
+@pytest.mark.parametrize("warmup_epochs", [0, 0.1, 0.2, 2])
+def test_lr_schedule_is_the_authors(warmup_epochs):
+  """Linear scaling, then the authors' warmup and cosine at every step of a 100-step run with
+  warmups of 0, 1, 2 and 20 steps: 0 at the first step, the peak at the last warmup step
+  (optax's warmup_cosine_decay_schedule is a step behind: (W - 1) / W of it) and at the first
+  cosine step. float32 against float64: a handful of roundings of 6e-8 relative to values at
+  most the peak, so 1e-6 of the peak bounds the gap."""
+  cfg = ml_collections.ConfigDict(dict(base_lr=0.3, warmup_epochs=warmup_epochs))
   fn = optim.lr_schedule(cfg, global_batch=512, steps_per_epoch=10, total_steps=100)
-  peak = 0.3 * 512 / 256
-  assert float(fn(0)) == 0.0
-  np.testing.assert_allclose(float(fn(10)), peak / 2, rtol=1e-6)
-  np.testing.assert_allclose(float(fn(20)), peak, rtol=1e-6)
-  np.testing.assert_allclose(float(fn(60)), peak * 0.5 * (1 + np.cos(np.pi * 0.5)), rtol=1e-5)
+  peak, warmup = 0.3 * 512 / 256, int(warmup_epochs * 10)
+  ours = np.array([float(fn(t)) for t in range(100)])
+  np.testing.assert_allclose(ours, authors_lr(peak, warmup, 100, 100), rtol=0, atol=1e-6 * peak)
+  if warmup:
+    assert ours[0] == 0.0
+  if warmup > 1:  # A single warmup step is the first one, at 0.
+    assert ours[warmup - 1] == pytest.approx(peak, rel=1e-6)
+  assert ours[warmup] == pytest.approx(peak, rel=1e-6)
   assert float(fn(100)) == pytest.approx(0.0, abs=1e-7)
 
 

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from sce_jax import sharding, train
-from sce_jax.data import augment, crop, presets, resident as resident_lib, sources
+from sce_jax.data import resident as resident_lib, sources
 from tests import test_train_step
 
 N = 40  # images in the resident set: an epoch is 2.5 batches of 16
@@ -67,40 +67,6 @@ def test_load_falls_back_on_an_undecodable_image(tmp_path, damaged):
     Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(tmp_path / "a" / f"{i}.jpg")
   (tmp_path / "a" / damaged).write_bytes(b"not an image")
   assert resident_lib.load(sources.ImageFolder(tmp_path), sharding.make_mesh()) is None
-
-
-def _ks_statistic(a, b):
-  """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the empirical CDFs."""
-  grid = np.union1d(a, b)
-  cdf = lambda x: np.searchsorted(np.sort(x), grid, side="right") / len(x)
-  return np.abs(cdf(a) - cdf(b)).max()
-
-
-def _window_laws(h, w, height, width):
-  return {"area": h * w / (height * width), "log aspect": np.log(w / h)}
-
-
-def test_device_crops_follow_the_host_law():
-  """10,000 windows of the device crop and of the grain host path, which draws by torchvision's
-  rule (CIFAR: 32x32, scale (0.2, 1)): the mean area and log aspect ratio agree within 3 sigma
-  of their difference (sigma = sqrt(var_a / n + var_b / n)), and the two-sample KS statistic is
-  below its 3-sigma level 1.82 * sqrt(2 / n) = 0.026 (c(alpha) = sqrt(-ln(alpha / 2) / 2) at
-  alpha = 0.0027). (tf.data draws by TF's own law, which differs: mean area 0.50 against 0.55.)"""
-  n, size = 10_000, 32
-  spec = presets.cifar(size)[1]
-  top, left, h, w = map(np.asarray, jax.jit(augment.crop_windows, static_argnums=range(1, 6))(
-      jax.random.key(0), n, size, size, spec.scale, spec.ratio))
-  assert (top >= 0).all() and (left >= 0).all() and (top + h <= size).all()
-  assert (left + w <= size).all()
-  on_device = _window_laws(h, w, size, size)
-  _, _, h, w = crop.crop_window(np.random.default_rng(0).random((n, crop.ATTEMPTS, 4)),
-                                size, size, spec.scale, spec.ratio)
-  on_host = _window_laws(h, w, size, size)
-  for name, a in on_device.items():
-    b = on_host[name]
-    sigma = np.sqrt(a.var() / n + b.var() / n)
-    assert abs(a.mean() - b.mean()) < 3 * sigma, (name, a.mean(), b.mean(), sigma)
-    assert _ks_statistic(a, b) < 1.82 * np.sqrt(2 / n), name
 
 
 def _run(config, devices, steps):

@@ -182,8 +182,10 @@ def cifar_parts():
   """One compiled step (CIFAR pairing, queue of 3 batches) shared by the tests below. One
   shuffle-BN group: the target then sees the statistics of the whole batch, in any order, so
   `_target_keys` without the shuffle must find the keys the step wrote; this checks that the
-  step puts the shuffled target embeddings back in order."""
-  config = tiny_config(**{"sce.queue": 3 * BATCH, "optim.base_lr": 4.0,
+  step puts the shuffled target embeddings back in order. base_lr 0.5: at 4.0 the loss is at
+  its plateau within a few steps, and how far it fell by then was the initialisation's luck
+  (0.09 to 0.29 over three seeds and two stem initialisations; 0.46 to 0.84 at 0.5)."""
+  config = tiny_config(**{"sce.queue": 3 * BATCH, "optim.base_lr": 0.5,
                           "sce.target_bn_splits": 1})
   return train.build(config, sharding.make_mesh(), num_classes=10, steps_per_epoch=10,
                      float_views=True)

@@ -1,8 +1,8 @@
-"""Crop geometry shared by the host (NumPy) and accelerator (JAX) stages (docs/SCE.md 6, 7).
+"""Crop geometry shared by the host (NumPy, TF) and accelerator (JAX) stages (docs/SCE.md 6, 7).
 
 One implementation of torchvision's RandomResizedCrop sampling rule, written against an array
-namespace `xp` (numpy or jax.numpy) so the grain path and the on-device crop draw windows the
-same way from the same uniforms.
+namespace `xp` (numpy, jax.numpy, or TF ops) so that the grain path, the tf.data path and the
+on-device crop draw windows the same way from the same uniforms.
 """
 import math
 
@@ -18,6 +18,9 @@ def crop_window(u, height, width, scale, ratio, xp=np):
   w = round(sqrt(area * r)), h = round(sqrt(area / r)); the first attempt that fits is kept,
   with its offset uniform over the valid positions. If none fits: the centre crop of the largest
   window whose aspect ratio lies in `ratio`. Vectorised (all attempts drawn at once), same law.
+  `height` and `width` may be traced (TF's decoded images have no static shape), so the
+  arithmetic stays in u's float dtype and uses only xp's exp, sqrt, round (half to even, as
+  Python's), floor, where, stack, cumsum, sum, any and asarray (a cast).
 
   Returns:
     (top, left, h, w) int32 arrays of shape u.shape[:-2].
@@ -26,25 +29,21 @@ def crop_window(u, height, width, scale, ratio, xp=np):
   target = area * (scale[0] + u[..., 0] * (scale[1] - scale[0]))
   log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
   aspect = xp.exp(log_lo + u[..., 1] * (log_hi - log_lo))
-  w = xp.round(xp.sqrt(target * aspect)).astype(xp.int32)
-  h = xp.round(xp.sqrt(target / aspect)).astype(xp.int32)
+  w = xp.round(xp.sqrt(target * aspect))
+  h = xp.round(xp.sqrt(target / aspect))
   fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-  first = xp.argmax(fits, axis=-1)[..., None]
-  pick = lambda a: xp.take_along_axis(a, first, axis=-1)[..., 0]
-  h, w = pick(h), pick(w)
-  top = xp.floor(pick(u[..., 2]) * (height - h + 1)).astype(xp.int32)
-  left = xp.floor(pick(u[..., 3]) * (width - w + 1)).astype(xp.int32)
+  tries = xp.stack([xp.floor(u[..., 2] * (height - h + 1)), xp.floor(u[..., 3] * (width - w + 1)),
+                    h, w], -1)
 
-  in_ratio = width / height
-  if in_ratio < min(ratio):
-    fb_w, fb_h = width, int(round(width / min(ratio)))
-  elif in_ratio > max(ratio):
-    fb_w, fb_h = int(round(height * max(ratio))), height
-  else:
-    fb_w, fb_h = width, height
-  ok = fits.any(axis=-1)
-  return (xp.where(ok, top, (height - fb_h) // 2), xp.where(ok, left, (width - fb_w) // 2),
-          xp.where(ok, h, fb_h), xp.where(ok, w, fb_w))
+  first = fits & (xp.cumsum(xp.where(fits, 1, 0), -1) == 1)  # One-hot; none if none fits.
+  picked = xp.sum(xp.where(first[..., None], tries, 0), -2)
+
+  lo, hi = min(ratio), max(ratio)
+  fb_h = xp.where(width / height < lo, xp.round(width / lo), height)
+  fb_w = xp.where(width / height > hi, xp.round(height * hi), width)
+  fallback = xp.stack([xp.floor((height - fb_h) / 2), xp.floor((width - fb_w) / 2), fb_h, fb_w])
+  window = xp.asarray(xp.where(xp.any(fits, -1)[..., None], picked, fallback), xp.int32)
+  return tuple(window[..., i] for i in range(4))
 
 
 def is_small(image_size) -> bool:

@@ -1,18 +1,17 @@
 """Projector and predictor MLPs (docs/SCE.md section 4).
 
 A linear layer has a bias only when no BatchNorm follows it; the projector's last BatchNorm
-(ImageNet) has no affine parameters.
+(ImageNet) has no affine parameters. Linear layers keep nn.Linear's initialisation
+(`inits.torch_default`, and `inits.torch_default_bias` for the bias).
 """
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
+from sce_jax.models import inits
 from sce_jax.models import precision
 from sce_jax.models.resnet import batch_norm
-
-# torch.nn.Linear's default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for the weight.
-linear_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 
 class MLP(nn.Module):
@@ -31,13 +30,13 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = True):
     for i in range(self.num_layers - 1):
-      x = nn.Dense(self.hidden_dim, use_bias=False, kernel_init=linear_init, dtype=self.dtype,
-                   name=f"linear{i}", **precision.dense_options(self.dtype))(x)
+      x = nn.Dense(self.hidden_dim, use_bias=False, kernel_init=inits.torch_default,
+                   dtype=self.dtype, name=f"linear{i}", **precision.dense_options(self.dtype))(x)
       x = nn.relu(batch_norm(train, f"bn{i}", self.dtype)(x))
     last = self.num_layers - 1
     x = nn.Dense(self.out_dim, use_bias=self.last_bias and not self.last_bn,
-                 kernel_init=linear_init, dtype=self.dtype, name=f"linear{last}",
-                 **precision.dense_options(self.dtype))(x)
+                 kernel_init=inits.torch_default, bias_init=inits.torch_default_bias(x.shape[-1]),
+                 dtype=self.dtype, name=f"linear{last}", **precision.dense_options(self.dtype))(x)
     if self.last_bn:
       x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                        use_scale=False, use_bias=False, dtype=self.dtype, name=f"bn{last}")(x)

@@ -14,16 +14,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sce_jax.models import inits
 from sce_jax.models import precision
 
-# torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu").
-conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
-
-def conv(features, kernel, stride=1, name=None, dtype=jnp.float32):
+def conv(features, kernel, stride=1, name=None, dtype=jnp.float32, init=inits.torchvision_conv):
   pad = kernel // 2
   return nn.Conv(features, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)),
-                 use_bias=False, kernel_init=conv_init, dtype=dtype, name=name,
+                 use_bias=False, kernel_init=init, dtype=dtype, name=name,
                  **precision.conv_options(dtype))
 
 
@@ -129,8 +127,8 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = True):
     x = x.astype(self.dtype)
-    if self.small_stem:
-      x = conv(self.width, 3, 1, "conv1", self.dtype)(x)
+    if self.small_stem:  # The authors' replacement nn.Conv2d keeps PyTorch's init (docs 4).
+      x = conv(self.width, 3, 1, "conv1", self.dtype, inits.torch_default)(x)
     else:
       x = conv(self.width, 7, 2, "conv1", self.dtype)(x)
     x = nn.relu(batch_norm(train, "bn1", self.dtype, self.bn_splits)(x))
