@@ -15,14 +15,15 @@ import optax
 from etils import epath
 
 from sce_jax import checkpoint, loop, models, optim, sharding
-from sce_jax.evaluators import common
 from sce_jax.data import augment, crop, pipeline
 from sce_jax.data.presets import ViewSpec
+from sce_jax.evaluators import common
+from sce_jax.models import inits
 
 
 def linear_head(num_classes):
   """Docs 7: weights N(0, 0.01), zero bias."""
-  return nn.Dense(num_classes, kernel_init=nn.initializers.normal(0.01), name="head")
+  return nn.Dense(num_classes, kernel_init=inits.linear_probe, name="head")
 
 
 def make_linear_step(head, tx, lr_fn, features_fn, mesh, key):

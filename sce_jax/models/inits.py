@@ -13,6 +13,10 @@ import jax.numpy as jnp
 torchvision_conv = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 # PyTorch's nn.Linear and nn.Conv2d weight: kaiming_uniform_(a=sqrt(5)), U(-1, 1) / sqrt(fan_in).
 torch_default = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+# The linear heads on frozen or stop-gradient features (the online probe, the linear
+# evaluation): weights N(0, 0.01), zero bias (docs/SCE.md sections 4 and 7: the authors'
+# LinearHead).
+linear_probe = nn.initializers.normal(0.01)
 
 
 def torch_default_bias(fan_in):

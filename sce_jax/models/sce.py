@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sce_jax.models import heads, resnet
+from sce_jax.models import heads, inits, resnet
 
 # model.dtype: the computation's; parameters stay float32.
 DTYPES = ("float32", "bfloat16", "float16")
@@ -40,7 +40,7 @@ class SCENet(nn.Module):
     if self.with_predictor and cfg.predictor.num_layers > 0:
       self.predictor = heads.MLP(**cfg.predictor, dtype=dtype)
     if self.num_classes:
-      self.probe = nn.Dense(self.num_classes, kernel_init=nn.initializers.normal(0.01),
+      self.probe = nn.Dense(self.num_classes, kernel_init=inits.linear_probe,
                             name="probe")
 
   def __call__(self, x, train: bool = True):
