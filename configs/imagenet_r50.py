@@ -57,6 +57,10 @@ def get_config(arg=None):
   # Spec 7, ImageNet protocol: SGD, lr 0.1 x batch / 256 (0.4 at batch 1024), cosine, 90 epochs.
   c.eval.linear.update(epochs=90, batch_size=1024, base_lr=0.1, scale_lr=True,
                        schedule="cosine")
+  # SimCLR's semi-supervised fine-tuning (docs/SCE.md 9): ImageNet 1 % (TFDS
+  # imagenet2012_subset/1pct), batch 4096 (lr 0.8), 60 epochs; 10 %: subset=10pct, epochs=30.
+  # Transfer and VOC07 read 224-pixel crops (data.image_size), as ssl-transfer and PCL.
+  c.eval.finetune.update(subset="1pct", batch_size=4096, epochs=60)
   c.eval.knn.every_epochs = 0  # kNN over 1.28M images only at the end.
   c.checkpoint.every_steps = 2500
   c.log_every_steps = 100

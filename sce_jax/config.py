@@ -14,7 +14,8 @@ import ml_collections
 from etils import epath
 
 from sce_jax import losses, optim, state
-from sce_jax.data import pipeline, presets, sources
+from sce_jax.data import crop, pipeline, presets, sources
+from sce_jax.evaluators import finetune, transfer
 from sce_jax.models import resnet, sce
 
 
@@ -83,6 +84,10 @@ def base() -> ml_collections.ConfigDict:
   c.data.cache_dir = "~/.cache/sce_jax"  # decoded arrays of .tar/.tar.gz sets of one image size
   c.data.on_device = False       # train set on the accelerator if it fits (data/device.py)
   c.data.strict = False          # True: an undecodable image stops the run; False: skipped
+  # Evaluation crop: the shorter side resized to eval_resize (0: image_size x 256/224 for
+  # ImageNet-size images, none for small ones; crop.eval_resize), then centre-cropped.
+  c.data.eval_resize = 0
+  c.data.eval_interpolation = "bilinear"  # or "bicubic" (crop.INTERPOLATIONS)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 512
@@ -98,6 +103,28 @@ def base() -> ml_collections.ConfigDict:
       milestones=(60, 80), decay_factor=0.1, weight_decay=0.0, momentum=0.9,
       max_steps=-1))           # max_steps > 0 stops early (smoke runs); the schedule uses epochs
   c.eval.checkpoint = ""       # imported trunk weights to evaluate (weights.load_trunk)
+  # --mode=transfer, ssl-transfer's linear protocol (docs/SCE.md 9). datasets: comma-separated
+  # TFDS names of transfer.PROTOCOLS and NAME=PATH entries (a class-folder tree or archive,
+  # e.g. aircraft=PATH). image_size: the crop of the bicubic resize + centre crop (0:
+  # data.image_size; ssl-transfer: 224). L2 weight decays: wd_values log-spaced over wd_range
+  # (C = 1 / wd); max_iter: L-BFGS iterations (scikit-learn's default, as ssl-transfer);
+  # val_fraction: of train held out where a set has no validation split.
+  c.eval.transfer = ml_collections.ConfigDict(dict(
+      datasets=transfer.DEFAULT_DATASETS, image_size=0, wd_range=(1e-6, 1e5), wd_values=45,
+      max_iter=100, val_fraction=0.2))
+  # --mode=voc07_svm, PCL's VOC07 linear SVMs (docs/SCE.md 9): images per class of the
+  # low-shot runs, independent draws of each, SVM costs chosen per class by `folds`-fold
+  # cross-validation.
+  c.eval.voc07 = ml_collections.ConfigDict(dict(
+      shots=(16, 32, 64), samples=5, costs=(0.01, 0.1, 0.5, 1.0, 10.0, 100.0), folds=3))
+  # --mode=finetune, SimCLR's semi-supervised protocol (docs/SCE.md 9): Nesterov SGD, lr
+  # base_lr x batch / 256 (0.8 at SimCLR's 4096), cosine, no warmup, no weight decay; 60
+  # epochs on 1 % of the labels, 30 on 10 %. subset: one of finetune.SUBSETS (SimCLR's ImageNet
+  # lists, TFDS); '' takes `fraction` of each class of the training set. max_steps > 0 stops
+  # early (smoke runs); the schedule uses epochs.
+  c.eval.finetune = ml_collections.ConfigDict(dict(
+      subset="", fraction=0.01, epochs=60, batch_size=256, base_lr=0.05, momentum=0.9,
+      max_steps=-1))
 
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3))
   c.log_every_steps = 50
@@ -126,6 +153,8 @@ def smoke(c):
   c.eval.probe.every_epochs = -1
   c.eval.linear.batch_size = 32
   c.eval.linear.max_steps = 8
+  c.eval.finetune.batch_size = 32
+  c.eval.finetune.max_steps = 8
   c.checkpoint.every_steps = 8
   c.log_every_steps = 4
   c.fast_compile = True
@@ -189,9 +218,11 @@ ENUMS = {
     "sce.target_init": state.TARGET_INITS,
     "optim.name": optim.OPTIMIZERS,
     "eval.linear.schedule": optim.LINEAR_SCHEDULES,
+    "eval.finetune.subset": finetune.SUBSETS,
     "data.source": tuple(sources.SOURCES),
     "data.loader": pipeline.LOADERS,
     "data.views": tuple(presets.PRESETS),
+    "data.eval_interpolation": crop.INTERPOLATIONS,
 }
 
 
@@ -209,7 +240,9 @@ def num_target_views(config) -> int:
 
 # Counts and intervals that must be at least 1.
 POSITIVE = ("batch_size", "epochs", "eval.batch_size", "eval.linear.batch_size",
-            "eval.linear.epochs", "checkpoint.every_steps", "checkpoint.keep", "log_every_steps")
+            "eval.linear.epochs", "eval.finetune.batch_size", "eval.finetune.epochs",
+            "eval.transfer.wd_values", "eval.transfer.max_iter", "eval.voc07.samples",
+            "checkpoint.every_steps", "checkpoint.keep", "log_every_steps")
 
 
 def validate(config, num_devices, num_processes, workdir=None):
@@ -227,7 +260,8 @@ def validate(config, num_devices, num_processes, workdir=None):
     if value not in allowed:
       raise ConfigError(f"{key}={value!r} is not a known value; set --config.{key} to one of "
                         f"{', '.join(map(repr, allowed))}.")
-  for key in ("batch_size", "eval.batch_size", "eval.linear.batch_size"):
+  for key in ("batch_size", "eval.batch_size", "eval.linear.batch_size",
+              "eval.finetune.batch_size"):
     for count, what in ((num_devices, "devices"), (num_processes, "processes")):
       if config[key] % count:
         raise ConfigError(
@@ -247,8 +281,32 @@ def validate(config, num_devices, num_processes, workdir=None):
           f"written to it each step (batch_size {config.batch_size} x "
           f"{num_target_views(config)} target views); set --config.sce.queue="
           f"{_multiple(config.sce.queue, written)} or another multiple of {written}.")
+  _validate_evaluations(config)
   if workdir is not None:
     _check_writable(workdir)
+
+
+def _validate_evaluations(config):
+  """The ranges of the transfer, VOC07 and fine-tuning keys (docs/SCE.md 9)."""
+  ev = config.eval
+  try:
+    transfer.parse_datasets(ev.transfer.datasets)
+  except ValueError as e:
+    raise ConfigError(f"{e}; fix --config.eval.transfer.datasets.") from e
+  checks = (
+      ("eval.transfer.wd_range", 0 < ev.transfer.wd_range[0] <= ev.transfer.wd_range[1],
+       "(low, high) with 0 < low <= high, e.g. (1e-6, 1e5)"),
+      ("eval.transfer.val_fraction", 0 < ev.transfer.val_fraction < 1, "in (0, 1), e.g. 0.2"),
+      ("eval.voc07.shots", all(k >= 1 for k in ev.voc07.shots), "images per class >= 1"),
+      ("eval.voc07.costs", len(ev.voc07.costs) > 0 and min(ev.voc07.costs) > 0,
+       "positive SVM costs"),
+      ("eval.voc07.folds", ev.voc07.folds >= 2, "at least 2 cross-validation folds"),
+      ("eval.finetune.fraction", 0 < ev.finetune.fraction <= 1,
+       "a fraction of the labels in (0, 1], e.g. 0.01"),
+  )
+  for key, ok, fix in checks:
+    if not ok:
+      raise ConfigError(f"{key}={config[key]!r} is out of range; set --config.{key} to {fix}.")
 
 
 def check_data_size(config, num_examples):

@@ -5,9 +5,10 @@
   python -m sce_jax.main --config=configs/imagenet_r50.py:multicrop,epochs=200 --workdir=DIR
 
 --mode=train (default) pretrains, resuming from the workdir's latest checkpoint, then runs the
-final evaluations (config.eval.<name>.every_epochs >= 0). --mode=knn and --mode=linear evaluate
-the workdir's latest checkpoint, or imported weights with --config.eval.checkpoint=PATH, and
-write <workdir>/eval_<mode>.json. Config values are overridden with --config.KEY=VALUE.
+final evaluations (config.eval.<name>.every_epochs >= 0). --mode=knn, linear, transfer,
+voc07_svm and finetune evaluate the workdir's latest checkpoint, or imported weights with
+--config.eval.checkpoint=PATH, and write <workdir>/eval_<mode>.json. Config values are
+overridden with --config.KEY=VALUE.
 
 Several processes (TPU pods, GPU clusters): --distributed lets jax.distributed.initialize()
 find the cluster (also when JAX_COORDINATOR_ADDRESS is set); or name it explicitly:
@@ -45,7 +46,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. "
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and results go here.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", *evaluators.MODES],
                           "Pretrain, or evaluate a trunk (sce_jax/evaluators/: kNN, linear "
-                          "probe).")
+                          "probe, linear transfer, VOC07 SVMs, semi-supervised fine-tuning).")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Several processes: jax.distributed.initialize() finds them (SLURM, "
     "Open MPI, Cloud TPU, Kubernetes). Implied by --coordinator_address or the environment "
@@ -137,7 +138,7 @@ def _run(config, workdir, mode):
   sce_config.validate(config, jax.device_count(), jax.process_count(), workdir)
   if mode != "train":
     source, trunk = _load_trunk(config, workdir, mode)
-  splits = sources.Splits(config.data)
+  splits = None if mode in evaluators.OWN_DATA else sources.Splits(config.data)
   mesh = sharding.make_mesh()
   if mode == "train":
     train.train(config, workdir, mesh, splits)
@@ -165,7 +166,7 @@ def main(argv):
     logging.warning("Interrupted (Ctrl-C): stopped at once, nothing new was saved.")
     sys.exit(EXIT_INTERRUPTED)
   except (sce_config.ConfigError, images.DataError, checkpoint.CheckpointError,
-          workdir_lib.WorkdirError, FloatingPointError) as e:
+          workdir_lib.WorkdirError, FloatingPointError, evaluators.common.MissingPackage) as e:
     logging.debug("Traceback of the error below:", exc_info=True)  # --verbosity=1
     print(f"Error: {e}", file=sys.stderr)
     sys.exit(EXIT_ERROR)

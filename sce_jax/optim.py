@@ -74,11 +74,12 @@ def lars(learning_rate, *, weight_decay, momentum=0.9, trust_coefficient=1e-3):
       optax.scale_by_learning_rate(learning_rate))
 
 
-def sgd(learning_rate, *, weight_decay, momentum=0.9):
-  """PyTorch SGD with coupled weight decay on every tensor (the CIFAR setting)."""
+def sgd(learning_rate, *, weight_decay, momentum=0.9, nesterov=False):
+  """PyTorch SGD with coupled weight decay on every tensor (the CIFAR setting); nesterov: TF's
+  MomentumOptimizer(use_nesterov=True), SimCLR's fine-tuning (docs/SCE.md 9)."""
   return optax.chain(
       optax.add_decayed_weights(weight_decay),
-      optax.trace(decay=momentum),
+      optax.trace(decay=momentum, nesterov=nesterov),
       optax.scale_by_learning_rate(learning_rate))
 
 

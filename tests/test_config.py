@@ -254,6 +254,25 @@ def test_counts_below_one(good, key):
     sce_config.validate(good, 1, 1)
 
 
+@pytest.mark.parametrize("key, value, fix", [
+    ("eval.transfer.datasets", "cifar10,imagenet", r"'imagenet' is not a TFDS set of the "
+     r"protocol \(food101, .*\); name a local copy as imagenet=PATH"),
+    ("eval.transfer.wd_range", (1e5, 1e-6), r"\(low, high\) with 0 < low <= high"),
+    ("eval.transfer.val_fraction", 1.0, r"in \(0, 1\)"),
+    ("eval.voc07.shots", (16, 0), r"images per class >= 1"),
+    ("eval.voc07.costs", (0.0, 1.0), r"positive SVM costs"),
+    ("eval.voc07.folds", 1, r"at least 2 cross-validation folds"),
+    ("eval.finetune.fraction", 1.5, r"a fraction of the labels in \(0, 1\]"),
+])
+def test_evaluation_keys_out_of_range(good, key, value, fix):
+  """docs/SCE.md 9: one line naming the key and the fix."""
+  *sections, name = key.split(".")
+  functools.reduce(lambda c, s: c[s], sections, good)[name] = value
+  with pytest.raises(sce_config.ConfigError, match=rf"{key}.*{fix}") as e:
+    sce_config.validate(good, 1, 1)
+  assert "\n" not in str(e.value)
+
+
 def test_dataset_smaller_than_a_batch(good, tmp_path):
   """Found when the data are opened, before the workdir is locked or anything compiles."""
   good.batch_size = 256  # The generated training split has 200 images.

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 
 import jax
@@ -196,3 +197,31 @@ def test_command_line_interrupt_resume_evaluate(cifar_root, no_tf, tmp_path):
   linear = json.loads((workdir / "eval_linear.json").read_text())
   assert 0 <= linear["linear_top1"] <= linear["linear_top5"] <= 1
   assert (workdir / "linear" / "metrics.jsonl").read_text().splitlines()
+
+
+def test_command_line_transfer_and_finetune(cifar_root, no_tf, tmp_path):
+  """The issue's commands on a smoke checkpoint and a CIFAR-10-like archive pair (without
+  TensorFlow): --mode=transfer with datasets=cifar10=ARCHIVE writes transfer/results.json and
+  prints the table; --mode=finetune with a 1 % label fraction writes its top-1."""
+  pytest.importorskip("sklearn")
+  for split in ("train", "test"):
+    with tarfile.open(tmp_path / f"cifar10_jpg_{split}.tar.gz", "w:gz") as tar:
+      tar.add(cifar_root / split, arcname=split)
+  archive, workdir = tmp_path / "cifar10_jpg_train.tar.gz", tmp_path / "work"
+  cache = f"--config.data.cache_dir={tmp_path / 'cache'}"
+  run(command(archive, workdir, cache, "--config.max_steps=2"), no_tf)
+
+  stderr = run(command(archive, workdir, cache, "--mode=transfer",
+                       f"--config.eval.transfer.datasets=cifar10={archive}"), no_tf)
+  entry = json.loads((workdir / "transfer" / "results.json").read_text())["cifar10"]
+  assert entry["metric"] == "top1" and 0 <= entry["value"] <= 1 and entry["weight_decay"] > 0
+  assert entry["sizes"] == {"train": 160, "val": 40, "trainval": 200, "test": 100}
+  assert "| cifar10 | top-1 |" in stderr and "| 94.8 |" in stderr
+  assert json.loads((workdir / "eval_transfer.json").read_text())["transfer_cifar10"] == (
+      entry["value"])
+
+  run(command(archive, workdir, cache, "--mode=finetune",
+              "--config.eval.finetune.fraction=0.01"), no_tf)
+  tuned = json.loads((workdir / "eval_finetune.json").read_text())
+  assert 0 <= tuned["finetune_top1"] <= tuned["finetune_top5"] <= 1
+  assert max(metrics.read(workdir / "finetune_1pct")) == 8  # the smoke config's max_steps

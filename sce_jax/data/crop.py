@@ -52,18 +52,25 @@ def is_small(image_size) -> bool:
   return image_size < 128
 
 
-def eval_resize(image_size):
-  """Shorter side before the centre crop: image_size * 256/224 for ImageNet-size inputs.
+# data.eval_interpolation: the evaluation resize's filter (PIL's / TF's antialiased one).
+INTERPOLATIONS = ("bilinear", "bicubic")
+
+
+def eval_resize(image_size, resize=0):
+  """Shorter side before the centre crop: `resize` when > 0 (data.eval_resize), else
+  image_size * 256/224 for ImageNet-size inputs.
 
   Docs section 7: resize 256 + centre crop 224. Small sets are only resized to image_size, a
-  no-op at their native size.
+  no-op at their native size. The transfer protocol resizes to the crop itself (docs/SCE.md 9).
   """
+  if resize > 0:
+    return resize
   return image_size if is_small(image_size) else int(round(image_size * 256 / 224))
 
 
-def eval_geometry(height, width, image_size):
+def eval_geometry(height, width, image_size, resize=0):
   """torchvision Resize(shorter side) + CenterCrop: ((resized h, w), (top, left))."""
-  short = eval_resize(image_size)
+  short = eval_resize(image_size, resize)
   if height <= width:
     size = (short, int(short * width / height))
   else:

@@ -89,20 +89,26 @@ def labelled(found, where, classes=None):
   return classes, files, np.asarray(labels, np.int32)
 
 
-def find_eval_path(path, split: str = "test"):
-  """Where the evaluation split of training data `path` lives.
-
-  A folder with a `split` (else test/val/validation) subfolder: that subfolder. An archive
-  whose name contains 'train': its sibling with that name in place of 'train'.
-  """
+def split_path(path, names):
+  """The first split of `names` beside training data `path` that exists, else None: a
+  subfolder of a folder, or the archive named with the split in place of 'train'."""
   path = pathlib.Path(path)
-  names = (split,) + tuple(s for s in EVAL_SPLITS if s != split)
-  if path.is_dir():
-    candidates = [path / name for name in names]
-  else:
-    candidates = [path.with_name(path.name.replace("train", name))
-                  for name in names if "train" in path.name]
-  for candidate in candidates:
+  for name in names:
+    if path.is_dir():
+      candidate = path / name
+    elif "train" in path.name:
+      candidate = path.with_name(path.name.replace("train", name))
+    else:
+      continue
     if candidate.exists():
       return candidate
-  raise DataError(f"no {split!r} split found for {path}; set --config.data.eval_path=...")
+  return None
+
+
+def find_eval_path(path, split: str = "test"):
+  """Where the evaluation split of training data `path` lives: its `split` (else test, val,
+  validation) by `split_path`."""
+  found = split_path(path, (split,) + tuple(s for s in EVAL_SPLITS if s != split))
+  if found is None:
+    raise DataError(f"no {split!r} split found for {path}; set --config.data.eval_path=...")
+  return found

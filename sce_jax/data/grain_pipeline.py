@@ -48,11 +48,15 @@ def _draft_scale(windows, views):
   return next((s for s in (8, 4, 2) if fit >= s), 1)
 
 
-def center_crop(image: Image.Image, image_size) -> np.ndarray:
+_FILTERS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}  # crop.INTERPOLATIONS
+
+
+def center_crop(image: Image.Image, image_size, resize=0, interpolation="bilinear"
+                ) -> np.ndarray:
   """Evaluation crop: resize the shorter side (`crop.eval_resize`), centre crop image_size."""
-  (h, w), (top, left) = crop.eval_geometry(image.height, image.width, image_size)
+  (h, w), (top, left) = crop.eval_geometry(image.height, image.width, image_size, resize)
   if (h, w) != (image.height, image.width):
-    image = image.resize((w, h), Image.BILINEAR)
+    image = image.resize((w, h), _FILTERS[interpolation])
   return np.asarray(image.crop((left, top, left + image_size, top + image_size)))
 
 
@@ -101,15 +105,16 @@ def _train_batch(step, records, *, views, seed, process_index):
           "skipped": np.array(skipped)}
 
 
-def _eval_example(shard, image_size, i):
+def _eval_example(shard, data_cfg, i):
   """Example i of this process's share, or a masked zero example past its end (padding)."""
+  size = data_cfg.image_size
   if i >= len(shard):
-    return {"image": np.zeros((image_size, image_size, 3), np.uint8),
+    return {"image": np.zeros((size, size, 3), np.uint8),
             "label": np.int32(0), "mask": False, "skipped": ""}
   record = shard[i]
   image, skipped = images.decode_or_placeholder(record)
-  return {"image": center_crop(image, image_size), "label": np.int32(record["label"]),
-          "mask": not skipped, "skipped": skipped}
+  return {"image": center_crop(image, size, data_cfg.eval_resize, data_cfg.eval_interpolation),
+          "label": np.int32(record["label"]), "mask": not skipped, "skipped": skipped}
 
 
 def _decoded(record):
@@ -160,5 +165,5 @@ def eval_batches(source, data_cfg, *, batch_size, num_batches, process_index, pr
   process's share once, then padding (`pipeline.eval_iterator`)."""
   shard = _shard(source, data_cfg, process_index, process_count, equal=False)
   ds = grain.MapDataset.range(num_batches * batch_size).map(
-      functools.partial(_eval_example, shard, data_cfg.image_size))
+      functools.partial(_eval_example, shard, data_cfg))
   return _iterate(ds.batch(batch_size), data_cfg)

@@ -11,6 +11,7 @@ An archive (.tar/.tar.gz) of images of one size (CIFAR, STL-10, Tiny ImageNet) i
 array cache in data.cache_dir (archive_cache.py) as `InMemory`; an archive of images of several
 sizes (ImageNet) is unpacked into a temporary folder (folders.py).
 """
+import copy
 import functools
 import os
 import pathlib
@@ -164,6 +165,38 @@ class Tfds:
 
   def __setstate__(self, state):
     self.__init__(**state)
+
+
+def multi_label_tfds(name, split, data_dir=None, key="labels_no_difficult"):
+  """A multi-label TFDS split (VOC2007) as (an `InMemory` of its encoded images, each labelled
+  by its row, (N, C) bool targets): an image's classes are those of its `key` feature, for
+  VOC the objects not marked difficult, as the label files of ssl-transfer and PCL count them
+  (docs/SCE.md 9). The encoded images stay in host memory (VOC2007: ~0.5 GB a split)."""
+  tfds = import_tfds()
+  builder = Tfds(name, split, data_dir).builder
+  num_classes = builder.info.features[key].feature.num_classes
+  examples = tfds.as_numpy(builder.as_dataset(
+      split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()}))
+  images, targets = [], []
+  for example in examples:
+    images.append(example["image"])
+    targets.append(np.isin(np.arange(num_classes), example[key]))
+  return InMemory(images, np.arange(len(images))), np.stack(targets)
+
+
+def subset(source, indices):
+  """Examples `indices` of a class-folder or in-memory source, as a source of the same kind
+  with the same classes (fine-tuning's label fraction). A TFDS split has named subsets instead
+  (imagenet2012_subset)."""
+  if isinstance(source, InMemory):
+    images = source.images
+    images = images[indices] if isinstance(images, np.ndarray) else [images[i] for i in indices]
+    return InMemory(images, source.labels[indices], source.classes)
+  if isinstance(source, ImageFolder):
+    out = copy.copy(source)
+    out.paths, out.labels = [source.paths[i] for i in indices], source.labels[indices]
+    return out
+  raise TypeError(f"a subset of a {type(source).__name__} source; TFDS names its subsets")
 
 
 def _folder(data_cfg, split, train=None):

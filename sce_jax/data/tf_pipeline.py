@@ -72,8 +72,9 @@ def distorted_window(seed, shape, scale, ratio):
   return tf.stack([top, left, 0]), tf.stack([h, w, -1])
 
 
-def _resize(image, size):
-  """Bilinear with antialiasing on downscale, as PIL; rounded back to uint8.
+def _resize(image, size, method="bilinear"):
+  """Bilinear (or `method`, one of crop.INTERPOLATIONS) with antialiasing on downscale, as PIL;
+  rounded back to uint8.
 
   Most of the host stage's CPU time (~1.7 ms a 224-px crop, Pillow's takes ~0.75) and 0.15 grey
   levels from PIL's. antialias=False or method='area' would be faster but differ from PIL's
@@ -81,7 +82,7 @@ def _resize(image, size):
   a third of the work, which caps a process at a few cores (benchmarks/RESULTS.md, Input
   pipeline).
   """
-  out = tf.image.resize(image, size, method="bilinear", antialias=True)
+  out = tf.image.resize(image, size, method=method, antialias=True)
   return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)
 
 
@@ -90,15 +91,15 @@ def random_resized_crop(seed, image, size, scale, ratio):
   return tf.ensure_shape(_resize(tf.slice(image, begin, window), (size, size)), [size, size, 3])
 
 
-def center_crop(image, image_size):
+def center_crop(image, image_size, resize=0, method="bilinear"):
   """Evaluation crop, as `crop.eval_geometry`: resize the shorter side, centre crop."""
   h, w = tf.unstack(tf.shape(image)[:2])
-  short = crop.eval_resize(image_size)
+  short = crop.eval_resize(image_size, resize)
   scaled = lambda a, b: tf.cast(short * tf.cast(a, tf.float64) / tf.cast(b, tf.float64), tf.int32)
   target = tf.cond(h <= w, lambda: tf.stack([short, scaled(w, h)]),
                    lambda: tf.stack([scaled(h, w), short]))
   image = tf.cond(tf.reduce_all(target == tf.stack([h, w])), lambda: image,
-                  lambda: _resize(image, target))
+                  lambda: _resize(image, target, method))
   top, left = tf.unstack(tf.cast(tf.round((target - image_size) / 2), tf.int32))
   return tf.ensure_shape(tf.image.crop_to_bounding_box(image, top, left, image_size, image_size),
                          [image_size, image_size, 3])
@@ -189,7 +190,8 @@ def eval_batches(source, data_cfg, *, batch_size, num_batches, process_index, pr
   records = _records(source, data_cfg, process_index, process_count, train=False)
   size = data_cfg.image_size
   ds = _decode_all(records).map(
-      lambda ex: {"image": center_crop(ex["image"], size), "label": ex["label"],
+      lambda ex: {"image": center_crop(ex["image"], size, data_cfg.eval_resize,
+                                       data_cfg.eval_interpolation), "label": ex["label"],
                   "mask": tf.equal(ex["skipped"], ""), "skipped": ex["skipped"]},
       num_parallel_calls=tf.data.AUTOTUNE)
   pad = {"image": tf.zeros([size, size, 3], tf.uint8), "label": 0, "mask": False,

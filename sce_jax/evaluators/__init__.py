@@ -1,14 +1,17 @@
-"""Evaluators of a trunk (docs/SCE.md section 7), one module each, with one interface.
+"""Evaluators of a trunk (docs/SCE.md sections 7, 9), one module each, with one interface.
 
 * `MODES`: what `--mode=NAME` runs on a checkpoint's or imported trunk; each is
-  evaluate(config, trunk_variables, mesh, splits, workdir) -> {name: value}.
+  evaluate(config, trunk_variables, mesh, splits, workdir) -> {name: value}. Those of
+  `OWN_DATA` read their own data sets and get splits=None.
 * `periodic`: the evaluations a pretraining run makes at its own cadence, as `loop.Evaluator`s
   (run(state) -> (name, value) pairs); each cadence is config.eval.<name>.every_epochs.
 """
 from sce_jax import loop
-from sce_jax.evaluators import common, knn, linear, probe
+from sce_jax.evaluators import common, finetune, knn, linear, probe, transfer, voc07
 
-MODES = {"knn": knn.evaluate, "linear": linear.evaluate}
+MODES = {"knn": knn.evaluate, "linear": linear.evaluate, "transfer": transfer.evaluate,
+         "voc07_svm": voc07.evaluate, "finetune": finetune.evaluate}
+OWN_DATA = ("transfer", "voc07_svm")
 
 
 def _every(every_epochs, steps_per_epoch):

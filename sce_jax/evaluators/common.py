@@ -1,4 +1,5 @@
-"""What every evaluator of a frozen trunk shares (docs/SCE.md section 7): its features, top-k.
+"""What the evaluators of a trunk share (docs/SCE.md sections 7, 9): its features (cached in the
+workdir), top-k and average precision, the trunk a run resumes on, scikit-learn.
 
 Everything runs sharded over the `data` mesh: batches are split over devices, the trunk is
 replicated and always in inference mode (BatchNorm running statistics). Trunk variables are
@@ -6,13 +7,32 @@ replicated and always in inference mode (BatchNorm running statistics). Trunk va
 training, `weights.load_trunk` for a checkpoint or imported weights.
 """
 import functools
+import io
+import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
+from jax.experimental import multihost_utils
 
-from sce_jax import sharding
+from sce_jax import checkpoint, sharding
 from sce_jax.data import augment, pipeline
+
+
+class MissingPackage(ImportError):
+  """An optional package an evaluator needs; the message names the extra that installs it."""
+
+
+def import_sklearn():
+  """Checks, before any feature is extracted, that scikit-learn (the protocols' own solvers,
+  the `eval` extra) imports; the evaluators import its modules where they use them."""
+  try:
+    import sklearn  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise MissingPackage("this evaluation needs scikit-learn: pip install 'sce_jax[eval]' (or "
+                         "scikit-learn).") from e
+  return sklearn
 
 
 def trunk_variables(state):
@@ -44,6 +64,81 @@ def extract_features(trunk, variables, source, data_cfg, *, batch_size, mesh):
   feats, labels, mask = (np.concatenate([sharding.to_host(o[i]) for o in outputs])
                          for i in range(3))
   return feats[mask], labels[mask].astype(np.int32)
+
+
+def data_config(data_cfg, **changes):
+  """A copy of data config `data_cfg` with `changes`: the evaluations that read other sets, or
+  at another resolution, than the pretraining's (docs/SCE.md 9)."""
+  out = data_cfg.copy_and_resolve_references()
+  out.update(changes)
+  return out
+
+
+def decided_by_process_0(flag: bool) -> bool:
+  """Process 0's `flag` on every process, so that all take the same collective path."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
+
+
+def cached_features(path, extract):
+  """(features, targets) of one split, computed once per workdir (docs/SCE.md 9).
+
+  extract() -> (features, targets) runs on every process (the sharded forward pass is
+  collective) unless process 0 finds them in `path` (.npz); process 0 writes them there as a
+  temporary file renamed into place, so a file that exists is whole. A rerun, another solver
+  setting or a run resumed after an interruption costs no second forward pass. Only process 0
+  solves and reports: it gets the arrays, the other processes None.
+  """
+  path = epath.Path(path)
+  if decided_by_process_0(jax.process_index() == 0 and path.exists()):
+    if jax.process_index() > 0:
+      return None
+    with path.open("rb") as f:
+      arrays = np.load(io.BytesIO(f.read()))
+      return arrays["features"], arrays["targets"]
+  features, targets = extract()
+  if jax.process_index() > 0:
+    return None
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.parent / f".{path.name}.tmp"
+  with tmp.open("wb") as f:
+    np.savez(f, features=features, targets=targets)
+  tmp.replace(path)
+  return features, targets
+
+
+def check_trunk(rundir, trunk_variables, what):
+  """An evaluation resumes only on the weights it started with: <rundir>/trunk_checksums.json
+  names them (checkpoint.checksums). Evaluating other weights (the workdir's pretraining went
+  on) needs the old run, `what`, out of the way."""
+  rundir = epath.Path(rundir)
+  digests = checkpoint.checksums(trunk_variables)
+  record = rundir / "trunk_checksums.json"
+  if record.exists() and json.loads(record.read_text()) != digests:
+    raise checkpoint.CheckpointError(
+        f"{rundir} holds {what} of other trunk weights; delete it (or pass another --workdir) "
+        "to evaluate these.")
+  if jax.process_index() == 0:
+    rundir.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(digests))
+
+
+def average_precision(positives, scores, eleven_point=False):
+  """Average precision of one class from its scores (docs/SCE.md 9), on scikit-learn's
+  precision-recall curve (which starts at precision 1, recall 0).
+
+  eleven_point: the mean over t = 0, 0.1, ..., 1 of the best precision at recall >= t, the
+  VOC2007 metric as ssl-transfer computes it; else the area under the curve whose precision
+  is made non-increasing (the best at any larger recall), as PCL's `calculate_ap`.
+  """
+  from sklearn.metrics import precision_recall_curve  # pylint: disable=g-import-not-at-top
+  precision, recall, _ = precision_recall_curve(positives, scores)
+  precision, recall = precision[::-1], recall[::-1]  # recall ascending, from the (0, 1) point
+  if eleven_point:
+    return float(np.mean([precision[recall >= t].max() for t in np.linspace(0, 1, 11)]))
+  envelope = np.maximum.accumulate(precision[::-1])[::-1]
+  return float(np.sum(np.diff(recall) * envelope[1:]))
 
 
 def topk_accuracy(scores, labels, ks=(1, 5)):

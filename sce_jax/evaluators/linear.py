@@ -6,15 +6,13 @@ replicated. The trunk runs on every step, because the training crops are random.
 100-epoch probe is a run of its own (`loop.Run` in <workdir>/linear): it checkpoints and resumes
 like pretraining.
 """
-import json
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 from etils import epath
 
-from sce_jax import checkpoint, loop, models, optim, sharding
+from sce_jax import loop, models, optim, sharding
 from sce_jax.data import augment, crop, pipeline
 from sce_jax.data.presets import ViewSpec
 from sce_jax.evaluators import common
@@ -66,21 +64,6 @@ def init(head, tx, dim):
   return fn
 
 
-def _check_trunk(rundir, trunk_variables):
-  """A probe resumes only on the weights it started with: <rundir>/trunk_checksums.json names
-  them (checkpoint.checksums). Probing other weights (the workdir's pretraining went on) needs
-  the old probe out of the way."""
-  digests = checkpoint.checksums(trunk_variables)
-  record = rundir / "trunk_checksums.json"
-  if record.exists() and json.loads(record.read_text()) != digests:
-    raise checkpoint.CheckpointError(
-        f"{rundir} holds a linear probe of other trunk weights; delete it (or pass another "
-        "--workdir) to probe these.")
-  if jax.process_index() == 0:
-    rundir.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(digests))
-
-
 def evaluate(config, trunk_variables, mesh, splits, workdir):
   """Linear evaluation (docs/SCE.md 7) of the frozen trunk; returns linear_top1 / linear_top5.
 
@@ -114,7 +97,7 @@ def evaluate(config, trunk_variables, mesh, splits, workdir):
   dim = models.feature_dim(config.model.trunk, config.model.width)
   init_key, key = jax.random.split(jax.random.key(config.seed))
   rundir = epath.Path(workdir) / "linear"
-  _check_trunk(rundir, trunk_variables)
+  common.check_trunk(rundir, trunk_variables, "a linear probe")
   frozen = jax.device_put(trunk_variables, sharding.replicated(mesh))
   step = make_linear_step(head, tx, lr_fn, features_fn, mesh, key)
   num_steps = min(total_steps, lin.max_steps) if lin.max_steps > 0 else total_steps

@@ -1,0 +1,270 @@
+"""Linear transfer to other data sets (docs/SCE.md section 9): ssl-transfer's `linear.py`.
+
+Ericsson et al. 2021 (linusericsson/ssl-transfer), the protocol behind SCE's transfer row: the
+frozen trunk's features of each set's train, validation and test images (shorter side resized
+to the crop with a bicubic filter, centre crop, no augmentation); an L2-regularised
+multinomial logistic regression fitted by L-BFGS (scikit-learn's, warm-started from one fit to
+the next) for each weight decay of a logarithmic grid, scored on the validation split; the best
+refitted on train + validation and scored on test, by the set's metric (`PROTOCOLS`).
+
+Features are extracted once per set and split, sharded over the mesh, and cached in
+<workdir>/transfer/<set>/; <workdir>/transfer/results.json holds the finished sets, so a run
+stopped between sets resumes at the next one.
+"""
+import dataclasses
+import functools
+import json
+import warnings
+
+import jax
+import numpy as np
+from absl import logging
+from etils import epath
+
+from sce_jax import models
+from sce_jax.data import folders, sources
+from sce_jax.evaluators import common
+
+METRICS = {"top1": "top-1", "mean_per_class": "mean per-class", "map11": "11-point mAP"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+  """How ssl-transfer evaluates a set: its metric, and which TFDS splits (`tfds`) hold the
+  train, validation and test images; val '' holds out a seeded eval.transfer.val_fraction of
+  train (ssl-transfer's 20 %) for sets without a validation split of their own."""
+  metric: str
+  tfds: str = ""  # '' (FGVC-Aircraft): only as NAME=PATH, TFDS lacks it
+  train: str = "train"
+  val: str = ""
+  test: str = "test"
+
+
+# The 11 sets of ssl-transfer's LINEAR_DATASETS by their TFDS names, with its metrics and
+# splits: SUN397 and DTD their first partition, Caltech-101 30 training images a class.
+PROTOCOLS = {
+    "food101": Protocol("top1", "food101", test="validation"),
+    "cifar10": Protocol("top1", "cifar10"),
+    "cifar100": Protocol("top1", "cifar100"),
+    "sun397": Protocol("top1", "sun397/standard-part1-120k"),
+    "cars196": Protocol("top1", "cars196"),
+    "aircraft": Protocol("mean_per_class"),
+    "voc/2007": Protocol("map11", "voc/2007", val="validation"),
+    "dtd": Protocol("top1", "dtd", val="validation"),
+    "oxford_iiit_pet": Protocol("mean_per_class", "oxford_iiit_pet"),
+    "caltech101": Protocol("mean_per_class", "caltech101"),
+    "oxford_flowers102": Protocol("mean_per_class", "oxford_flowers102", val="validation"),
+}
+# eval.transfer.datasets by default: every set TFDS has (FGVC-Aircraft is added as NAME=PATH).
+DEFAULT_DATASETS = ",".join(name for name, p in PROTOCOLS.items() if p.tfds)
+# SCE's published row (multi-crop ResNet-50; CEA-LIST/SCE README), percent; mean of the 11.
+PUBLISHED = {"food101": 77.7, "cifar10": 94.8, "cifar100": 80.4, "sun397": 65.3,
+             "cars196": 65.7, "aircraft": 59.6, "voc/2007": 84.0, "dtd": 77.1,
+             "oxford_iiit_pet": 90.9, "caltech101": 92.7, "oxford_flowers102": 96.1}
+PUBLISHED_MEAN = 80.4
+
+
+def parse_datasets(spec):
+  """eval.transfer.datasets -> [(name, path)]: TFDS names of `PROTOCOLS` (path '') and
+  NAME=PATH entries (a class-folder tree or archive; a NAME of `PROTOCOLS` takes its metric).
+  ValueError names an entry that is neither."""
+  out = []
+  for item in filter(None, (x.strip() for x in spec.split(","))):
+    name, eq, path = item.partition("=")
+    if eq and not (name and path):
+      raise ValueError(f"eval.transfer.datasets entry {item!r} is not NAME=PATH")
+    if eq and PROTOCOLS.get(name, Protocol("")).metric == "map11":
+      raise ValueError(f"eval.transfer.datasets: {name} is multi-label and read from TFDS only; "
+                       f"write {name} without =PATH")
+    if not eq and not PROTOCOLS.get(name, Protocol("")).tfds:
+      raise ValueError(
+          f"eval.transfer.datasets: {name!r} is not a TFDS set of the protocol "
+          f"({', '.join(n for n, p in PROTOCOLS.items() if p.tfds)}); name a local copy as "
+          f"{name}=PATH (a class-folder tree or .tar/.tar.gz of one)")
+    if name in (n for n, _ in out):
+      raise ValueError(f"eval.transfer.datasets names {name!r} twice")
+    out.append((name, path))
+  if not out:
+    raise ValueError("eval.transfer.datasets is empty")
+  return out
+
+
+def weight_decays(transfer_cfg):
+  """The regularisation grid: wd_values weight decays log-spaced over wd_range (ssl-transfer:
+  torch.logspace(-6, 5, 45)); scikit-learn's C is 1 / weight decay."""
+  lo, hi = transfer_cfg.wd_range
+  return np.logspace(np.log10(lo), np.log10(hi), transfer_cfg.wd_values)
+
+
+def _openers(name, path, data_cfg):
+  """{split: () -> (source, (N, C) multi-label targets or None)}: train, test, and val where
+  the set has its own (a TFDS split of `PROTOCOLS`; beside PATH, a val/validation split)."""
+  if path:
+    cfg = common.data_config(data_cfg, source="folder", path=path, eval_path="",
+                             train_split="train", eval_split="test")
+    train = functools.cache(lambda: sources.SOURCES["folder"](cfg, "train"))
+    openers = {"train": lambda: (train(), None),
+               "test": lambda: (sources.SOURCES["folder"](cfg, "test", train()), None)}
+    val = folders.split_path(path, ("val", "validation"))
+    if val is not None:
+      val_cfg = common.data_config(cfg, eval_path=str(val))
+      openers["val"] = lambda: (sources.SOURCES["folder"](val_cfg, "val", train()), None)
+    return openers
+  protocol = PROTOCOLS[name]
+  if protocol.metric == "map11":
+    open_split = lambda split: sources.multi_label_tfds(protocol.tfds, split, data_cfg.data_dir)
+  else:
+    open_split = lambda split: (sources.Tfds(protocol.tfds, split, data_cfg.data_dir), None)
+  splits = {"train": protocol.train, "test": protocol.test, "val": protocol.val}
+  return {k: functools.partial(open_split, split) for k, split in splits.items() if split}
+
+
+def image_size(config):
+  """The crop of the features: eval.transfer.image_size, or the pretraining's (0)."""
+  return config.eval.transfer.image_size or config.data.image_size
+
+
+def _features(name, path, config, trunk, variables, mesh, outdir):
+  """{split: (features, targets)} of a set (process 0; None elsewhere), each split extracted
+  once into outdir/features_<split>_<s>px.npz: ssl-transfer's Resize(s, bicubic) +
+  CenterCrop(s), at s = `image_size`."""
+  size = image_size(config)
+  data = common.data_config(config.data, image_size=size, eval_resize=size,
+                            eval_interpolation="bicubic", cache=False)
+
+  def extract(opener):
+    source, multi_label = opener()
+    feats, labels = common.extract_features(trunk, variables, source, data,
+                                            batch_size=config.eval.batch_size, mesh=mesh)
+    return feats, (labels if multi_label is None else multi_label[labels])
+
+  out = {split: common.cached_features(outdir / f"features_{split}_{size}px.npz",
+                                       functools.partial(extract, opener))
+         for split, opener in _openers(name, path, config.data).items()}
+  return out if jax.process_index() == 0 else None
+
+
+def holdout(features, targets, fraction, seed):
+  """(train, val) of a set without a validation split: a seeded random `fraction` of the
+  training rows is held out, as ssl-transfer's `valid_size` (0.2)."""
+  order = np.random.default_rng(seed).permutation(len(targets))
+  n_val = int(np.floor(fraction * len(targets)))
+  return ((features[order[n_val:]], targets[order[n_val:]]),
+          (features[order[:n_val]], targets[order[:n_val]]))
+
+
+def mean_per_class_accuracy(labels, predictions):
+  """The mean over the classes present in `labels` of the fraction of their rows predicted
+  right (ssl-transfer: the confusion matrix's diagonal over its row sums)."""
+  classes = np.unique(labels)
+  return float(np.mean([np.mean(predictions[labels == c] == c) for c in classes]))
+
+
+def logistic_regression(metric, max_iter):
+  """fit_score(weight_decay, (x, y) train, (x, y) test) -> the test score of scikit-learn's
+  L-BFGS multinomial logistic regression with C = 1 / weight_decay fitted on train.
+
+  One estimator, warm-started from its previous fit, as ssl-transfer's LinearTester; VOC2007's
+  20 classes are 20 binary fits scored by 11-point AP on their decision function.
+  """
+  from sklearn.exceptions import ConvergenceWarning  # pylint: disable=g-import-not-at-top
+  from sklearn.linear_model import LogisticRegression  # pylint: disable=g-import-not-at-top
+  clf = LogisticRegression(solver="lbfgs", max_iter=max_iter, warm_start=True)
+
+  def fit_score(weight_decay, train, test):
+    (x, y), (x_test, y_test) = train, test
+    clf.set_params(C=1.0 / weight_decay)
+    with warnings.catch_warnings():  # max_iter is the protocol's budget; ssl-transfer too.
+      warnings.simplefilter("ignore", ConvergenceWarning)
+      if metric == "map11":
+        return float(np.mean([common.average_precision(
+            y_test[:, c], clf.fit(x, y[:, c]).decision_function(x_test), eleven_point=True)
+                              for c in range(y.shape[1])]))
+      predictions = clf.fit(x, y).predict(x_test)
+    if metric == "mean_per_class":
+      return mean_per_class_accuracy(y_test, predictions)
+    return float(np.mean(predictions == y_test))
+  return fit_score
+
+
+def select_and_test(sets, grid, fit_score):
+  """ssl-transfer's validate-then-evaluate: each weight decay of `grid`, in order, fitted on
+  sets['train'] and scored on sets['val']; the first best (a strictly higher score replaces
+  it) refitted on sets['trainval'] and scored on sets['test']. Returns (test score, weight
+  decay, its validation score)."""
+  best, best_score = None, -np.inf
+  for weight_decay in grid:
+    score = fit_score(weight_decay, sets["train"], sets["val"])
+    if score > best_score:
+      best, best_score = weight_decay, score
+  return fit_score(best, sets["trainval"], sets["test"]), float(best), best_score
+
+
+def _solve(name, features, config):
+  """The protocol on one set's features: its results.json entry."""
+  cfg = config.eval.transfer
+  metric = PROTOCOLS.get(name, Protocol("top1")).metric
+  sets = dict(features)
+  if "val" in sets:
+    sets["trainval"] = tuple(np.concatenate(a) for a in zip(sets["train"], sets["val"]))
+  else:
+    sets["trainval"] = sets["train"]
+    sets["train"], sets["val"] = holdout(*sets["train"], cfg.val_fraction, config.seed)
+  value, weight_decay, val_value = select_and_test(
+      sets, weight_decays(cfg), logistic_regression(metric, cfg.max_iter))
+  return {"metric": metric, "value": value, "weight_decay": weight_decay,
+          "C": 1.0 / weight_decay, "val_value": val_value, "image_size": image_size(config),
+          "sizes": {k: len(v[1]) for k, v in sets.items()}}
+
+
+def table(results, names):
+  """Markdown: our value of each set beside SCE's published one (percent), and their means."""
+  rows = ["| data set | metric | sce_jax | SCE, published |", "|---|---|---|---|"]
+  for name in names:
+    r = results[name]
+    published = PUBLISHED.get(name)
+    rows.append(f"| {name} | {METRICS[r['metric']]} | {100 * r['value']:.1f} | "
+                f"{'-' if published is None else published} |")
+  ours = np.mean([results[n]["value"] for n in names]) * 100
+  rows.append(f"| mean | | {ours:.1f} ({len(names)} sets) | {PUBLISHED_MEAN} (11 sets) |")
+  return "\n".join(rows)
+
+
+def evaluate(config, trunk_variables, mesh, splits, workdir):
+  """Linear transfer (docs/SCE.md 9) of the frozen trunk to each set of
+  eval.transfer.datasets; returns {'transfer_<set>': value, 'transfer_mean': mean}, values in
+  [0, 1]. `splits` (the pretraining data) is not read. Writes <workdir>/transfer/results.json
+  after each set and logs the table beside the published row; a set already in results.json
+  (a run stopped between sets) is not evaluated again: delete its entry to evaluate it with
+  other solver settings (its features, cached by image size, are read back)."""
+  del splits
+  common.import_sklearn()
+  datasets = parse_datasets(config.eval.transfer.datasets)
+  outdir = epath.Path(workdir) / "transfer"
+  common.check_trunk(outdir, trunk_variables, "transfer features")
+  record = outdir / "results.json"
+  results = json.loads(record.read_text()) if record.exists() else {}
+  trunk = models.make_trunk(config.model)
+  for name, path in datasets:
+    if common.decided_by_process_0(name in results):
+      logging.info("Transfer to %s: done before (%s).", name, record)
+      continue
+    features = _features(name, path, config, trunk, trunk_variables, mesh,
+                         outdir / name.replace("/", "_"))
+    if jax.process_index() > 0:
+      continue
+    results[name] = _solve(name, features, config)
+    logging.info("Transfer to %s: %s %.4f (weight decay %.3g).", name,
+                 METRICS[results[name]["metric"]], results[name]["value"],
+                 results[name]["weight_decay"])
+    tmp = outdir / ".results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.replace(record)
+  if jax.process_index() > 0:
+    return {}
+  names = [name for name, _ in datasets]
+  logging.info("Linear transfer (ssl-transfer's protocol, docs/SCE.md 9):\n%s",
+               table(results, names))
+  out = {f"transfer_{name}": results[name]["value"] for name in names}
+  out["transfer_mean"] = float(np.mean(list(out.values())))
+  return out
