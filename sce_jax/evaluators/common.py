@@ -2,8 +2,9 @@
 
 Everything runs sharded over the `data` mesh: batches are split over devices, the trunk is
 replicated and always in inference mode (BatchNorm running statistics). Trunk variables are
-{'params': ..., 'batch_stats': ...} of the online trunk alone: `trunk_variables(state)` during
-training, `weights.load_trunk` for a checkpoint or imported weights.
+{'params': ..., 'batch_stats': ...} of the online trunk alone (a ViT's batch_stats are {}):
+`trunk_variables(state)` during training, `weights.load_trunk` for a checkpoint or imported
+weights.
 """
 import functools
 
@@ -17,7 +18,7 @@ from sce_jax.data import augment, pipeline
 
 def trunk_variables(state):
   """The online trunk's variables of a TrainState (what evaluation reads)."""
-  return {"params": state.params["trunk"], "batch_stats": state.batch_stats["trunk"]}
+  return {"params": state.params["trunk"], "batch_stats": state.batch_stats.get("trunk", {})}
 
 
 @functools.partial(jax.jit, static_argnames=("trunk", "mean", "std"))
