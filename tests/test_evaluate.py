@@ -158,3 +158,23 @@ def test_knn_and_linear_eval_on_cifar_slice(cifar_root, tmp_path, monkeypatch):
   with pytest.raises(checkpoint.CheckpointError, match=r"linear holds a linear probe of other "
                      r"trunk weights; delete it \(or pass another --workdir\) to probe these"):
     linear.evaluate(config, other, mesh, splits, tmp_path / "whole")
+
+
+def test_knn_and_linear_eval_of_a_vit(cifar_root, tmp_path):
+  """The ViT feature (the class token's output, 32-d here) through kNN and 2 probe steps; the
+  trunk's variables have no batch statistics."""
+  config = load_config("cifar10_vit", "smoke")
+  config.data.path = str(cifar_root)
+  config.eval.batch_size = 64
+  config.eval.linear.update(batch_size=32, max_steps=2)
+  trunk = models.make_trunk(config.model)
+  variables = {"batch_stats": {}, **jax.jit(trunk.init, static_argnames="train")(
+      jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)}
+  assert models.feature_dim(config.model) == 32
+  mesh, splits = make_mesh(), sources.Splits(config.data)
+  knn_results = knn.evaluate(config, variables, mesh, splits)
+  assert 0.0 <= knn_results["knn_top1"] <= knn_results["knn_top5"] <= 1.0
+  results = linear.evaluate(config, variables, mesh, splits, tmp_path)
+  assert 0.0 <= results["linear_top1"] <= results["linear_top5"] <= 1.0
+  record = metrics.read(tmp_path / "linear")
+  assert sorted(record) == [2] and np.isfinite(record[2]["linear_loss"])  # the last step
