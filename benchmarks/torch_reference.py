@@ -1,8 +1,8 @@
 """The same SCE step in PyTorch, run as the authors' code runs it, for speed comparisons.
 
-torchvision ResNets or timm ViTs (docs/SCE.md 9: fused scaled-dot-product attention, the position
+torchvision ResNets or timm ViTs (docs/SCE.md 10: fused scaled-dot-product attention, the position
 table resampled for other crop sizes, frozen parameters as the config says) and the heads of
-docs/SCE.md sections 4 and 9, the queue, the EMA target after the optimiser, LARS in the
+docs/SCE.md sections 4 and 10, the queue, the EMA target after the optimiser, LARS in the
 authors' order (ImageNet), SGD (CIFAR) or AdamW without decay on norms, biases and the ViT's
 tokens, with gradient clipping where the config has it; one forward pass per crop, or per run
 of same-size crops with model.concat_views (eztorch's mutual_pass, the ViT configs),

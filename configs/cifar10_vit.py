@@ -1,10 +1,10 @@
-"""SCE on CIFAR-10 with a ViT-Tiny of patch 4 (docs/SCE.md section 9). Not a published setting.
+"""SCE on CIFAR-10 with a ViT-Tiny of patch 4 (docs/SCE.md section 10). Not a published setting.
 
 Ours, and not yet measured (no accelerator so far; benchmarks/proof.py is where a GPU window
 would measure it): the CIFAR-10 column of docs/SCE.md 5 for what depends on the data (batch
 256, 200 epochs, asymmetric weak/strong views, queue 4096, temp 0.1, temp_m 0.05, coeff 0.5,
 constant m 0.99) and the authors' ViT-Tiny runs in eztorch for the network and its optimiser
-(docs/SCE.md 9: AdamW with lr 5e-4 x batch / 256, weight decay 0.05 off norms, biases and the
+(docs/SCE.md 10: AdamW with lr 5e-4 x batch / 256, weight decay 0.05 off norms, biases and the
 position and class tokens, 10 warm-up epochs, clipping at norm 1, stochastic depth 0.1, GELU
 heads without normalisation of hidden width 1024 with a predictor). Patch 4 makes an 8 x 8
 grid of 64 tokens, the usual choice for ViTs on 32-px images.

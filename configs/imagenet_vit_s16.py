@@ -1,4 +1,4 @@
-"""SCE on ImageNet with ViT-S/16 or ViT-B/16 (docs/SCE.md section 9, where every value's source
+"""SCE on ImageNet with ViT-S/16 or ViT-B/16 (docs/SCE.md section 10, where every value's source
 is listed).
 
 The authors' SCE ViT settings (eztorch, configs/run/pretrain/sce/vit/*.yaml and the heads they
@@ -14,7 +14,6 @@ E.g. --config=configs/imagenet_vit_s16.py:vit_b16,multicrop.
 Data: TFDS imagenet2012 (manual download; --config.data.data_dir=DIR).
 """
 from sce_jax import config as sce_config
-from sce_jax.data import presets
 
 
 def get_config(arg=None):
@@ -53,22 +52,12 @@ def get_config(arg=None):
   c.optim.clip_norm = 1.0        # eztorch gradient_clip_val
   c.optim.warmup_epochs = 40     # MoCo v3
 
-  c.data.source = "tfds"
-  c.data.name = "imagenet2012"
-  c.data.eval_split = "validation"
-  c.data.image_size = 224
-  c.data.views = "imagenet_multi_crop" if arg.multicrop else "imagenet_two_crop"
-  c.data.mean = presets.IMAGENET_MEAN
-  c.data.std = presets.IMAGENET_STD
-  c.data.cache = False
+  sce_config.imagenet(c, arg.multicrop)
 
   # MoCo v3's ViT linear protocol (CONFIG.md, main_lincls.py -a vit_small --lr=3): SGD momentum
   # 0.9, lr 3 x batch / 256 (12 at batch 1024), weight decay 0, cosine, 90 epochs; random
   # resized crop 224 and flip; tested at resize 256, centre crop 224 (docs/SCE.md 7).
   c.eval.linear.update(epochs=90, batch_size=1024, base_lr=3.0, scale_lr=True,
                        schedule="cosine", weight_decay=0.0, momentum=0.9)
-  c.eval.knn.every_epochs = 0    # kNN over 1.28M images only at the end.
-  c.checkpoint.every_steps = 2500
-  c.log_every_steps = 100
   c.lock()
   return c

@@ -30,7 +30,7 @@ def base() -> ml_collections.ConfigDict:
   c.model.width = 0            # 0: the trunk's (64 for ResNets; 192/384/768 for ViT-Ti/S/B)
   c.model.small_stem = True    # 3x3 stride-1 stem without max-pool for 32-pixel images
   c.model.dtype = "bfloat16"   # computation; parameters stay float32
-  # ViT trunks (docs/SCE.md 9); ResNets ignore these.
+  # ViT trunks (docs/SCE.md 10); ResNets ignore these.
   c.model.depth = 0            # blocks; 0: the trunk's (12)
   c.model.num_heads = 0        # 0: width / 64 (3/6/12 for Ti/S/B; MoCo v3's ViT-S has 12)
   c.model.patch_size = 16      # 16 for ImageNet; 4 (or 8) for 32-px images
@@ -38,7 +38,7 @@ def base() -> ml_collections.ConfigDict:
   c.model.pool = "cls"         # the feature: the class token's output, or "mean" of patches
   c.model.drop_path = 0.0      # stochastic depth of the last block (block i: i / (depth - 1))
   c.model.freeze_patch_embed = False  # MoCo v3's frozen random patch projection
-  # Heads (docs/SCE.md 4, 9): norm "batch" (BN after each hidden layer) or "none" (a bias
+  # Heads (docs/SCE.md 4, 10): norm "batch" (BN after each hidden layer) or "none" (a bias
   # instead), activation "relu" or "gelu".
   c.model.projector = ml_collections.ConfigDict(dict(
       hidden_dim=512, out_dim=128, num_layers=2, last_bn=False, last_bias=True, norm="batch",
@@ -144,6 +144,18 @@ def smoke(c):
   c.checkpoint.every_steps = 8
   c.log_every_steps = 4
   c.fast_compile = True
+
+
+def imagenet(c, multicrop=False):
+  """Points config `c` at ImageNet (TFDS imagenet2012, manual download): 224-px crops of the
+  2-crop or multi-crop preset (docs/SCE.md 6) with ImageNet's statistics, evaluation on the
+  validation split, kNN only at the end (1.28M images), the cadences of a long run."""
+  c.data.update(source="tfds", name="imagenet2012", eval_split="validation", image_size=224,
+                views="imagenet_multi_crop" if multicrop else "imagenet_two_crop",
+                mean=presets.IMAGENET_MEAN, std=presets.IMAGENET_STD, cache=False)
+  c.eval.knn.every_epochs = 0
+  c.checkpoint.every_steps = 2500
+  c.log_every_steps = 100
 
 
 class ConfigError(ValueError):
@@ -274,7 +286,7 @@ def validate(config, num_devices, num_processes, workdir=None):
 
 
 def _check_model(config):
-  """The trunk's and heads' sizes and the ViT's constraints (docs/SCE.md 9)."""
+  """The trunk's and heads' sizes and the ViT's constraints (docs/SCE.md 10)."""
   m = config.model
   for key in ("width", "depth", "num_heads", "optim.clip_norm"):
     key = key if "." in key else f"model.{key}"

@@ -1,7 +1,7 @@
 """Weights in and out on the command line: PyTorch ResNets, ViTs and SCE checkpoints <-> sce_jax.
 
 Reading, the layouts (sce_jax, torchvision, timm, MoCo v3's, the authors') and validation are
-`weights.py`'s (docs/SCE.md 4, 9); this module writes files and holds the command line.
+`weights.py`'s (docs/SCE.md 4, 10); this module writes files and holds the command line.
 
 Usage:
   python -m sce_jax.convert in  SRC OUT.safetensors [--config FILE[:ARG]] [--num_heads N]

@@ -1,4 +1,4 @@
-"""Optimisers and schedules (docs/SCE.md sections 3, 5 and 9), built from optax pieces.
+"""Optimisers and schedules (docs/SCE.md sections 3, 5 and 10), built from optax pieces.
 
 `optax.lars` scales by the learning rate *before* its momentum trace; the authors' LARS (and
 PyTorch's SGD) accumulate the raw update and apply the learning rate after it:
@@ -17,7 +17,7 @@ from sce_jax.models import sce
 # optim.name values; sce.m_schedule values; eval.linear.schedule values.
 OPTIMIZERS = ("sgd", "lars", "adamw")
 # Parameters without weight decay besides norms and biases (ndim <= 1): the ViT's position
-# embedding and class token (eztorch's keys_without_decay, docs/SCE.md 9).
+# embedding and class token (eztorch's keys_without_decay, docs/SCE.md 10).
 NO_DECAY = ("pos_embed", "cls_token")
 M_SCHEDULES = ("constant", "cosine")
 LINEAR_SCHEDULES = ("cosine", "step")
@@ -82,7 +82,7 @@ def adamw(learning_rate, *, weight_decay, betas=(0.9, 0.999), eps=1e-8):
 
 
 def frozen(model_cfg):
-  """Names of trunk parameters that never change (docs/SCE.md 9), as MoCo v3's parameters with
+  """Names of trunk parameters that never change (docs/SCE.md 10), as MoCo v3's parameters with
   requires_grad=False: the sin-cos position table and, with model.freeze_patch_embed, the
   random patch projection."""
   if not sce.is_vit(model_cfg):

@@ -1,6 +1,6 @@
 """Weights: reading, the torch layouts, validation against a model config, `load_trunk`.
 
-Model-free (docs/SCE.md 4, 9): evaluation reads trunks here, and `convert.py` (the command line
+Model-free (docs/SCE.md 4, 10): evaluation reads trunks here, and `convert.py` (the command line
 and the writers) converts through it. These layouts, one name mapping (`_PARTS`,
 `_TRUNK_PREFIXES`, `_LEAVES`, `_mlp_stride` below):
 

@@ -50,7 +50,7 @@ def test_cifar10_published_values():
 
 @pytest.mark.parametrize("arg", [None, "vit_b16", "multicrop", "vit_b16,multicrop,epochs=100"])
 def test_imagenet_vit_values(arg):
-  """docs/SCE.md 9: MoCo v3's batch 4096, 300 epochs, 40 warm-up epochs, lr 1.5e-4 x batch /
+  """docs/SCE.md 10: MoCo v3's batch 4096, 300 epochs, 40 warm-up epochs, lr 1.5e-4 x batch /
   256, wd 0.1, sin-cos positions, frozen patch projection; eztorch's AdamW betas and eps, norm 1
   clipping, drop path 0.1, GELU heads without norm, temp 0.1 / 0.07, queue 65536, cosine m."""
   c = load_config("imagenet_vit_s16", arg)
@@ -75,7 +75,7 @@ def test_imagenet_vit_values(arg):
 
 
 def test_cifar10_vit_values():
-  """docs/SCE.md 9: ViT-Tiny of patch 4 with eztorch's optimiser on the CIFAR-10 column."""
+  """docs/SCE.md 10: ViT-Tiny of patch 4 with eztorch's optimiser on the CIFAR-10 column."""
   c = load_config("cifar10_vit")
   assert spec_values(c) == (256, "adamw", 0.05, 5e-4, 10, 200, 0.1, 0.05, 0.5, 4096, 0.99,
                             "constant")

@@ -245,7 +245,7 @@ def test_sce_round_trip(tmp_path, cfg):
 
 
 # ---------------------------------------------------------------------------------------------
-# ViTs in timm's layout (DeiT's, DINO's, MoCo v3's), docs/SCE.md 9.
+# ViTs in timm's layout (DeiT's, DINO's, MoCo v3's), docs/SCE.md 10.
 
 
 def timm_vit_state(rng, width=384, depth=12, patch=16, grid=14, head=True):

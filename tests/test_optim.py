@@ -1,5 +1,5 @@
 """LARS order of operations, AdamW as torch's with eztorch's exclusions, clipping and frozen
-parameters, schedules (docs/SCE.md sections 3, 5 and 9)."""
+parameters, schedules (docs/SCE.md sections 3, 5 and 10)."""
 import flax.traverse_util
 import jax
 import jax.numpy as jnp

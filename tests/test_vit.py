@@ -1,4 +1,4 @@
-"""ViT trunks (docs/SCE.md section 9): the forward against a float64 NumPy ViT, position-table
+"""ViT trunks (docs/SCE.md section 10): the forward against a float64 NumPy ViT, position-table
 resampling against torch's antialiased bicubic, MoCo v3's sin-cos table, stochastic depth,
 precision; against timm itself where timm is installed."""
 import importlib.util

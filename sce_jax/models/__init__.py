@@ -4,3 +4,6 @@ from sce_jax.models.resnet import ResNet
 from sce_jax.models.sce import (DTYPES, TRUNKS, SCENet, feature_dim, is_vit, make_models,
                                 make_trunk)
 from sce_jax.models.vit import ViT
+
+__all__ = ["DTYPES", "MLP", "ResNet", "SCENet", "TRUNKS", "ViT", "feature_dim", "is_vit",
+           "make_models", "make_trunk"]

@@ -1,4 +1,4 @@
-"""Projector and predictor MLPs (docs/SCE.md sections 4 and 9).
+"""Projector and predictor MLPs (docs/SCE.md sections 4 and 10).
 
 A linear layer has a bias only when no BatchNorm follows it; the projector's last BatchNorm
 (ImageNet) has no affine parameters. The ViT heads (eztorch's MLPHead with norm_layer None)

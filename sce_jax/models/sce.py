@@ -1,6 +1,6 @@
 """The SCE network: trunk -> projector -> predictor, plus the online linear probe.
 
-The trunk is a ResNet (`resnet.ARCHS`) or a ViT (`vit.ARCHS`, docs/SCE.md 9), chosen by
+The trunk is a ResNet (`resnet.ARCHS`) or a ViT (`vit.ARCHS`, docs/SCE.md 10), chosen by
 config.model.trunk in `make_trunk`.
 
 The online network has all four parts; the target (EMA) network is the same module built with

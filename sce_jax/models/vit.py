@@ -1,4 +1,4 @@
-"""Vision Transformers laid out like timm's (docs/SCE.md section 9).
+"""Vision Transformers laid out like timm's (docs/SCE.md section 10).
 
 Module names follow timm's state-dict keys (`blocks_3/attn/qkv` is `blocks.3.attn.qkv`,
 `patch_embed/proj` is `patch_embed.proj`), which DeiT, DINO and MoCo v3 share, so weights convert
