@@ -488,6 +488,7 @@ def check_variables(variables, model_cfg, parts=None, source="checkpoint", layou
     for kind, collection in zip(("params", "batch_stats"), NETS[net]):
       tree = variables.get(collection, {}).get(part)
       got.update({(kind, part) + k: np.shape(v) for k, v in _flat(tree).items()})
+    # A ViT's position table fits with rows for any square grid: vit.py resamples it.
     pos = ("params", "trunk", "pos_embed")
     if pos in got and pos in expected and len(got[pos]) == 3 and (
         got[pos][::2] == expected[pos][::2] and round((got[pos][1] - 1) ** 0.5) ** 2 + 1 ==

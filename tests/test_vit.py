@@ -153,26 +153,33 @@ def test_drop_path_rises_linearly_to_the_last_block():
   np.testing.assert_array_equal(got, want)
 
 
+def _eqns(jaxpr):
+  for e in jaxpr.eqns:
+    yield e
+    for sub in jax.extend.core.jaxprs_in_params(e.params):
+      yield from _eqns(sub)
+
+
 def test_bfloat16_compute_float32_params_softmax_and_weight_gradients():
-  """bfloat16 activations with float32 parameters; the softmax's exponentials are float32;
-  every dense layer and the patch projection take models/precision.py's custom weight
-  gradient (9 = 1 patch projection + 2 blocks x (qkv, proj, fc1, fc2))."""
+  """bfloat16 activations with float32 parameters: every matrix product of the forward,
+  attention's included, takes bfloat16 operands (the float32 biases do not promote the
+  stream); the softmax's exponentials are float32 (the GELU is erf's, without exp); every
+  dense layer and the patch projection take models/precision.py's custom weight gradient (9 = 1
+  patch projection + 2 blocks x (qkv, proj, fc1, fc2))."""
   model = vit.ViT(32, 2, 2, patch_size=8, dtype=jnp.bfloat16)
   x = jnp.ones((2, 32, 32, 3))
   params = model.init(jax.random.key(0), x, train=False)["params"]
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
   assert model.apply({"params": params}, x, train=False).dtype == jnp.bfloat16
+  forward = jax.make_jaxpr(lambda p: model.apply({"params": p}, x, train=False))(params).jaxpr
+  products = [tuple(v.aval.dtype for v in e.invars) for e in _eqns(forward)
+              if e.primitive.name in ("dot_general", "conv_general_dilated")]
+  assert len(products) == 13 and all(d == (jnp.bfloat16,) * 2 for d in products), products
+  exps = [e.outvars[0].aval.dtype for e in _eqns(forward) if e.primitive.name == "exp"]
+  assert exps == [jnp.float32] * 2, exps  # the forward's only exponentials: a softmax a block
   loss = lambda p: model.apply({"params": p}, x, train=False).astype(jnp.float32).sum()
   jaxpr = jax.make_jaxpr(jax.grad(loss))(params).jaxpr
-
-  def eqns(jaxpr):
-    for e in jaxpr.eqns:
-      yield e
-      for sub in jax.extend.core.jaxprs_in_params(e.params):
-        yield from eqns(sub)
-  exps = [e.outvars[0].aval.dtype for e in eqns(jaxpr) if e.primitive.name == "exp"]
-  assert exps and all(d == jnp.float32 for d in exps), exps
-  assert sum(e.primitive.name.startswith("custom_vjp") for e in eqns(jaxpr)) == 9
+  assert sum(e.primitive.name.startswith("custom_vjp") for e in _eqns(jaxpr)) == 9
 
 
 @needs_timm

@@ -83,9 +83,12 @@ def resample_pos_embed(pos_embed, grid):
       pos_embed.dtype)], axis=1)
 
 
-def _dense(features, name, dtype, init=dense_init):
+def _dense(x, features, name, dtype, init=dense_init):
+  """A linear layer with a bias. precision.py adds the float32 bias in float32 (its gradient is
+  summed in float32); the result goes back to `dtype`, or the residual stream and the attention
+  would run in float32."""
   return nn.Dense(features, kernel_init=init, dtype=dtype, name=name,
-                  **precision.dense_options(dtype))
+                  **precision.dense_options(dtype))(x).astype(dtype)
 
 
 def _layer_norm(name, dtype):
@@ -102,10 +105,10 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x):
     b, n, width = x.shape
-    qkv = _dense(3 * width, "qkv", self.dtype, qkv_init)(x)
+    qkv = _dense(x, 3 * width, "qkv", self.dtype, qkv_init)
     q, k, v = jnp.moveaxis(qkv.reshape(b, n, 3, self.num_heads, width // self.num_heads), 2, 0)
     y = jax.nn.dot_product_attention(q, k, v)  # scale 1 / sqrt(D / heads); implementation=None
-    return _dense(width, "proj", self.dtype)(y.reshape(b, n, width))
+    return _dense(y.reshape(b, n, width), width, "proj", self.dtype)
 
 
 class Mlp(nn.Module):
@@ -115,8 +118,8 @@ class Mlp(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    y = _dense(self.ratio * x.shape[-1], "fc1", self.dtype)(x)
-    return _dense(x.shape[-1], "fc2", self.dtype)(nn.gelu(y, approximate=False))
+    y = nn.gelu(_dense(x, self.ratio * x.shape[-1], "fc1", self.dtype), approximate=False)
+    return _dense(y, x.shape[-1], "fc2", self.dtype)
 
 
 class Block(nn.Module):
@@ -146,9 +149,9 @@ class PatchEmbed(nn.Module):
   @nn.compact
   def __call__(self, x):
     p = self.patch_size
-    x = nn.Conv(self.width, (p, p), (p, p), padding="VALID", kernel_init=patch_init,
-                dtype=self.dtype, name="proj", **precision.conv_options(self.dtype))(x)
-    return x
+    return nn.Conv(self.width, (p, p), (p, p), padding="VALID", kernel_init=patch_init,
+                   dtype=self.dtype, name="proj", **precision.conv_options(self.dtype))(x).astype(
+                       self.dtype)  # the float32 bias, as `_dense`
 
 
 class ViT(nn.Module):
