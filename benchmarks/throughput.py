@@ -8,10 +8,10 @@ Cases:
   e  ViT-S/16, multi-crop 2 x 224 + 4 x 96 (the position table resampled to 6 x 6), 256 images
      per device
 (a), (b), (d) and (e) run the ImageNet step on uint8 crops already on the device (what the
-host would send), the colour stage inside the step; (c) runs the CIFAR step on a synthetic set held on the
-device (data.on_device): gather, random resized crop and colour inside the step. Each case runs
-with and without the colour stage (jitter, grayscale, blur, solarize; crop, flip and
-normalisation stay), and with model.concat_views off and on where the config has that key.
+host would send), the colour stage inside the step; (c) runs the CIFAR step on a synthetic set
+held on the device (data.on_device): gather, random resized crop and colour inside the step.
+Each case runs with and without the colour stage (jitter, grayscale, blur, solarize; crop, flip
+and normalisation stay), and with model.concat_views off and on where the config has that key.
 
 An image is one example with all its crops. Timing: the step is compiled ahead (its FLOPs come
 from XLA's cost analysis of the compiled program: per device, all of the step), a few warm-up

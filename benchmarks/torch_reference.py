@@ -210,7 +210,8 @@ class Step:
     """fn on each view, or with model.concat_views once per run of same-size views (the JAX
     step's grouping), its outputs split back per view."""
     out = {}
-    for group in train_step._passes(views, indices, self.config.model.concat_views):  # pylint: disable=protected-access
+    passes = train_step._passes  # pylint: disable=protected-access
+    for group in passes(views, indices, self.config.model.concat_views):
       y = fn(torch.cat([views[i] for i in group]))
       parts = [t.chunk(len(group)) for t in (y if isinstance(y, tuple) else (y,))]
       for k, i in enumerate(group):
