@@ -2,8 +2,9 @@
 
 Stages, in this order, within --budget-minutes, each in its own process (a crash or a timeout
 costs that stage alone, and JAX and torch never hold the GPU's memory at once):
-  1. throughput.py, cases (a) ResNet-50 2 x 224 and (c) ResNet-18 32 px, colour stage on;
-  2. torch_reference.py: eager for (a) and (c), then torch.compile for (a) if the budget still
+  1. throughput.py, cases (a) ResNet-50 2 x 224, (c) ResNet-18 32 px and (d) ViT-S/16 2 x 224,
+     colour stage on;
+  2. torch_reference.py: eager for (a), (c) and (d), then torch.compile for (a) if the budget still
      holds its compilation (--torch-compile-minutes) besides --min-cifar-minutes; skipped with a
      note where torch is not installed (with --smoke, compiled by the aot_eager backend: traced
      like inductor's input, without its minutes of code generation on a CPU);
@@ -40,10 +41,12 @@ RESULT_KEYS = (
     "card", "date", "command", "git_commit", "device_kind", "budget_minutes",
     "r50_img_s", "r50_mfu", "r50_torch_eager_img_s", "r50_torch_compile_img_s",
     "r18_img_s", "r18_mfu", "r18_torch_eager_img_s",
+    "vit_s16_img_s", "vit_s16_mfu", "vit_s16_torch_eager_img_s",
     "cifar10_epochs", "cifar10_minutes", "cifar10_knn_top1", "cifar10_knn_curve", "notes")
 DATA = (ROOT / ".data" / "cifar10" / "cifar10_jpg_train.tar.gz",
         ROOT.parent / "shared" / "data" / "cifar10" / "cifar10_jpg_train.tar.gz")
 KNN_EVERY_EPOCHS = 20
+SPEED_CASES = (("r50", "a"), ("r18", "c"), ("vit_s16", "d"))  # result key prefix, throughput case
 MAX_EPOCHS = 200  # docs/SCE.md 5, CIFAR-10 column
 
 
@@ -196,7 +199,7 @@ def main():
     reserve = args.min_cifar_minutes * 60
 
     # 1. The JAX step's speed.
-    code = stages.run("throughput", [py, "benchmarks/throughput.py", "--cases", "a,c",
+    code = stages.run("throughput", [py, "benchmarks/throughput.py", "--cases", "a,c,d",
                                      "--colour", "on", "--concat", "config", "--json",
                                      work / "throughput.json",
                                      *small, *(["--steps", "3", "--warmup", "1"] * smoke)],
@@ -206,7 +209,7 @@ def main():
       notes.append(f"throughput: no result (exit {code}; see the log)")
     else:
       result["device_kind"] = speed["device_kind"]
-      for name, key in (("r50", "a"), ("r18", "c")):
+      for name, key in SPEED_CASES:
         row = _row(speed, key, colour=True)
         if row:
           result[f"{name}_img_s"], result[f"{name}_mfu"] = row["images_per_s"], row["mfu"]
@@ -220,11 +223,16 @@ def main():
     if importlib.util.find_spec("torch") is None:
       notes.append("torch reference: skipped: torch not installed (pip install 'sce_jax[bench]')")
     else:
-      stages.run("torch eager", [*torch_cmd, "--cases", "a,c", "--mode", "eager", "--json",
-                                 work / "torch_eager.json"], timeout=stages.left() - reserve)
+      vit_cases = ",d" if importlib.util.find_spec("timm") else ""
+      if not vit_cases:
+        notes.append("torch reference (d): skipped: timm not installed (pip install "
+                     "'sce_jax[bench]')")
+      stages.run("torch eager", [*torch_cmd, "--cases", f"a,c{vit_cases}", "--mode", "eager",
+                                 "--json", work / "torch_eager.json"],
+                 timeout=stages.left() - reserve)
       eager = _read_json(work / "torch_eager.json")
       result["torch_eager"] = eager
-      for name, key in (("r50", "a"), ("r18", "c")):
+      for name, key in SPEED_CASES:
         row = _row(eager, key)
         result[f"{name}_torch_eager_img_s"] = row and row["images_per_s"]
       if stages.left() - reserve >= args.torch_compile_minutes * 60 or smoke:

@@ -4,18 +4,21 @@ Cases:
   a  ResNet-50, two 224-px crops, 256 images per device (configs/imagenet_r50.py)
   b  ResNet-50, multi-crop 2 x 224 + 4 x 96, 256 images per device
   c  ResNet-18 with the small stem, 32 px, global batch 512 (configs/cifar10_r18.py)
-(a) and (b) run the ImageNet step on uint8 crops already on the device (what the host would
-send), the colour stage inside the step; (c) runs the CIFAR step on a synthetic set held on the
-device (data.on_device): gather, random resized crop and colour inside the step. Each case runs
-with and without the colour stage (jitter, grayscale, blur, solarize; crop, flip and
-normalisation stay), and with model.concat_views off and on where the config has that key.
+  d  ViT-S/16, two 224-px crops, 256 images per device (configs/imagenet_vit_s16.py)
+  e  ViT-S/16, multi-crop 2 x 224 + 4 x 96 (the position table resampled to 6 x 6), 256 images
+     per device
+(a), (b), (d) and (e) run the ImageNet step on uint8 crops already on the device (what the
+host would send), the colour stage inside the step; (c) runs the CIFAR step on a synthetic set
+held on the device (data.on_device): gather, random resized crop and colour inside the step.
+Each case runs with and without the colour stage (jitter, grayscale, blur, solarize; crop, flip
+and normalisation stay), and with model.concat_views off and on where the config has that key.
 
 An image is one example with all its crops. Timing: the step is compiled ahead (its FLOPs come
 from XLA's cost analysis of the compiled program: per device, all of the step), a few warm-up
 steps, then the median of --steps steps, each waited for with block_until_ready. MFU = FLOPs
 per step x steps/s / the device's dense bf16 peak (PEAKS, by jax.devices()[0].device_kind).
 
-  python benchmarks/throughput.py --cases a,b,c --json throughput.json
+  python benchmarks/throughput.py --cases a,b,c,d,e --json throughput.json
   python benchmarks/throughput.py --smoke   # tiny shapes, any CPU
 """
 import argparse
@@ -34,7 +37,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sce_jax import config as sce_config  # noqa: E402  pylint: disable=g-import-not-at-top
-from sce_jax import losses, sharding, train  # noqa: E402
+from sce_jax import losses, models, sharding, train  # noqa: E402
 from sce_jax.data import presets, resident  # noqa: E402
 
 # Dense bf16 tensor peaks per device, TFLOP/s, by device_kind (first match). NVIDIA's datasheets
@@ -89,17 +92,23 @@ class Case:
 
 
 MULTI = presets.imagenet_multi_crop(224)
+TWO_PLUS_FOUR = MULTI[:2] + (MULTI[-1],) * 4  # 2 x 224 + 4 x 96 (the 96-px local crop spec)
 CASES = {
     "a": Case("ResNet-50, 2 x 224", "configs/imagenet_r50.py", 256, True, False),
     "b": Case("ResNet-50, 2 x 224 + 4 x 96", "configs/imagenet_r50.py:multicrop", 256, True,
-              False, views=MULTI[:2] + (MULTI[-1],) * 4),
+              False, views=TWO_PLUS_FOUR),
     "c": Case("ResNet-18 small stem, 32 px", "configs/cifar10_r18.py", 512, False, True),
+    "d": Case("ViT-S/16, 2 x 224", "configs/imagenet_vit_s16.py", 256, True, False),
+    "e": Case("ViT-S/16, 2 x 224 + 4 x 96", "configs/imagenet_vit_s16.py:multicrop", 256, True,
+              False, views=TWO_PLUS_FOUR),
 }
 
 
 def smoke(case):
-  """The same case with tiny shapes that compile and run in seconds on a CPU."""
-  views = case.views and tuple(dataclasses.replace(v, size=v.size // 7) for v in case.views)
+  """The same case with tiny shapes that compile and run in seconds on a CPU: crops of a 7th
+  of the size, a multiple of 4 (a smoke ViT's patch)."""
+  views = case.views and tuple(dataclasses.replace(v, size=v.size // 7 // 4 * 4)
+                               for v in case.views)
   return dataclasses.replace(case, batch=4 if case.per_device else 16, views=views)
 
 
@@ -114,6 +123,8 @@ def case_config(case, small, devices=None):
     c.model.projector.out_dim = 16
     c.data.image_size //= 7 if c.data.image_size > 32 else 1
     c.model.dtype = "float32"
+    if models.is_vit(c.model):
+      c.model.update(width=16, depth=2, num_heads=2, patch_size=4)
   views, pairs = sce_config.crops(c, case.views)
   written = c.batch_size * len(losses.target_views(pairs))
   c.sce.queue = max(c.sce.queue // written, 1) * written if not small else 4 * written
@@ -227,7 +238,7 @@ def format_row(r):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--cases", default="a,b,c", help="comma-separated: a, b, c")
+  parser.add_argument("--cases", default="a,b,c,d,e", help="comma-separated: a, b, c, d, e")
   parser.add_argument("--colour", default="on,off", help="on, off or on,off")
   parser.add_argument("--concat", default="both", choices=("both", "config"),
                       help="model.concat_views off and on, or the config's value")

@@ -1,7 +1,11 @@
 """The same SCE step in PyTorch, run as the authors' code runs it, for speed comparisons.
 
-torchvision ResNets and the heads of docs/SCE.md section 4, the queue, the EMA target after the
-optimiser, LARS in the authors' order (ImageNet) or SGD (CIFAR), one forward pass per crop,
+torchvision ResNets or timm ViTs (docs/SCE.md 10: fused scaled-dot-product attention, the position
+table resampled for other crop sizes, frozen parameters as the config says) and the heads of
+docs/SCE.md sections 4 and 10, the queue, the EMA target after the optimiser, LARS in the
+authors' order (ImageNet), SGD (CIFAR) or AdamW without decay on norms, biases and the ViT's
+tokens, with gradient clipping where the config has it; one forward pass per crop, or per run
+of same-size crops with model.concat_views (eztorch's mutual_pass, the ViT configs),
 shuffle-BN over 8 groups in the CIFAR target (section 3), the online linear probe; bf16
 autocast (on a GPU; float32 on a CPU, where bf16 is emulated) and channels_last; eager, or with
 the networks under torch.compile. Hyper-parameters
@@ -11,9 +15,10 @@ beforehand: unlike the JAX step, no augmentation runs inside this one (the autho
 augments in its data loaders). Timing rule as throughput.py: warm-up steps excluded (they hold
 torch.compile's compilation), the median of --steps steps, each followed by a synchronisation.
 
-Needs torch and torchvision (pip install 'sce_jax[bench]'); the library and its tests do not.
+Needs torch and torchvision, and timm for the ViT cases (pip install 'sce_jax[bench]'); the
+library and its tests do not.
 
-  python benchmarks/torch_reference.py --cases a,c --mode eager,compile --json torch.json
+  python benchmarks/torch_reference.py --cases a,c,d --mode eager,compile --json torch.json
   python benchmarks/torch_reference.py --smoke   # tiny shapes, any CPU
 """
 import argparse
@@ -30,6 +35,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import throughput  # noqa: E402  pylint: disable=g-import-not-at-top
 import torch  # noqa: E402
+from sce_jax import models, optim, train_step  # noqa: E402
+from sce_jax.models import vit  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import torchvision  # noqa: E402
 from torch import nn  # noqa: E402
@@ -37,11 +44,14 @@ from torch import nn  # noqa: E402
 
 def mlp(in_dim, cfg):
   """docs/SCE.md 4: hidden layers Linear (no bias) + BN + ReLU; the last Linear has a bias only
-  without a BN after it; the last BN (ImageNet projector) has no affine parameters."""
+  without a BN after it; the last BN (ImageNet projector) has no affine parameters. Section 9:
+  without norm, hidden layers Linear (with bias) + GELU."""
   layers, dim = [], in_dim
+  bn = cfg.get("norm", "batch") == "batch"
   for _ in range(cfg.num_layers - 1):
-    layers += [nn.Linear(dim, cfg.hidden_dim, bias=False), nn.BatchNorm1d(cfg.hidden_dim),
-               nn.ReLU(inplace=True)]
+    layers += [nn.Linear(dim, cfg.hidden_dim, bias=not bn),
+               *([nn.BatchNorm1d(cfg.hidden_dim)] if bn else []),
+               nn.ReLU(inplace=True) if cfg.get("activation", "relu") == "relu" else nn.GELU()]
     dim = cfg.hidden_dim
   layers.append(nn.Linear(dim, cfg.out_dim, bias=cfg.last_bias and not cfg.last_bn))
   if cfg.last_bn:
@@ -49,8 +59,22 @@ def mlp(in_dim, cfg):
   return nn.Sequential(*layers)
 
 
-def trunk(model_cfg):
-  """torchvision ResNet without its classifier; the CIFAR stem is 3x3 stride 1, no max-pool."""
+def trunk(model_cfg, image_size):
+  """torchvision ResNet without its classifier; the CIFAR stem is 3x3 stride 1, no max-pool.
+  A ViT: timm's VisionTransformer of the config's size, its table for `image_size` and resampled
+  for other crops, the sin-cos table and the patch projection frozen as the config says."""
+  if models.is_vit(model_cfg):
+    from timm.models import vision_transformer  # pylint: disable=g-import-not-at-top
+    width, depth, heads = vit.dims(model_cfg.trunk, model_cfg.width, model_cfg.depth,
+                                   model_cfg.num_heads)
+    net = vision_transformer.VisionTransformer(
+        img_size=image_size, patch_size=model_cfg.patch_size, embed_dim=width, depth=depth,
+        num_heads=heads, num_classes=0, dynamic_img_size=True, fc_norm=False,
+        global_pool="token" if model_cfg.pool == "cls" else "avg",
+        drop_path_rate=model_cfg.drop_path)
+    net.pos_embed.requires_grad_(model_cfg.pos_embed == "learned")
+    net.patch_embed.requires_grad_(not model_cfg.freeze_patch_embed)
+    return net, width
   net = getattr(torchvision.models, model_cfg.trunk)()
   if model_cfg.small_stem:
     net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
@@ -127,7 +151,7 @@ class Step:
   def __init__(self, config, sizes, dev, backend=None):
     m, sce = config.model, config.sce
     self.config, self.dev, self.sizes = config, dev, sizes
-    body, dim = trunk(m)
+    body, dim = trunk(m, sizes[0])
     self.online = nn.ModuleDict({"trunk": body, "projector": mlp(dim, m.projector)})
     if m.predictor.num_layers > 0:
       self.online["predictor"] = mlp(m.projector.out_dim, m.predictor)
@@ -145,12 +169,21 @@ class Step:
                       [online[n] for n, _ in self.target.named_parameters()])
     self.queue = F.normalize(torch.randn(sce.queue, m.projector.out_dim, device=dev), dim=1)
     self.ptr = 0
-    params = list(self.online.parameters())
+    named = [(n, p) for n, p in self.online.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    self.clipped = [p for n, p in named if not n.startswith("probe.")]
     o = config.optim
     lr = o.base_lr * config.batch_size / 256
-    self.opt = (LARS(params, lr, o.weight_decay, o.momentum, o.trust_coefficient)
-                if o.name == "lars" else
-                torch.optim.SGD(params, lr, momentum=o.momentum, weight_decay=o.weight_decay))
+    if o.name == "adamw":  # eztorch's groups: no decay on norms, biases, optim.NO_DECAY.
+      decay = lambda n, p: p.ndim > 1 and n.rsplit(".", 1)[-1] not in optim.NO_DECAY
+      groups = [{"params": [p for n, p in named if decay(n, p)]},
+                {"params": [p for n, p in named if not decay(n, p)], "weight_decay": 0.0}]
+      self.opt = torch.optim.AdamW(groups, lr, betas=tuple(o.betas), eps=o.eps,
+                                   weight_decay=o.weight_decay)
+    elif o.name == "lars":
+      self.opt = LARS(params, lr, o.weight_decay, o.momentum, o.trust_coefficient)
+    else:
+      self.opt = torch.optim.SGD(params, lr, momentum=o.momentum, weight_decay=o.weight_decay)
     self.online_fn, self.target_fn = self._online, self._target
     if backend:  # torch.compile's backend; None: eager. Shapes are fixed: no dynamic graphs.
       torch._dynamo.reset()  # pylint: disable=protected-access  # Forget earlier cases' graphs.
@@ -173,13 +206,25 @@ class Step:
       return F.normalize(z.float(), dim=1)[torch.argsort(order)]
     return F.normalize(self.target["projector"](self.target["trunk"](x)).float(), dim=1)
 
+  def _passes(self, fn, views, indices):
+    """fn on each view, or with model.concat_views once per run of same-size views (the JAX
+    step's grouping), its outputs split back per view."""
+    out = {}
+    passes = train_step._passes  # pylint: disable=protected-access
+    for group in passes(views, indices, self.config.model.concat_views):
+      y = fn(torch.cat([views[i] for i in group]))
+      parts = [t.chunk(len(group)) for t in (y if isinstance(y, tuple) else (y,))]
+      for k, i in enumerate(group):
+        out[i] = tuple(p[k] for p in parts) if isinstance(y, tuple) else parts[0][k]
+    return out
+
   def __call__(self, views, labels):
     sce = self.config.sce
     targets = sorted({i for i, _ in self.pairs})
     with torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=self.dev.type == "cuda"):
       with torch.no_grad():
-        zs = {i: self.target_fn(views[i]) for i in targets}
-      outs = {j: self.online_fn(views[j]) for j in sorted({j for _, j in self.pairs})}
+        zs = self._passes(self.target_fn, views, targets)
+      outs = self._passes(self.online_fn, views, sorted({j for _, j in self.pairs}))
       loss = sum(sce_loss(outs[j][0], zs[i], self.queue, sce) for i, j in self.pairs)
       loss = loss / len(self.pairs)
       probed = [j for j in outs if self.sizes[j] == self.sizes[min(outs)]]
@@ -187,6 +232,8 @@ class Step:
                               labels.repeat(len(probed)))
     self.opt.zero_grad(set_to_none=True)
     (loss + probe).backward()
+    if self.config.optim.get("clip_norm", 0) > 0:
+      torch.nn.utils.clip_grad_norm_(self.clipped, self.config.optim.clip_norm)
     self.opt.step()
     with torch.no_grad():  # EMA at m0: the schedule's value does not change the cost.
       t_params, o_params = self.ema_pairs
@@ -233,7 +280,7 @@ def measure(key, mode, *, steps, warmup, small, dev, backend="inductor"):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--cases", default="a,c", help="comma-separated: a, b, c")
+  parser.add_argument("--cases", default="a,c,d", help="comma-separated: a, b, c, d, e")
   parser.add_argument("--mode", default="eager,compile", help="eager, compile or both")
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--warmup", type=int, default=5)

@@ -6,7 +6,6 @@ hidden 4096). E.g. --config=configs/imagenet_r50.py:multicrop,epochs=200.
 Data: TFDS imagenet2012 (manual download; --config.data.data_dir=DIR).
 """
 from sce_jax import config as sce_config
-from sce_jax.data import presets
 
 # (base_lr, weight_decay) of the published 2-crop runs by epochs (docs/SCE.md 5); other epoch counts
 # and the multi-crop run use the 200-epoch values.
@@ -45,14 +44,7 @@ def get_config(arg=None):
       PUBLISHED[200] if arg.multicrop else PUBLISHED.get(arg.epochs, PUBLISHED[200]))
   c.optim.warmup_epochs = 10
 
-  c.data.source = "tfds"
-  c.data.name = "imagenet2012"
-  c.data.eval_split = "validation"
-  c.data.image_size = 224
-  c.data.views = "imagenet_multi_crop" if arg.multicrop else "imagenet_two_crop"
-  c.data.mean = presets.IMAGENET_MEAN
-  c.data.std = presets.IMAGENET_STD
-  c.data.cache = False
+  sce_config.imagenet(c, arg.multicrop)
 
   # Spec 7, ImageNet protocol: SGD, lr 0.1 x batch / 256 (0.4 at batch 1024), cosine, 90 epochs.
   c.eval.linear.update(epochs=90, batch_size=1024, base_lr=0.1, scale_lr=True,
@@ -61,8 +53,5 @@ def get_config(arg=None):
   # imagenet2012_subset/1pct), batch 4096 (lr 0.8), 60 epochs; 10 %: subset=10pct, epochs=30.
   # Transfer and VOC07 read 224-pixel crops (data.image_size), as ssl-transfer and PCL.
   c.eval.finetune.update(subset="1pct", batch_size=4096, epochs=60)
-  c.eval.knn.every_epochs = 0  # kNN over 1.28M images only at the end.
-  c.checkpoint.every_steps = 2500
-  c.log_every_steps = 100
   c.lock()
   return c

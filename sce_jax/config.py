@@ -16,7 +16,7 @@ from etils import epath
 from sce_jax import losses, optim, state
 from sce_jax.data import crop, pipeline, presets, sources
 from sce_jax.evaluators import finetune, transfer
-from sce_jax.models import resnet, sce
+from sce_jax.models import heads, sce, vit
 
 
 def base() -> ml_collections.ConfigDict:
@@ -27,15 +27,27 @@ def base() -> ml_collections.ConfigDict:
   c.max_steps = -1             # > 0 stops early (smoke runs); schedules still use epochs
 
   c.model = ml_collections.ConfigDict()
-  c.model.trunk = "resnet18"
-  c.model.width = 64
+  c.model.trunk = "resnet18"   # models.TRUNKS: resnet18/34/50/101, vit_tiny/small/base
+  c.model.width = 0            # 0: the trunk's (64 for ResNets; 192/384/768 for ViT-Ti/S/B)
   c.model.small_stem = True    # 3x3 stride-1 stem without max-pool for 32-pixel images
   c.model.dtype = "bfloat16"   # computation; parameters stay float32
+  # ViT trunks (docs/SCE.md 10); ResNets ignore these.
+  c.model.depth = 0            # blocks; 0: the trunk's (12)
+  c.model.num_heads = 0        # 0: width / 64 (3/6/12 for Ti/S/B; MoCo v3's ViT-S has 12)
+  c.model.patch_size = 16      # 16 for ImageNet; 4 (or 8) for 32-px images
+  c.model.pos_embed = "learned"  # or "sincos": MoCo v3's fixed 2-D sin-cos table
+  c.model.pool = "cls"         # the feature: the class token's output, or "mean" of patches
+  c.model.drop_path = 0.0      # stochastic depth of the last block (block i: i / (depth - 1))
+  c.model.freeze_patch_embed = False  # MoCo v3's frozen random patch projection
+  # Heads (docs/SCE.md 4, 10): norm "batch" (BN after each hidden layer) or "none" (a bias
+  # instead), activation "relu" or "gelu".
   c.model.projector = ml_collections.ConfigDict(dict(
-      hidden_dim=512, out_dim=128, num_layers=2, last_bn=False, last_bias=True))
+      hidden_dim=512, out_dim=128, num_layers=2, last_bn=False, last_bias=True, norm="batch",
+      activation="relu"))
   c.model.predictor = ml_collections.ConfigDict(dict(
       hidden_dim=4096, out_dim=c.model.projector.get_ref("out_dim"), num_layers=0,
-      last_bn=False, last_bias=False))  # num_layers 0: no predictor (CIFAR)
+      last_bn=False, last_bias=False, norm="batch",
+      activation="relu"))  # num_layers 0: no predictor (CIFAR)
   # One forward pass, so one BatchNorm batch, per view (docs/SCE.md 2); True puts same-size
   # views in one pass (eztorch's mutual_pass: faster, pools their statistics).
   c.model.concat_views = False
@@ -55,11 +67,14 @@ def base() -> ml_collections.ConfigDict:
   c.sce.target_bn_splits = 8     # shuffle-BN in the target trunk (docs/SCE.md 3); 0: off
 
   c.optim = ml_collections.ConfigDict()
-  c.optim.name = "sgd"           # or "lars"
+  c.optim.name = "sgd"           # or "lars", "adamw" (optim.OPTIMIZERS)
   c.optim.base_lr = 0.06         # per 256 images
-  c.optim.weight_decay = 5e-4
-  c.optim.momentum = 0.9
-  c.optim.trust_coefficient = 1e-3
+  c.optim.weight_decay = 5e-4    # adamw: decoupled, not on norms, biases, optim.NO_DECAY
+  c.optim.momentum = 0.9         # sgd, lars
+  c.optim.trust_coefficient = 1e-3  # lars
+  c.optim.betas = (0.9, 0.999)   # adamw
+  c.optim.eps = 1e-8             # adamw
+  c.optim.clip_norm = 0.0        # > 0: gradients clipped to this global norm first; 0: off
   c.optim.warmup_epochs = 5
 
   c.probe = ml_collections.ConfigDict(dict(enabled=True, lr=0.1))  # online linear probe
@@ -160,6 +175,18 @@ def smoke(c):
   c.fast_compile = True
 
 
+def imagenet(c, multicrop=False):
+  """Points config `c` at ImageNet (TFDS imagenet2012, manual download): 224-px crops of the
+  2-crop or multi-crop preset (docs/SCE.md 6) with ImageNet's statistics, evaluation on the
+  validation split, kNN only at the end (1.28M images), the cadences of a long run."""
+  c.data.update(source="tfds", name="imagenet2012", eval_split="validation", image_size=224,
+                views="imagenet_multi_crop" if multicrop else "imagenet_two_crop",
+                mean=presets.IMAGENET_MEAN, std=presets.IMAGENET_STD, cache=False)
+  c.eval.knn.every_epochs = 0
+  c.checkpoint.every_steps = 2500
+  c.log_every_steps = 100
+
+
 class ConfigError(ValueError):
   """A config that cannot run; the message says what is wrong and how to fix it."""
 
@@ -210,8 +237,14 @@ def parse_arg(arg, **defaults) -> ml_collections.ConfigDict:
 # Keys with a fixed set of values, each list owned by the module that reads the key; checked
 # here, once, before anything compiles.
 ENUMS = {
-    "model.trunk": tuple(resnet.ARCHS),
+    "model.trunk": sce.TRUNKS,
     "model.dtype": sce.DTYPES,
+    "model.pos_embed": vit.POS_EMBEDS,
+    "model.pool": vit.POOLS,
+    "model.projector.norm": heads.NORMS,
+    "model.projector.activation": tuple(heads.ACTIVATIONS),
+    "model.predictor.norm": heads.NORMS,
+    "model.predictor.activation": tuple(heads.ACTIVATIONS),
     "sce.positive": tuple(losses.POSITIVE_LOGIT),
     "sce.negatives": losses.NEGATIVES,
     "sce.m_schedule": optim.M_SCHEDULES,
@@ -267,6 +300,7 @@ def validate(config, num_devices, num_processes, workdir=None):
         raise ConfigError(
             f"{key}={config[key]} does not split evenly over {count} {what}; set "
             f"--config.{key} to a multiple of {count}, e.g. {_multiple(config[key], count)}.")
+  _check_model(config)
   splits = config.sce.target_bn_splits
   if splits < 0 or (splits and config.batch_size % splits):
     raise ConfigError(
@@ -307,6 +341,44 @@ def _validate_evaluations(config):
   for key, ok, fix in checks:
     if not ok:
       raise ConfigError(f"{key}={config[key]!r} is out of range; set --config.{key} to {fix}.")
+
+
+def _check_model(config):
+  """The trunk's and heads' sizes and the ViT's constraints (docs/SCE.md 10)."""
+  m = config.model
+  for key in ("width", "depth", "num_heads", "optim.clip_norm"):
+    key = key if "." in key else f"model.{key}"
+    if config[key] < 0:
+      raise ConfigError(f"{key}={config[key]} is negative; set --config.{key} to 0 (the "
+                        "default) or a positive value.")
+  if not 0 <= m.drop_path < 1:
+    raise ConfigError(f"model.drop_path={m.drop_path} is a probability of dropping a block; set "
+                      "--config.model.drop_path in [0, 1) (0.1 in the authors' ViT runs).")
+  for head in ("projector", "predictor"):
+    if m[head].last_bn and m[head].norm != "batch":
+      raise ConfigError(f"model.{head}.last_bn=True needs model.{head}.norm='batch'; set one "
+                        "of them.")
+  if not sce.is_vit(m):
+    if m.freeze_patch_embed or m.drop_path:
+      raise ConfigError(f"model.freeze_patch_embed and model.drop_path apply to ViT trunks, not "
+                        f"{m.trunk}; leave them at False and 0.")
+    return
+  if config.sce.target_bn_splits:
+    raise ConfigError(
+        f"sce.target_bn_splits={config.sce.target_bn_splits}: a ViT has no BatchNorm, so there "
+        "is no shuffle-BN to split; set --config.sce.target_bn_splits=0.")
+  width, _, heads_ = vit.dims(m.trunk, m.width, m.depth, m.num_heads)
+  if width % heads_:
+    raise ConfigError(f"model.width={width} does not split into model.num_heads={heads_} "
+                      "attention heads; set --config.model.num_heads to a divisor of the width.")
+  if m.pos_embed == "sincos" and width % 4:
+    raise ConfigError(f"model.pos_embed='sincos' needs a width divisible by 4, not {width}; set "
+                      "--config.model.width or --config.model.pos_embed=learned.")
+  sizes = sorted({v.size for v in crops(config)[0]} | {config.data.image_size})
+  if m.patch_size < 1 or any(s % m.patch_size for s in sizes):
+    raise ConfigError(
+        f"model.patch_size={m.patch_size} does not divide the crop sizes {sizes}; set "
+        "--config.model.patch_size to a divisor of each (16 for ImageNet, 4 for 32-px images).")
 
 
 def check_data_size(config, num_examples):

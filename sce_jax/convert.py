@@ -1,14 +1,16 @@
-"""Weights in and out on the command line: PyTorch ResNets and SCE checkpoints <-> sce_jax.
+"""Weights in and out on the command line: PyTorch ResNets, ViTs and SCE checkpoints <-> sce_jax.
 
-Reading, the layouts (sce_jax, torchvision, the authors') and validation are `weights.py`'s
-(docs/SCE.md 4); this module writes files and holds the command line.
+Reading, the layouts (sce_jax, torchvision, timm, MoCo v3's, the authors') and validation are
+`weights.py`'s (docs/SCE.md 4, 10); this module writes files and holds the command line.
 
 Usage:
-  python -m sce_jax.convert in  SRC OUT.safetensors [--config FILE[:ARG]] [--allow_pickle]
+  python -m sce_jax.convert in  SRC OUT.safetensors [--config FILE[:ARG]] [--num_heads N]
+      [--allow_pickle]
   python -m sce_jax.convert out SRC OUT.{safetensors,pth} [--which target]
-      [--layout authors] [--config FILE[:ARG]]
+      [--layout torchvision|timm|authors] [--config FILE[:ARG]]
 SRC: an sce_jax workdir / checkpoint dir, a .safetensors file (any layout), or a
-.pth/.pt/.ckpt file (needs PyTorch).
+.pth/.pt/.ckpt/.pth.tar file (needs PyTorch). `out` writes a ResNet trunk in torchvision's
+layout and a ViT trunk in timm's unless --layout says otherwise.
 """
 import argparse
 import pathlib
@@ -18,7 +20,7 @@ import flax.traverse_util
 import numpy as np
 
 from sce_jax import config as sce_config
-from sce_jax import weights
+from sce_jax import models, weights
 from sce_jax.weights import NETS
 
 
@@ -61,23 +63,29 @@ def main(argv=None):
   parser.add_argument("--config", help="FILE[:ARG] to validate against (default: inferred)")
   parser.add_argument("--which", choices=tuple(NETS), default="online",
                       help="out, torchvision layout: which trunk to export")
-  parser.add_argument("--layout", choices=("torchvision", "authors"), default="torchvision",
-                      help="out: torchvision (trunk) or authors (all networks)")
+  parser.add_argument("--layout", choices=weights.EXPORT_LAYOUTS,
+                      help="out: torchvision (a ResNet trunk; default), timm (a ViT trunk; "
+                      "default) or authors (all networks)")
+  parser.add_argument("--num_heads", type=int, default=0,
+                      help="a ViT's attention heads, which its weights do not hold (default: "
+                      "width / 64; MoCo v3's ViT-S has 12); without --config")
   parser.add_argument("--allow_pickle", action="store_true",
                       help="let torch.load unpickle objects (Lightning .ckpt); trusted files only")
   args = parser.parse_args(argv)
 
   variables, layout = weights.read(args.src, args.allow_pickle)
   model_cfg = (sce_config.load(args.config).model if args.config
-               else weights.infer_model_config(variables))
+               else weights.infer_model_config(variables, args.num_heads))
   weights.check_variables(variables, model_cfg, source=args.src, layout=layout)
+  trunk = weights.describe_trunk(model_cfg)
   if args.direction == "in":
     if not args.dst.endswith(".safetensors"):
       parser.error("in: DST must be a .safetensors file")
-    save_safetensors(variables, args.dst, {"source": str(args.src), "trunk": model_cfg.trunk})
+    save_safetensors(variables, args.dst, {"source": str(args.src), "trunk": trunk})
   else:
-    save_torch(weights.to_torch(variables, args.layout, args.which), args.dst, args.layout)
-  print(f"{args.src} ({layout}; {weights.describe(variables)}; {model_cfg.trunk}) -> {args.dst}")
+    out_layout = args.layout or ("timm" if models.is_vit(model_cfg) else "torchvision")
+    save_torch(weights.to_torch(variables, out_layout, args.which), args.dst, out_layout)
+  print(f"{args.src} ({layout}; {weights.describe(variables)}; {trunk}) -> {args.dst}")
 
 
 if __name__ == "__main__":

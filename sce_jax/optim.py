@@ -1,18 +1,24 @@
-"""Optimisers and schedules (docs/SCE.md sections 3 and 5), built from optax pieces.
+"""Optimisers and schedules (docs/SCE.md sections 3, 5 and 10), built from optax pieces.
 
 `optax.lars` scales by the learning rate *before* its momentum trace; the authors' LARS (and
 PyTorch's SGD) accumulate the raw update and apply the learning rate after it:
     buf = momentum * buf + trust * (g + wd * p);   p -= lr_t * buf
 With a changing learning rate the two differ, so we chain the optax transformations in the
-authors' order (tests/test_optim.py checks it against a float64 NumPy LARS).
+authors' order (tests/test_optim.py checks it against a float64 NumPy LARS). AdamW is optax's,
+which is torch's (decay decoupled and scaled by the learning rate), with eztorch's exclusions.
 """
 import jax
 import jax.numpy as jnp
 import optax
 
+from sce_jax.models import sce
+
 
 # optim.name values; sce.m_schedule values; eval.linear.schedule values.
-OPTIMIZERS = ("sgd", "lars")
+OPTIMIZERS = ("sgd", "lars", "adamw")
+# Parameters without weight decay besides norms and biases (ndim <= 1): the ViT's position
+# embedding and class token (eztorch's keys_without_decay, docs/SCE.md 10).
+NO_DECAY = ("pos_embed", "cls_token")
 M_SCHEDULES = ("constant", "cosine")
 LINEAR_SCHEDULES = ("cosine", "step")
 
@@ -61,17 +67,36 @@ def ema_schedule(sce_cfg, total_steps):
   return momentum
 
 
-def _matrices(params):
-  """LARS excludes biases and BatchNorm parameters (ndim <= 1) from decay and trust ratio."""
-  return jax.tree.map(lambda p: p.ndim > 1, params)
+def _decayed(params):
+  """LARS and AdamW exclude norms and biases (ndim <= 1) and NO_DECAY from weight decay (and
+  LARS from its trust ratio)."""
+  return jax.tree.map_with_path(
+      lambda path, p: p.ndim > 1 and getattr(path[-1], "key", None) not in NO_DECAY, params)
 
 
 def lars(learning_rate, *, weight_decay, momentum=0.9, trust_coefficient=1e-3):
   return optax.chain(
-      optax.add_decayed_weights(weight_decay, mask=_matrices),
-      optax.masked(optax.scale_by_trust_ratio(trust_coefficient=trust_coefficient), _matrices),
+      optax.add_decayed_weights(weight_decay, mask=_decayed),
+      optax.masked(optax.scale_by_trust_ratio(trust_coefficient=trust_coefficient), _decayed),
       optax.trace(decay=momentum),
       optax.scale_by_learning_rate(learning_rate))
+
+
+def adamw(learning_rate, *, weight_decay, betas=(0.9, 0.999), eps=1e-8):
+  """torch.optim.AdamW (bias-corrected moments, eps outside the square root, decay
+  lr x wd x p) with the eztorch ViT runs' exclusions (`_decayed`)."""
+  return optax.adamw(learning_rate, b1=betas[0], b2=betas[1], eps=eps,
+                     weight_decay=weight_decay, mask=_decayed)
+
+
+def frozen(model_cfg):
+  """Names of trunk parameters that never change (docs/SCE.md 10), as MoCo v3's parameters with
+  requires_grad=False: the sin-cos position table and, with model.freeze_patch_embed, the
+  random patch projection."""
+  if not sce.is_vit(model_cfg):
+    return ()
+  return (("pos_embed",) if model_cfg.pos_embed == "sincos" else ()) + (
+      ("patch_embed",) if model_cfg.freeze_patch_embed else ())
 
 
 def sgd(learning_rate, *, weight_decay, momentum=0.9, nesterov=False):
@@ -84,15 +109,28 @@ def sgd(learning_rate, *, weight_decay, momentum=0.9, nesterov=False):
 
 
 def make_optimizer(config, lr_fn, total_steps):
-  """SCE parameters by config.optim; the online probe by its own SGD with a cosine lr."""
+  """SCE parameters by config.optim, their gradients first clipped to the global norm
+  optim.clip_norm (> 0; optax's, as torch's clip_grad_norm_ over the trained parameters); the
+  `frozen` ones left as they are; the online probe by its own SGD with a cosine lr."""
   o = config.optim
   if o.name == "lars":
     main = lars(lr_fn, weight_decay=o.weight_decay, momentum=o.momentum,
                 trust_coefficient=o.trust_coefficient)
+  elif o.name == "adamw":
+    main = adamw(lr_fn, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps)
   else:
     main = sgd(lr_fn, weight_decay=o.weight_decay, momentum=o.momentum)
+  if o.clip_norm > 0:
+    main = optax.chain(optax.clip_by_global_norm(o.clip_norm), main)
   probe_lr = optax.cosine_decay_schedule(scaled_lr(config.probe.lr, config.batch_size),
                                          total_steps)
   probe = optax.sgd(probe_lr, momentum=0.9)
-  label = lambda params: {k: "probe" if k == "probe" else "sce" for k in params}
-  return optax.multi_transform({"sce": main, "probe": probe}, label)
+  fixed = frozen(config.model)
+
+  def label(params):
+    out = {k: "probe" if k == "probe" else "sce" for k in params}
+    if fixed:
+      out["trunk"] = {k: "frozen" if k in fixed else "sce" for k in params["trunk"]}
+    return out
+  return optax.multi_transform({"sce": main, "probe": probe, "frozen": optax.set_to_zero()},
+                               label)

@@ -30,12 +30,17 @@ def init_state(config, online, target, tx, rng, image_size):
   sce.target_init='random') an independent random init like the authors' code allows."""
   init_rng, target_rng, queue_rng, rng = jax.random.split(rng, 4)
   x = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
-  variables = online.init(init_rng, x, train=True)
+  # A network without BatchNorm (a ViT with norm-free heads) has no batch_stats: an empty dict.
+  # Stochastic depth draws from 'dropout' in training mode; init's draws are discarded.
+  init = lambda model, key: {"batch_stats": {}, **model.init(
+      {"params": key, "dropout": key}, x, train=True)}
+  variables = init(online, init_rng)
   params, batch_stats = variables["params"], variables["batch_stats"]
   if config.sce.target_init == "copy":
-    t_vars = {k: {n: variables[k][n] for n in ("trunk", "projector")} for k in variables}
+    t_vars = {k: {n: v[n] for n in ("trunk", "projector") if n in v}
+              for k, v in variables.items()}
   else:
-    t_vars = target.init(target_rng, x, train=True)
+    t_vars = init(target, target_rng)
   queue = None
   if losses.uses_queue(config.sce.negatives):  # random unit vectors, as the reference
     queue = jax.random.normal(queue_rng, (config.sce.queue, config.model.projector.out_dim))

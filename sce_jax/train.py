@@ -16,7 +16,7 @@ from sce_jax import config as sce_config
 from sce_jax import state as state_lib
 from sce_jax import workdir as workdir_lib
 from sce_jax.data import augment, pipeline, resident, sources
-from sce_jax.models import SCENet, make_models
+from sce_jax.models import SCENet, feature_dim, make_models
 
 
 class Parts(NamedTuple):
@@ -81,9 +81,10 @@ def _describe(config, splits, parts, mesh, start, workdir, on_device):
                  workdir, start)
     return
   logging.info(
-      "SCE pretraining of %s (width %d, %s) on %d images of %d classes (%s); batch %d on %d %s "
-      "device(s); steps %d to %d (%d an epoch, %d in the schedules); workdir %s.",
-      config.model.trunk, config.model.width, config.model.dtype, splits.train.num_examples,
+      "SCE pretraining of %s (%d-d features, %s) on %d images of %d classes (%s); batch %d on "
+      "%d %s device(s); steps %d to %d (%d an epoch, %d in the schedules); workdir %s.",
+      config.model.trunk, feature_dim(config.model), config.model.dtype,
+      splits.train.num_examples,
       splits.num_classes, source, config.batch_size, mesh.devices.size, jax.default_backend(),
       start + 1, parts.num_steps, parts.steps_per_epoch, parts.total_steps, workdir)
 

@@ -34,19 +34,22 @@ def _passes(views, indices, concat):
   return passes
 
 
-def _forward(model, params, batch_stats, views, indices, concat):
+def _forward(model, params, batch_stats, views, indices, concat, key=None):
   """Runs `model` on the views `indices`; returns outputs per view and the new BN statistics.
 
   The statistics are threaded through the passes in view order, so they end as after the
   authors' sequential per-view passes. A concatenated pass stacks its views image-major,
   (B, V, ...) -> (B * V, ...): a batch-sharded view then stays on its devices (view-major
-  concatenation would move images between devices).
+  concatenation would move images between devices). key: the ViT's stochastic depth draws
+  (one stream a pass), or None without it.
   """
   outs = {}
-  for group in _passes(views, indices, concat):
+  for n, group in enumerate(_passes(views, indices, concat)):
     x = jnp.stack([views[i] for i in group], axis=1)
+    rngs = {} if key is None else {"dropout": jax.random.fold_in(key, n)}
     out, upd = model.apply({"params": params, "batch_stats": batch_stats},
-                           x.reshape(-1, *x.shape[2:]), train=True, mutable=["batch_stats"])
+                           x.reshape(-1, *x.shape[2:]), train=True, mutable=["batch_stats"],
+                           rngs=rngs)
     batch_stats = upd["batch_stats"]
     for k, i in enumerate(group):
       outs[i] = jax.tree.map(lambda a: a.reshape(-1, len(group), *a.shape[1:])[:, k], out)
@@ -141,10 +144,14 @@ def make_train_step(config, mesh, online, target, tx, lr_fn, ema_fn, pairs, prep
     if prepare is not None:
       batch = prepare(aug_key, batch)
     views = list(batch["views"])
+    # Stochastic depth in both networks, as eztorch's momentum trunk in training mode.
+    t_key = o_key = None
+    if config.model.drop_path > 0:
+      rng, t_key, o_key = jax.random.split(rng, 3)
 
     target_forward = lambda inputs: _forward(target, state.target_params,
                                              state.target_batch_stats, inputs, target_views,
-                                             concat)
+                                             concat, t_key)
     if config.sce.target_bn_splits:
       rng, shuffle_key = jax.random.split(rng)
       t_out, t_stats = _shuffled(target_forward, shuffle_key, views, target_views)
@@ -154,7 +161,8 @@ def make_train_step(config, mesh, online, target, tx, lr_fn, ema_fn, pairs, prep
           for i in target_views}
 
     def objective(params):
-      o_out, stats = _forward(online, params, state.batch_stats, views, online_views, concat)
+      o_out, stats = _forward(online, params, state.batch_stats, views, online_views, concat,
+                              o_key)
       qs = {j: losses.l2_normalize(o_out[j]["pred"]) for j in online_views}
       loss, metrics = sce_loss_fn(qs, zs, state.queue)
       total = loss

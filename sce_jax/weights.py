@@ -1,9 +1,8 @@
 """Weights: reading, the torch layouts, validation against a model config, `load_trunk`.
 
-Model-free (docs/SCE.md 4): evaluation reads trunks here, and `convert.py` (the command line
-and the writers) converts through it. Three layouts, one name mapping (`_PARTS`, `_LEAVES`,
-`_MLP_STRIDE` below):
-
+Model-free (docs/SCE.md 4, 10): evaluation reads trunks here, and `convert.py` (the command line
+and the writers) converts through it. These layouts, one name mapping (`_PARTS`,
+`_TRUNK_PREFIXES`, `_LEAVES`, `_mlp_stride` below):
 
 * sce_jax: nested dicts under the TrainState field names `params`, `batch_stats`,
   `target_params`, `target_batch_stats`, each holding `trunk`, `projector`, `predictor`,
@@ -11,13 +10,23 @@ and the writers) converts through it. Three layouts, one name mapping (`_PARTS`,
   (`params/trunk/conv1/kernel`), which is what `python -m sce_jax.convert in` writes.
 * torchvision: a ResNet state dict (`conv1.weight`, `layer1.0.downsample.1.running_var`),
   trunk only; `fc.*` is dropped on import and `num_batches_tracked` is written as 0 on export.
+* timm: a ViT state dict (`patch_embed.proj.weight`, `cls_token`, `pos_embed`,
+  `blocks.N.norm1/attn.qkv/attn.proj/norm2/mlp.fc1/mlp.fc2`, `norm`), DeiT's, DINO's and the
+  MoCo v3 ViTs' layout, trunk only; a classifier `head.*` is dropped on import.
+* mocov3: MoCo v3's training checkpoint, a timm ViT (or torchvision ResNet) under
+  `base_encoder.` (online) and `momentum_encoder.` (target); its heads (`*.head.*`, `*.fc.*`,
+  `predictor.*`) are not SCE's and are dropped.
 * authors: the state dict of eztorch's / CEA-LIST/SCE's Lightning SCEModel: `trunk.`,
   `projector.layers.{k}.`, `predictor.layers.{k}.`, `momentum_trunk.`, `momentum_projector.`
-  (MLPHead is an nn.Sequential of (Linear, BatchNorm1d, ReLU) groups). Its other buffers
-  (`queue`, `queue_ptr`) are not weights and are skipped.
+  (MLPHead is an nn.Sequential of (Linear, BatchNorm1d, activation) groups, or of (Linear,
+  activation) without BatchNorm, the ViT heads). Its other buffers (`queue`, `queue_ptr`) are
+  not weights and are skipped.
 
 Conv kernels are HWIO in Flax and OIHW in torch, Dense kernels (in, out) and Linear weights
-(out, in); the ResNet modules use symmetric padding like torch, so the numbers carry over as is.
+(out, in); the ResNet modules use symmetric padding like torch, the ViT's patch projection is a
+valid-padded convolution like timm's, so the numbers carry over as is. The number of attention
+heads of a ViT is not in its weights: `infer_model_config` takes it as an argument (default:
+width / 64, the ViT-Ti/S/B table; MoCo v3's ViT-S has 12, DINO's 6).
 """
 import functools
 import json
@@ -34,7 +43,7 @@ import ml_collections
 import numpy as np
 
 from sce_jax import checkpoint
-from sce_jax.models import resnet, sce
+from sce_jax.models import resnet, sce, vit
 
 COLLECTIONS = ("params", "batch_stats", "target_params", "target_batch_stats")
 # Each network's (params, batch_stats) collections.
@@ -56,7 +65,17 @@ _LEAVES = (
     ("batch_stats", "var", "running_var"),
 )
 _TO_TORCH_LEAF = {(c, f): t for c, f, t in _LEAVES}
-_MLP_STRIDE = 3  # MLP layer i is Sequential entry 3i (Linear) and 3i + 1 (BatchNorm1d).
+# Trunk-only layouts: each network's trunk prefix; keys starting with _HEADS after it are not
+# the trunk (torchvision's and timm's classifiers, MoCo v3's projector) and are dropped.
+_TRUNK_PREFIXES = {
+    "torchvision": {("online", "trunk"): ""},
+    "timm": {("online", "trunk"): ""},
+    "mocov3": {("online", "trunk"): "base_encoder.", ("target", "trunk"): "momentum_encoder."},
+}
+_HEADS = ("fc.", "head.")
+_BARE = ("torchvision", "timm")  # a trunk alone, its keys without a prefix
+# What `to_torch` writes: a trunk alone, or the authors' whole model.
+EXPORT_LAYOUTS = (*_BARE, "authors")
 _TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".tar", ".bin")
 
 
@@ -64,37 +83,47 @@ _TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".tar", ".bin")
 # Names.
 
 
-def _torch_module(path, mlp):
-  """('layer1_0', 'downsample_1') -> 'layer1.0.downsample.1'; MLP ('bn1',) -> 'layers.4'."""
-  if not mlp:
-    return ".".join(path).replace("_", ".")
+def _mlp_stride(has_bn):
+  """Sequential entries per MLP layer: (Linear, BatchNorm1d, activation), or (Linear,
+  activation) in a head without BatchNorm."""
+  return 3 if has_bn else 2
+
+
+def _torch_module(path, stride=None):
+  """('layer1_0', 'downsample_1') -> 'layer1.0.downsample.1', ('blocks_3', 'attn', 'qkv') ->
+  'blocks.3.attn.qkv'; an MLP's (stride: its `_mlp_stride`) ('bn1',) -> 'layers.4'."""
+  if stride is None:
+    return ".".join(re.sub(r"_(\d+)$", r".\1", name) for name in path)
   (name,) = path
   m = re.fullmatch(r"(linear|bn)(\d+)", name)
   if not m:
     return name
-  return f"layers.{_MLP_STRIDE * int(m[2]) + (m[1] == 'bn')}"
+  return f"layers.{stride * int(m[2]) + (m[1] == 'bn')}"
 
 
-def _flax_module(name, mlp):
+def _flax_module(name, stride=None):
   """The inverse of `_torch_module`; names it cannot map are kept (and flagged by checks)."""
-  if not mlp:
-    return tuple(re.sub(r"\.(\d+)", r"_\1", name).split("."))
+  if stride is None:
+    return tuple(re.sub(r"\.(\d+)", r"_\1", name).split(".")) if name else ()
   m = re.fullmatch(r"layers\.(\d+)", name)
-  kind = m and {0: "linear", 1: "bn"}.get(int(m[1]) % _MLP_STRIDE)
-  return (f"{kind}{int(m[1]) // _MLP_STRIDE}",) if kind else (name,)
+  kind = m and {0: "linear", 1: "bn"}.get(int(m[1]) % stride)
+  return (f"{kind}{int(m[1]) // stride}",) if kind else (name,)
 
 
-def torch_key(collection, path, layout="authors"):
+def torch_key(collection, path, layout="authors", stride=3):
   """The torch name of a Flax leaf: ('params', ('trunk', 'bn1', 'scale')) -> 'trunk.bn1.weight'.
 
-  layout 'torchvision' names trunk leaves without the `trunk.` prefix.
+  The trunk-only layouts (torchvision, timm, mocov3) name trunk leaves with their own prefix;
+  stride: the `_mlp_stride` of the MLP the leaf is in.
   """
   net = "target" if collection.startswith("target_") else "online"
   kind = collection.removeprefix("target_")
   part, *module, leaf = path
-  prefix = "" if layout == "torchvision" else _PARTS.get((net, part), f"{net}.{part}.")
+  prefix = "" if layout in _BARE else _TRUNK_PREFIXES.get(layout, _PARTS).get(
+      (net, part), f"{net}.{part}.")
   leaf = _TO_TORCH_LEAF.get((kind, leaf), leaf)
-  return f"{prefix}{_torch_module(tuple(module), part != 'trunk')}.{leaf}"
+  module = _torch_module(tuple(module), None if part == "trunk" else stride)
+  return f"{prefix}{module}.{leaf}" if module else f"{prefix}{leaf}"
 
 
 def _to_torch_array(leaf, x):
@@ -139,24 +168,30 @@ def _unwrap(state_dict):
 
 
 def torch_layout(state_dict) -> str:
-  """'authors' when SCE-model prefixes are present, else 'torchvision'."""
-  prefixes = tuple(_PARTS.values())
-  return "authors" if any(k.startswith(prefixes) for k in state_dict) else "torchvision"
+  """'mocov3' (`base_encoder.` keys), 'authors' (SCE-model prefixes), 'timm' (a ViT's
+  `cls_token`), else 'torchvision'."""
+  if any(k.startswith(_TRUNK_PREFIXES["mocov3"][("online", "trunk")]) for k in state_dict):
+    return "mocov3"
+  if any(k.startswith(tuple(_PARTS.values())) for k in state_dict):
+    return "authors"
+  return "timm" if "cls_token" in state_dict else "torchvision"
 
 
 def from_torch(state_dict: Mapping[str, np.ndarray]) -> dict[str, Any]:
-  """A torchvision or authors' state dict (numpy arrays) -> sce_jax variables.
+  """A torchvision, timm, MoCo v3 or authors' state dict (numpy arrays) -> sce_jax variables.
 
   No model config is needed: names map one to one. Use `check_variables` to validate.
   """
   state_dict = _unwrap(dict(state_dict))
   layout = torch_layout(state_dict)
-  parts = _PARTS if layout == "authors" else {("online", "trunk"): ""}
+  parts = _TRUNK_PREFIXES.get(layout, _PARTS)
+  has_bn = {p: any(k.startswith(p) and k.endswith(".running_mean") for k in state_dict)
+            for p in parts.values()}
   flat, skipped = {}, []
   for key, x in state_dict.items():
     match = [(net_part, p) for net_part, p in parts.items() if key.startswith(p)]
-    if not match or (layout == "torchvision" and key.startswith("fc.")):
-      skipped.append(key)  # torchvision's classifier, the authors' queue buffers.
+    if not match or (layout in _TRUNK_PREFIXES and key[len(match[0][1]):].startswith(_HEADS)):
+      skipped.append(key)  # classifiers, MoCo v3's heads, the authors' queue buffers.
       continue
     (net, part), prefix = match[0]
     module, _, leaf = key[len(prefix):].rpartition(".")
@@ -166,18 +201,27 @@ def from_torch(state_dict: Mapping[str, np.ndarray]) -> dict[str, Any]:
     if np.issubdtype(x.dtype, np.floating):
       x = x.astype(np.float32)
     collection = NETS[net][kind == "batch_stats"]
-    flat[(collection, part) + _flax_module(module, part != "trunk") + (flax_leaf,)] = x
+    stride = None if part == "trunk" else _mlp_stride(has_bn[prefix])
+    flat[(collection, part) + _flax_module(module, stride) + (flax_leaf,)] = x
   if skipped:
     logging.info("Skipped %d keys outside the networks: %s", len(skipped), skipped[:8])
   return _nested(flat)
 
 
+def _strides(variables):
+  """{(net, part): `_mlp_stride`} of the MLPs in `variables`: with BatchNorm or without."""
+  return {(net, part): _mlp_stride(any(
+      re.fullmatch(r"bn\d+", m) for c in collections for m in variables.get(c, {}).get(part, {})))
+          for net, collections in NETS.items() for part in ("projector", "predictor")}
+
+
 def to_torch(variables, layout="torchvision", which="online") -> dict[str, np.ndarray]:
   """sce_jax variables -> a torch-layout state dict of numpy arrays.
 
-  torchvision: the `which` ('online' or 'target') trunk. authors: every network part present.
+  torchvision (a ResNet), timm (a ViT): the `which` ('online' or 'target') trunk. authors:
+  every network part present.
   """
-  if layout == "torchvision":
+  if layout in _BARE:
     collections = NETS[which]
     if "trunk" not in variables.get(collections[0], {}):
       raise ValueError(f"No {which} trunk to export; found {describe(variables)}.")
@@ -185,14 +229,14 @@ def to_torch(variables, layout="torchvision", which="online") -> dict[str, np.nd
   elif layout == "authors":
     collections, parts = COLLECTIONS, set(_PARTS)
   else:
-    raise ValueError(f"layout must be 'torchvision' or 'authors', got {layout!r}")
-  out = {}
+    raise ValueError(f"layout must be one of {EXPORT_LAYOUTS}, got {layout!r}")
+  out, strides = {}, _strides(variables)
   for collection in collections:
     net = "target" if collection.startswith("target_") else "online"
     for path, x in _flat(variables.get(collection)).items():
       if (net, path[0]) not in parts:
         continue
-      key = torch_key(collection, path, layout)
+      key = torch_key(collection, path, layout, strides.get((net, path[0])))
       out[key] = _to_torch_array(path[-1], x)
       if path[-1] == "mean":  # a BatchNorm: torch also stores its update count.
         out[key.removesuffix("running_mean") + "num_batches_tracked"] = np.zeros((), np.int64)
@@ -322,24 +366,67 @@ def _mlp_config(params, stats):
   out_dim = last["kernel"].shape[1] if "kernel" in last else 0
   hidden = params["linear0"]["kernel"].shape[1] if n > 1 and "kernel" in params.get(
       "linear0", {}) else out_dim
+  # Without BatchNorm the hidden layers have biases: eztorch's ViT heads, whose GELU leaves no
+  # trace in the weights.
+  norm = "none" if n > 1 and "bias" in params.get("linear0", {}) else "batch"
   return dict(hidden_dim=hidden, out_dim=out_dim, num_layers=n,
-              last_bn=f"bn{n - 1}" in (stats or {}), last_bias="bias" in last)
+              last_bn=f"bn{n - 1}" in (stats or {}), last_bias="bias" in last, norm=norm,
+              activation="gelu" if norm == "none" else "relu")
 
 
-def infer_model_config(variables) -> ml_collections.ConfigDict:
-  """The config.model that a checkpoint's shapes imply (its depth, width, stem, heads)."""
+def _vit_dims(trunk_params):
+  """(width, blocks, patch size) of a ViT trunk, from its shapes and module names."""
+  kernel = np.shape(trunk_params.get("patch_embed", {}).get("proj", {}).get("kernel", ()))
+  return (int(np.shape(trunk_params["cls_token"])[-1]),
+          sum(bool(re.fullmatch(r"blocks_\d+", k)) for k in trunk_params),
+          int(kernel[0]) if len(kernel) == 4 else 0)
+
+
+def _trunk_desc(trunk_params):
+  if "cls_token" in trunk_params:
+    return "a ViT of width {}, {} blocks, patch {}".format(*_vit_dims(trunk_params))
+  return _arch_of(trunk_params)[1]
+
+
+def describe_trunk(model_cfg):
+  """The trunk a config builds, for messages: 'vit_small (width 384, 12 blocks, 6 heads, patch
+  16)', 'resnet50 (Bottleneck blocks (3, 4, 6, 3)), width 64, small_stem=False'."""
+  if sce.is_vit(model_cfg):
+    width, depth, heads = vit.dims(model_cfg.trunk, model_cfg.width, model_cfg.depth,
+                                   model_cfg.num_heads)
+    return (f"{model_cfg.trunk} (width {width}, {depth} blocks, {heads} heads, patch "
+            f"{model_cfg.patch_size})")
+  return (f"{_arch_desc(model_cfg.trunk)}, width {model_cfg.width or resnet.WIDTH}, "
+          f"small_stem={model_cfg.small_stem}")
+
+
+def infer_model_config(variables, num_heads=0) -> ml_collections.ConfigDict:
+  """The config.model that a checkpoint's shapes imply (its depth, width, stem, heads).
+
+  A ViT's attention heads are not in its weights: num_heads, or 0 for width / 64 (the
+  ViT-Ti/S/B table). Its pooling is taken to be the class token (timm, DINO, MoCo v3).
+  """
   net = "online" if variables.get("params", {}).get("trunk") else "target"
   params, stats = (variables.get(c, {}) for c in NETS[net])
   if "trunk" not in params:
     raise ValueError(f"No trunk in the checkpoint; found {describe(variables)}.")
   trunk = params["trunk"]
-  stem = np.shape(trunk.get("conv1", {}).get("kernel", ()))
-  width, small_stem = (int(stem[3]), stem[0] == 3) if len(stem) == 4 else (64, False)
-  return ml_collections.ConfigDict(dict(
-      trunk=detect_arch(trunk), width=width, small_stem=small_stem, dtype="float32",
+  cfg = ml_collections.ConfigDict(dict(
+      trunk="", width=0, small_stem=False, dtype="float32", depth=0, num_heads=0,
+      patch_size=16, pos_embed="learned", pool="cls", drop_path=0.0, freeze_patch_embed=False,
       projector=_mlp_config(params.get("projector"), stats.get("projector")),
       predictor=(_mlp_config(params["predictor"], stats.get("predictor"))
                  if params.get("predictor") else dict(_mlp_config({}, {}), num_layers=0))))
+  if "cls_token" in trunk:
+    width, depth, patch = _vit_dims(trunk)
+    name = min(vit.ARCHS, key=lambda n: abs(vit.ARCHS[n][0] - width))  # a label: dims below
+    cfg.update(trunk=name, width=width, depth=depth, patch_size=patch,
+               num_heads=vit.dims(name, width, depth, num_heads)[2])
+  else:
+    stem = np.shape(trunk.get("conv1", {}).get("kernel", ()))
+    width, small_stem = (int(stem[3]), stem[0] == 3) if len(stem) == 4 else (64, False)
+    cfg.update(trunk=detect_arch(trunk), width=width, small_stem=bool(small_stem))
+  return cfg
 
 
 @functools.lru_cache(maxsize=16)
@@ -348,15 +435,41 @@ def _model_shapes(model_json, net, num_classes):
   cfg = ml_collections.ConfigDict(json.loads(model_json))
   model = sce.SCENet(cfg, with_predictor=net == "online", num_classes=num_classes)
   x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
-  shapes = jax.eval_shape(functools.partial(model.init, train=True), jax.random.key(0), x)
+  shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
   return {k: tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(shapes).items()}
+
+
+def _check_trunk(trunk, model_cfg, net, source):
+  """The trunk's kind and size against the config's: an error naming both, or problem lines."""
+  if ("cls_token" in trunk) != sce.is_vit(model_cfg):
+    raise ValueError(f"{source}: its {net} trunk is {_trunk_desc(trunk)}, but the config asks "
+                     f"for {describe_trunk(model_cfg)}.")
+  if sce.is_vit(model_cfg):
+    got = _vit_dims(trunk)
+    want = (*vit.dims(model_cfg.trunk, model_cfg.width, model_cfg.depth)[:2],
+            model_cfg.patch_size)
+    if got != want:
+      raise ValueError(f"{source}: its {net} trunk is {_trunk_desc(trunk)}, but the config "
+                       f"asks for {describe_trunk(model_cfg)}.")
+    return []
+  arch, got = _arch_of(trunk)
+  if arch != model_cfg.trunk:
+    raise ValueError(f"{source}: its {net} trunk is {got}, but the config asks for "
+                     f"{_arch_desc(model_cfg.trunk)}: a depth mismatch.")
+  stem = np.shape(trunk.get("conv1", {}).get("kernel", ()))
+  want = (3 if model_cfg.small_stem else 7, model_cfg.width or resnet.WIDTH)
+  if len(stem) == 4 and (stem[0], stem[3]) != want:
+    return [f"the {net} trunk has width {stem[3]} and a {stem[0]}x{stem[0]} stem; the config "
+            f"has width {want[1]} and a {want[0]}x{want[0]} stem"]
+  return []
 
 
 def check_variables(variables, model_cfg, parts=None, source="checkpoint", layout="sce_jax"):
   """Raises ValueError unless the networks in `variables` fit `model_cfg` key for key.
 
   parts: the (net, part) pairs to check (default: all present). Problems name each key in the
-  source's own layout (torch names and shapes for torch files), plus the sce_jax path.
+  source's own layout (torch names and shapes for torch files), plus the sce_jax path. A ViT's
+  position table may be laid out for any square grid (it is resampled to the images').
   """
   model_cfg = getattr(model_cfg, "model", model_cfg)
   if parts is None:
@@ -365,15 +478,7 @@ def check_variables(variables, model_cfg, parts=None, source="checkpoint", layou
   for net, part in parts:
     params = variables.get(NETS[net][0], {})
     if part == "trunk":
-      arch, got = _arch_of(params.get("trunk", {}))
-      if arch != model_cfg.trunk:
-        raise ValueError(f"{source}: its {net} trunk is {got}, but the config asks for "
-                         f"{_arch_desc(model_cfg.trunk)}: a depth mismatch.")
-      stem = np.shape(params["trunk"].get("conv1", {}).get("kernel", ()))
-      want = (3 if model_cfg.small_stem else 7, model_cfg.width)
-      if len(stem) == 4 and (stem[0], stem[3]) != want:
-        problems.append(f"the {net} trunk has width {stem[3]} and a {stem[0]}x{stem[0]} stem; "
-                        f"the config has width {want[1]} and a {want[0]}x{want[0]} stem")
+      problems += _check_trunk(params.get("trunk", {}), model_cfg, net, source)
     probe = variables.get("params", {}).get("probe", {}).get("kernel")
     classes = int(probe.shape[1]) if net == "online" and probe is not None else 0
     expected = _model_shapes(model_cfg.to_json() if hasattr(model_cfg, "to_json")
@@ -383,22 +488,29 @@ def check_variables(variables, model_cfg, parts=None, source="checkpoint", layou
     for kind, collection in zip(("params", "batch_stats"), NETS[net]):
       tree = variables.get(collection, {}).get(part)
       got.update({(kind, part) + k: np.shape(v) for k, v in _flat(tree).items()})
+    # A ViT's position table fits with rows for any square grid: vit.py resamples it.
+    pos = ("params", "trunk", "pos_embed")
+    if pos in got and pos in expected and len(got[pos]) == 3 and (
+        got[pos][::2] == expected[pos][::2] and round((got[pos][1] - 1) ** 0.5) ** 2 + 1 ==
+        got[pos][1]):
+      got[pos] = expected[pos]
     problems += _compare(got, expected, net, layout)
   if problems:
     shown = problems[:12] + ([f"... and {len(problems) - 12} more"] if len(problems) > 12 else [])
-    raise ValueError(f"{source} does not match the model config ({model_cfg.trunk}, width "
-                     f"{model_cfg.width}, small_stem={model_cfg.small_stem}):\n  "
-                     + "\n  ".join(shown))
+    raise ValueError(f"{source} does not match the model config ({describe_trunk(model_cfg)}):"
+                     "\n  " + "\n  ".join(shown))
 
 
 def _compare(got, expected, net, layout):
   """Problem lines for missing / unexpected / mis-shaped leaves of one network part."""
+  stride = _mlp_stride(any(re.fullmatch(r"bn\d+", k[2]) for k in (*got, *expected)))
+
   def name(k):
     collection = ("target_" if net == "target" else "") + k[0]
     flax_name = "/".join((collection,) + k[1:])
     if layout == "sce_jax":
       return flax_name
-    return f"{torch_key(collection, k[1:], layout)} (sce_jax {flax_name})"
+    return f"{torch_key(collection, k[1:], layout, stride)} (sce_jax {flax_name})"
 
   def shape(k, s):  # torch files are reported in torch's layout.
     if layout == "sce_jax" or k[-1] != "kernel":

@@ -48,6 +48,77 @@ def test_cifar10_published_values():
   assert c.model.small_stem and not c.sce.symmetric
 
 
+@pytest.mark.parametrize("arg", [None, "vit_b16", "multicrop", "vit_b16,multicrop,epochs=100"])
+def test_imagenet_vit_values(arg):
+  """docs/SCE.md 10: MoCo v3's batch 4096, 300 epochs, 40 warm-up epochs, lr 1.5e-4 x batch /
+  256, wd 0.1, sin-cos positions, frozen patch projection; eztorch's AdamW betas and eps, norm 1
+  clipping, drop path 0.1, GELU heads without norm, temp 0.1 / 0.07, queue 65536, cosine m."""
+  c = load_config("imagenet_vit_s16", arg)
+  epochs = 100 if arg and "epochs=100" in arg else 300
+  assert spec_values(c) == (4096, "adamw", 0.1, 1.5e-4, 40, epochs, 0.1, 0.07, 0.5, 65536,
+                            0.99, "cosine")
+  m = c.model
+  assert m.trunk == ("vit_base" if arg and "vit_b16" in arg else "vit_small")
+  assert (m.patch_size, m.pos_embed, m.freeze_patch_embed, m.drop_path, m.pool) == (
+      16, "sincos", True, 0.1, "cls")
+  assert (tuple(c.optim.betas), c.optim.eps, c.optim.clip_norm) == ((0.9, 0.999), 1e-8, 1.0)
+  assert (m.projector.num_layers, m.projector.hidden_dim, m.projector.out_dim,
+          m.projector.norm, m.projector.activation, m.projector.last_bias) == (
+              3, 2048, 256, "none", "gelu", True)
+  assert (m.predictor.num_layers, m.predictor.hidden_dim, m.predictor.out_dim,
+          m.predictor.norm, m.predictor.activation, m.predictor.last_bias) == (
+              2, 2048, 256, "none", "gelu", False)
+  assert c.sce.symmetric and c.sce.target_bn_splits == 0 and m.concat_views
+  assert c.data.views == ("imagenet_multi_crop" if arg and "multicrop" in arg
+                          else "imagenet_two_crop")
+  sce_config.validate(c, 8, 1)
+
+
+def test_cifar10_vit_values():
+  """docs/SCE.md 10: ViT-Tiny of patch 4 with eztorch's optimiser on the CIFAR-10 column."""
+  c = load_config("cifar10_vit")
+  assert spec_values(c) == (256, "adamw", 0.05, 5e-4, 10, 200, 0.1, 0.05, 0.5, 4096, 0.99,
+                            "constant")
+  assert (c.model.trunk, c.model.patch_size, c.model.drop_path, c.optim.clip_norm) == (
+      "vit_tiny", 4, 0.1, 1.0)
+  assert (c.model.projector.hidden_dim, c.model.predictor.num_layers) == (1024, 2)
+  assert c.sce.target_bn_splits == 0 and not c.sce.symmetric and c.data.on_device
+  sce_config.validate(c, 8, 1)
+  smoke = load_config("cifar10_vit", "smoke")
+  assert (smoke.model.width, smoke.model.depth, smoke.model.patch_size) == (32, 2, 8)
+  sce_config.validate(smoke, 8, 1)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"sce.target_bn_splits": 8}, r"sce.target_bn_splits=8: a ViT has no BatchNorm, so there is "
+     r"no shuffle-BN to split; set --config.sce.target_bn_splits=0\."),
+    ({"model.patch_size": 5}, r"model.patch_size=5 does not divide the crop sizes \[32\]; set "
+     r"--config.model.patch_size to a divisor of each"),
+    ({"model.num_heads": 3}, r"model.width=32 does not split into model.num_heads=3 attention "
+     r"heads"),
+    ({"model.width": 30, "model.num_heads": 1, "model.pos_embed": "sincos"},
+     r"model.pos_embed='sincos' needs a width divisible by 4, not 30"),
+    ({"model.drop_path": 1.0}, r"model.drop_path=1.0 is a probability of dropping a block; set "
+     r"--config.model.drop_path in \[0, 1\)"),
+    ({"model.depth": -1}, r"model.depth=-1 is negative"),
+    ({"optim.clip_norm": -1.0}, r"optim.clip_norm=-1.0 is negative"),
+    ({"model.projector.last_bn": True}, r"model.projector.last_bn=True needs "
+     r"model.projector.norm='batch'"),
+    ({"model.trunk": "resnet18", "model.freeze_patch_embed": True, "sce.target_bn_splits": 0},
+     r"model.freeze_patch_embed and model.drop_path apply to ViT trunks, not resnet18"),
+])
+def test_vit_config_errors(overrides, message):
+  c = load_config("cifar10_vit", "smoke")
+  for key, value in overrides.items():
+    *sections, name = key.split(".")
+    node = c
+    for section in sections:
+      node = node[section]
+    node[name] = value
+  with pytest.raises(sce_config.ConfigError, match=message):
+    sce_config.validate(c, 1, 1)
+
+
 @pytest.mark.parametrize("name, splits, mean, std", [
     ("cifar10_r18", 8, presets.CIFAR10_MEAN, presets.CIFAR10_STD),
     ("cifar100_r18", 8, presets.CIFAR100_MEAN, presets.CIFAR100_STD),
@@ -74,7 +145,7 @@ def test_small_configs(name, size, source):
   assert (c.model.width, c.fast_compile) == (4, True)
   assert c.sce.queue % (c.batch_size * sce_config.num_target_views(c)) == 0
   c = load_config(name, "epochs=3")
-  assert (c.epochs, c.model.width) == (3, 64)
+  assert (c.epochs, c.model.width) == (3, 0)  # 0: the trunk's standard width
   assert c.sce.queue % (c.batch_size * sce_config.num_target_views(c)) == 0
 
 

@@ -1,6 +1,7 @@
 """Weights (sce_jax/weights.py) and their conversion (sce_jax/convert.py): torch layouts <->
-sce_jax, checked against an independent float64 NumPy ResNet, the authors' key names, and orbax
-checkpoints. No torch needed; test_matches_torchvision runs where torchvision is installed."""
+sce_jax, checked against an independent float64 NumPy ResNet and ViT, the authors', timm's and
+MoCo v3's key names, and orbax checkpoints. No torch needed; test_matches_torchvision runs where
+torchvision is installed (tests/test_vit.py compares with timm where it is installed)."""
 import pathlib
 import sys
 import types
@@ -15,6 +16,7 @@ import safetensors.numpy
 from sce_jax import config as sce_config
 from sce_jax import convert, weights
 from sce_jax.models import resnet, sce
+from tests.helpers import np_vit
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ARCHS = {"resnet18": ((2, 2, 2, 2), False), "resnet50": ((3, 4, 6, 3), True)}
@@ -103,9 +105,9 @@ def random_variables(cfg, rng, num_classes=10):
     model = sce.SCENet(cfg, with_predictor=net == "online",
                        num_classes=num_classes if net == "online" else 0)
     shapes = jax.eval_shape(lambda m=model: m.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
-    for col in ("params", "batch_stats"):
+    for col in ("params", "batch_stats"):  # A ViT with norm-free heads has no batch_stats.
       out[prefix + col] = jax.tree.map(
-          lambda s: rng.uniform(0.1, 1.0, s.shape).astype(np.float32), shapes[col])
+          lambda s: rng.uniform(0.1, 1.0, s.shape).astype(np.float32), shapes.get(col, {}))
   return out
 
 
@@ -240,6 +242,138 @@ def test_sce_round_trip(tmp_path, cfg):
       cfg.trunk, cfg.width, cfg.small_stem)
   assert dict(inferred.projector) == dict(cfg.projector)
   assert inferred.predictor.num_layers == cfg.predictor.num_layers
+
+
+# ---------------------------------------------------------------------------------------------
+# ViTs in timm's layout (DeiT's, DINO's, MoCo v3's), docs/SCE.md 10.
+
+
+def timm_vit_state(rng, width=384, depth=12, patch=16, grid=14, head=True):
+  """Random weights under timm's VisionTransformer keys and shapes (qkv bias, a 1000-class head
+  when `head`), scaled like trained ones (LayerNorm scales near 1)."""
+  sd = {"cls_token": rng.normal(0, 0.02, (1, 1, width)),
+        "pos_embed": rng.normal(0, 0.02, (1, 1 + grid * grid, width)),
+        "patch_embed.proj.weight": rng.normal(0, 0.02, (width, 3, patch, patch)),
+        "patch_embed.proj.bias": rng.normal(0, 0.02, (width,)),
+        "norm.weight": rng.uniform(0.5, 1.5, (width,)), "norm.bias": rng.normal(0, 0.1, (width,))}
+  for i in range(depth):
+    b = f"blocks.{i}"
+    for name, (out, inp) in (("attn.qkv", (3 * width, width)), ("attn.proj", (width, width)),
+                             ("mlp.fc1", (4 * width, width)), ("mlp.fc2", (width, 4 * width))):
+      sd[f"{b}.{name}.weight"] = rng.normal(0, inp ** -0.5, (out, inp))
+      sd[f"{b}.{name}.bias"] = rng.normal(0, 0.02, (out,))
+    for norm in ("norm1", "norm2"):
+      sd[f"{b}.{norm}.weight"] = rng.uniform(0.5, 1.5, (width,))
+      sd[f"{b}.{norm}.bias"] = rng.normal(0, 0.1, (width,))
+  if head:
+    sd["head.weight"], sd["head.bias"] = rng.normal(0, 0.01, (1000, width)), np.zeros(1000)
+  return {k: v.astype(np.float32) for k, v in sd.items()}
+
+
+def vit_cfg(trunk="vit_tiny", width=32, depth=2, num_heads=2, patch=8):
+  """config.model of a ViT with eztorch's norm-free GELU heads (small)."""
+  m = sce_config.base().model
+  m.update(trunk=trunk, width=width, depth=depth, num_heads=num_heads, patch_size=patch,
+           dtype="float32")
+  m.projector.update(hidden_dim=24, out_dim=16, num_layers=3, last_bias=True, norm="none",
+                     activation="gelu")
+  m.predictor.update(hidden_dim=32, num_layers=2, last_bias=False, norm="none",
+                     activation="gelu")
+  return m
+
+
+def test_timm_vit_small_in_matches_numpy_forward(tmp_path):
+  """`convert in` of a timm ViT-S/16 state dict (classifier head dropped, heads from the
+  ViT-S table): its trunk computes the float64 NumPy ViT's features at 224 px."""
+  rng = np.random.default_rng(10)
+  sd = timm_vit_state(rng)
+  src, dst = tmp_path / "vit_s16.safetensors", tmp_path / "in.safetensors"
+  safetensors.numpy.save_file(sd, src)
+  convert.main(["in", str(src), str(dst)])
+  cfg = sce_config.base().model
+  cfg.update(trunk="vit_small", dtype="float32")
+  trunk = weights.load_trunk(dst, cfg)
+  assert trunk["batch_stats"] == {} and "head" not in trunk["params"]
+  x = rng.normal(size=(1, 224, 224, 3)).astype(np.float32)
+  got = np.asarray(jax.jit(lambda v, x: sce.make_trunk(cfg).apply(v, x, train=False))(trunk, x))
+  want = np_vit(sd, x, num_heads=6)
+  assert got.shape == want.shape == (1, 384) and np.abs(want).max() > 0.5
+  # float32 against float64 through 12 blocks (the bound of test_vit's tiny model, 6 x the
+  # chained operations): 1e-4 of the features' scale.
+  np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max())
+
+
+def test_timm_round_trip_and_mocov3_checkpoint(tmp_path):
+  """timm -> sce_jax -> timm (`out` picks timm's layout for a ViT) is bit-exact, the head
+  dropped. A MoCo v3 training checkpoint (`module.base_encoder.`, `module.momentum_encoder.`,
+  their `head` projectors and the predictor) gives the online and target trunks."""
+  rng = np.random.default_rng(11)
+  sd = timm_vit_state(rng, width=32, depth=2, patch=8, grid=4)
+  src, mid, out = (tmp_path / f"{n}.safetensors" for n in ("a", "b", "c"))
+  safetensors.numpy.save_file(sd, src)
+  convert.main(["in", str(src), str(mid), "--num_heads", "2"])
+  convert.main(["out", str(mid), str(out)])
+  back = safetensors.numpy.load_file(out)
+  assert set(back) == {k for k in sd if not k.startswith("head.")}
+  for k, v in back.items():
+    np.testing.assert_array_equal(v, sd[k], err_msg=k)
+  target = timm_vit_state(rng, width=32, depth=2, patch=8, grid=4, head=False)
+  moco = {f"module.base_encoder.{k}": v for k, v in sd.items()}
+  moco.update({f"module.momentum_encoder.{k}": v for k, v in target.items()})
+  moco["module.momentum_encoder.head.0.weight"] = np.zeros((64, 32), np.float32)
+  moco["module.predictor.0.weight"] = np.zeros((64, 256), np.float32)
+  variables = weights.from_torch({"state_dict": moco})
+  assert weights.torch_layout(weights._unwrap(moco)) == "mocov3"  # pylint: disable=protected-access
+  assert set(variables) == {"params", "target_params"}
+  assert_trees_equal(variables["params"], weights.read(mid)[0]["params"])
+  np.testing.assert_array_equal(variables["target_params"]["trunk"]["blocks_1"]["mlp"]["fc2"][
+      "kernel"], target["blocks.1.mlp.fc2.weight"].T)
+  cfg = vit_cfg()
+  weights.check_variables(variables, cfg, layout="mocov3")
+
+
+def test_vit_sce_round_trip_in_the_authors_layout():
+  """eztorch's ViT heads have no BatchNorm: nn.Sequential(Linear, GELU, Linear, GELU, Linear),
+  so layer i is entry 2i; sce_jax -> authors -> sce_jax keeps every part."""
+  cfg = vit_cfg()
+  variables = random_variables(cfg, np.random.default_rng(12))
+  sd = weights.to_torch(variables, "authors")
+  assert {k for k in sd if k.startswith("projector.")} == {
+      f"projector.layers.{i}.{leaf}" for i in (0, 2, 4) for leaf in ("weight", "bias")}
+  assert {k for k in sd if k.startswith("predictor.")} == {
+      "predictor.layers.0.weight", "predictor.layers.0.bias", "predictor.layers.2.weight"}
+  assert "trunk.blocks.1.attn.qkv.weight" in sd and "momentum_trunk.pos_embed" in sd
+  back = weights.from_torch(sd)
+  variables["params"].pop("probe")
+  variables = {k: v for k, v in variables.items() if v}  # no batch statistics
+  assert_trees_equal(back, variables)
+  weights.check_variables(back, cfg)
+  inferred = weights.infer_model_config(back, num_heads=2)
+  assert (inferred.trunk, inferred.width, inferred.depth, inferred.num_heads,
+          inferred.patch_size) == ("vit_tiny", 32, 2, 2, 8)
+  assert dict(inferred.projector) == dict(cfg.projector)
+
+
+def test_vit_errors_name_the_mismatch(tmp_path):
+  """A ViT file against a ResNet config, or against a ViT of another depth or patch, says
+  both; a position table of another (square) grid is accepted: it is resampled."""
+  sd = timm_vit_state(np.random.default_rng(13), width=32, depth=2, patch=8, grid=4)
+  path = _write(sd, tmp_path)
+  with pytest.raises(ValueError, match=r"its online trunk is a ViT of width 32, 2 blocks, patch "
+                     r"8, but the config asks for resnet50 \(Bottleneck"):
+    weights.load_trunk(path, model_cfg("resnet50", 8))
+  with pytest.raises(ValueError, match=r"a ViT of width 32, 2 blocks, patch 8, but the config "
+                     r"asks for vit_tiny \(width 32, 3 blocks, 2 heads, patch 8\)"):
+    weights.load_trunk(path, vit_cfg(depth=3))
+  with pytest.raises(ValueError, match=r"patch 8, but the config asks for .*patch 4\)"):
+    weights.load_trunk(path, vit_cfg(patch=4))
+  weights.load_trunk(_write(timm_vit_state(np.random.default_rng(13), width=32, depth=2,
+                                           patch=8, grid=7), tmp_path, "g7.safetensors"),
+                     vit_cfg())
+  sd["pos_embed"] = sd["pos_embed"][:, :-1]  # 15 patch rows: no square grid
+  with pytest.raises(ValueError, match=r"shape mismatch at pos_embed \(sce_jax "
+                     r"params/trunk/pos_embed\): checkpoint \(1, 16, 32\)"):
+    weights.load_trunk(_write(sd, tmp_path, "bad.safetensors"), vit_cfg())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,9 +6,9 @@ import numpy as np
 import optax
 import pytest
 
-from sce_jax import checkpoint, models, optim
-from sce_jax.evaluators import common, knn, linear
+from sce_jax import checkpoint, metrics, models, optim
 from sce_jax.data import augment, sources
+from sce_jax.evaluators import common, knn, linear
 from sce_jax.sharding import make_mesh
 from tests.helpers import load_config, resumes_exactly
 
@@ -152,3 +152,23 @@ def test_knn_and_linear_eval_on_cifar_slice(cifar_root, tmp_path, monkeypatch):
                      r"trunk weights; delete it \(or pass another --workdir\) to evaluate "
                      r"these"):
     linear.evaluate(config, other, mesh, splits, tmp_path / "whole")
+
+
+def test_knn_and_linear_eval_of_a_vit(cifar_root, tmp_path):
+  """The ViT feature (the class token's output, 32-d here) through kNN and 2 probe steps; the
+  trunk's variables have no batch statistics."""
+  config = load_config("cifar10_vit", "smoke")
+  config.data.path = str(cifar_root)
+  config.eval.batch_size = 64
+  config.eval.linear.update(batch_size=32, max_steps=2)
+  trunk = models.make_trunk(config.model)
+  variables = {"batch_stats": {}, **jax.jit(trunk.init, static_argnames="train")(
+      jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)}
+  assert models.feature_dim(config.model) == 32
+  mesh, splits = make_mesh(), sources.Splits(config.data)
+  knn_results = knn.evaluate(config, variables, mesh, splits)
+  assert 0.0 <= knn_results["knn_top1"] <= knn_results["knn_top5"] <= 1.0
+  results = linear.evaluate(config, variables, mesh, splits, tmp_path)
+  assert 0.0 <= results["linear_top1"] <= results["linear_top5"] <= 1.0
+  record = metrics.read(tmp_path / "linear")
+  assert sorted(record) == [2] and np.isfinite(record[2]["linear_loss"])  # the last step

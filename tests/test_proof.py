@@ -22,7 +22,7 @@ def test_proof_smoke_writes_every_key(tmp_path):
   (path,) = tmp_path.glob("*-cpu.json")
   result = json.loads(path.read_text())
   assert set(proof.RESULT_KEYS) <= set(result) and result["card"] == "cpu"
-  for key in ("r50_img_s", "r18_img_s"):
+  for key in ("r50_img_s", "r18_img_s", "vit_s16_img_s"):
     assert result[key] > 0, key
   assert result["cifar10_epochs"] == 2 and [e for e, _ in result["cifar10_knn_curve"]] == [1, 2]
   assert 0 <= result["cifar10_knn_top1"] <= 1

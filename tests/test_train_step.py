@@ -86,6 +86,48 @@ def test_one_device_equals_eight(overrides):
   assert int(one.queue_ptr) == int(eight.queue_ptr)
 
 
+@pytest.mark.slow  # ~40 s on 2 cores: two compilations of the step
+def test_vit_one_device_equals_eight():
+  """A ViT (no BatchNorm, no shuffle-BN; AdamW, clipping, stochastic depth, symmetric pairing,
+  a pass per crop size) for 3 steps on 1 and on 8 devices: the same loss, parameters, Adam
+  moments and queue. Each image's forward is the same computation on either mesh (nothing
+  couples the rows of a batch), and the random streams (crops none here; the drop-path draws)
+  do not depend on the sharding; what differs is the order of the cross-device sums: the
+  gradients' (8 partial sums of 2 images x 17 tokens against one of 272 rows) and the loss
+  mean. A float32 sum of 272 terms in another order moves by ~sqrt(272) x 6e-8 = 1e-6 of the
+  terms' scale; AdamW's update m / sqrt(v) passes that on relatively, so 1e-4 of each array's
+  scale (`close`) holds with a wide margin. One exception: the key bias of each qkv projection
+  has an exact gradient of 0 (adding a constant to every key of a query leaves its softmax
+  unchanged), so its float32 gradient is rounding noise, which Adam normalises into steps of
+  up to lr = 6.25e-5 either way on both meshes: it is compared within 3 steps x 2 lr."""
+  config = load_config("cifar10_vit", "smoke")
+  config.update(batch_size=BATCH)
+  config.data.image_size = SIZE
+  config.model.update(patch_size=4, drop_path=0.2)
+  config.optim.update(warmup_epochs=0, base_lr=1e-3)
+  config.sce.update(queue=8 * BATCH, symmetric=True)
+  one, m1, parts = run(config, jax.devices()[:1], 3)
+  eight, m8, _ = run(config, jax.devices()[:8], 3)
+  for a, b in zip(m1, m8):
+    for k in ("loss", "grad_norm", "pos_sim", "target_entropy", "probe_loss"):
+      close(a[k], b[k], k)
+  assert one.batch_stats == {} and one.target_batch_stats == {}
+  moved = jax.tree.map(lambda a, b: np.abs(a - b).max(),
+                       jax.device_get(parts.init(jax.random.key(0)).params), one.params)
+  assert min(jax.tree.leaves(moved["trunk"])) > 0  # 3 steps moved every trunk tensor
+  width, lr = config.model.width, 1e-3 * BATCH / 256
+
+  def compare(path, a, b):
+    name = jax.tree_util.keystr(path)
+    if name.endswith("['attn']['qkv']['bias']"):
+      keys = slice(width, 2 * width)
+      np.testing.assert_allclose(a[keys], b[keys], rtol=0, atol=3 * 2 * lr, err_msg=name)
+      a, b = np.delete(a, np.r_[keys]), np.delete(b, np.r_[keys])
+    close(a, b, name)
+  for field in ("params", "target_params", "opt_state", "queue"):
+    jax.tree_util.tree_map_with_path(compare, getattr(one, field), getattr(eight, field))
+
+
 def _hand_step(parts, config, state, views, concat):
   """One step's loss, gradients and BN statistics straight from the modules: one forward
   pass per view, the statistics threaded in view order; or (concat) one pass on the views

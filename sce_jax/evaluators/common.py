@@ -3,8 +3,9 @@ workdir), top-k and average precision, the trunk a run resumes on, scikit-learn.
 
 Everything runs sharded over the `data` mesh: batches are split over devices, the trunk is
 replicated and always in inference mode (BatchNorm running statistics). Trunk variables are
-{'params': ..., 'batch_stats': ...} of the online trunk alone: `trunk_variables(state)` during
-training, `weights.load_trunk` for a checkpoint or imported weights.
+{'params': ..., 'batch_stats': ...} of the online trunk alone (a ViT's batch_stats are {}):
+`trunk_variables(state)` during training, `weights.load_trunk` for a checkpoint or imported
+weights.
 """
 import functools
 import io
@@ -37,7 +38,7 @@ def import_sklearn():
 
 def trunk_variables(state):
   """The online trunk's variables of a TrainState (what evaluation reads)."""
-  return {"params": state.params["trunk"], "batch_stats": state.batch_stats["trunk"]}
+  return {"params": state.params["trunk"], "batch_stats": state.batch_stats.get("trunk", {})}
 
 
 @functools.partial(jax.jit, static_argnames=("trunk", "mean", "std"))

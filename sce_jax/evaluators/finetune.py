@@ -139,7 +139,7 @@ def evaluate(config, trunk_variables, mesh, splits, workdir):
   lr_fn = optax.cosine_decay_schedule(optim.scaled_lr(ft.base_lr, ft.batch_size), total_steps)
   tx = optim.sgd(lr_fn, weight_decay=0.0, momentum=ft.momentum, nesterov=True)
   model = Classifier(config.model, splits.num_classes)
-  dim = models.feature_dim(config.model.trunk, config.model.width)
+  dim = models.feature_dim(config.model)
   key = jax.random.key(config.seed)
   rundir = epath.Path(workdir) / f"finetune_{name}"
   common.check_trunk(rundir, trunk_variables, "a fine-tuning run")

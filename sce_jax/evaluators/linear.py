@@ -94,7 +94,7 @@ def evaluate(config, trunk_variables, mesh, splits, workdir):
                                      total_steps=total_steps)
   tx = optim.sgd(lr_fn, weight_decay=lin.weight_decay, momentum=lin.momentum)
   head = linear_head(splits.num_classes)
-  dim = models.feature_dim(config.model.trunk, config.model.width)
+  dim = models.feature_dim(config.model)
   init_key, key = jax.random.split(jax.random.key(config.seed))
   rundir = epath.Path(workdir) / "linear"
   common.check_trunk(rundir, trunk_variables, "a linear probe")

@@ -142,6 +142,7 @@ class ResNet(nn.Module):
     return jnp.mean(x, axis=(1, 2))
 
 
+WIDTH = 64  # the standard base width; model.width 0 stands for it.
 ARCHS = {
     "resnet18": ((2, 2, 2, 2), BasicBlock),
     "resnet34": ((3, 4, 6, 3), BasicBlock),

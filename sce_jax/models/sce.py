@@ -1,5 +1,8 @@
 """The SCE network: trunk -> projector -> predictor, plus the online linear probe.
 
+The trunk is a ResNet (`resnet.ARCHS`) or a ViT (`vit.ARCHS`, docs/SCE.md 10), chosen by
+config.model.trunk in `make_trunk`.
+
 The online network has all four parts; the target (EMA) network is the same module built with
 `with_predictor=False, num_classes=0`, so its parameters are the online `trunk` and `projector`
 subtrees (docs/SCE.md section 3: same trunk + projector, no predictor); with shuffle-BN
@@ -12,18 +15,37 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sce_jax.models import heads, inits, resnet
+from sce_jax.models import heads, inits, resnet, vit
 
 # model.dtype: the computation's; parameters stay float32.
 DTYPES = ("float32", "bfloat16", "float16")
+# model.trunk values.
+TRUNKS = (*resnet.ARCHS, *vit.ARCHS)
 
 
-def make_trunk(model_cfg, bn_splits=0) -> resnet.ResNet:
+def is_vit(model_cfg) -> bool:
+  return model_cfg.trunk in vit.ARCHS
+
+
+def make_trunk(model_cfg, bn_splits=0) -> nn.Module:
   """The trunk of config.model; SCENet and the evaluation build it here, so that a
   TrainState's trunk variables fit both. bn_splits > 0: BatchNorm statistics of that many
-  groups of the batch (`resnet.SplitBatchNorm`), the same variables."""
-  return resnet.resnet(model_cfg.trunk, width=model_cfg.width, small_stem=model_cfg.small_stem,
-                       dtype=jnp.dtype(model_cfg.dtype), bn_splits=bn_splits)
+  groups of the batch (`resnet.SplitBatchNorm`), the same variables (ResNets only)."""
+  dtype = jnp.dtype(model_cfg.dtype)
+  if is_vit(model_cfg):
+    return vit.vit(model_cfg.trunk, width=model_cfg.width, depth=model_cfg.depth,
+                   num_heads=model_cfg.num_heads, patch_size=model_cfg.patch_size,
+                   pos_embed=model_cfg.pos_embed, pool=model_cfg.pool,
+                   drop_path=model_cfg.drop_path, dtype=dtype)
+  return resnet.resnet(model_cfg.trunk, width=model_cfg.width or resnet.WIDTH,
+                       small_stem=model_cfg.small_stem, dtype=dtype, bn_splits=bn_splits)
+
+
+def feature_dim(model_cfg) -> int:
+  """The width of the trunk's features (what evaluation and the probe read)."""
+  if is_vit(model_cfg):
+    return vit.dims(model_cfg.trunk, model_cfg.width)[0]
+  return resnet.feature_dim(model_cfg.trunk, model_cfg.width or resnet.WIDTH)
 
 
 class SCENet(nn.Module):
