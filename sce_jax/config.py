@@ -30,6 +30,9 @@ def base() -> ml_collections.ConfigDict:
   c.model.width = 64
   c.model.small_stem = True    # 3x3 stride-1 stem without max-pool for 32-pixel images
   c.model.dtype = "bfloat16"   # computation; parameters stay float32
+  # bfloat16/float16 layers compute and sum their weight gradients in float32, as the authors'
+  # AMP (models/precision.py, docs/SCE.md 5); False: plain Flax (bf16 gradient sums), to compare.
+  c.model.f32_weight_grads = True
   c.model.projector = ml_collections.ConfigDict(dict(
       hidden_dim=512, out_dim=128, num_layers=2, last_bn=False, last_bias=True))
   c.model.predictor = ml_collections.ConfigDict(dict(

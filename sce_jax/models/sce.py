@@ -23,7 +23,8 @@ def make_trunk(model_cfg, bn_splits=0) -> resnet.ResNet:
   TrainState's trunk variables fit both. bn_splits > 0: BatchNorm statistics of that many
   groups of the batch (`resnet.SplitBatchNorm`), the same variables."""
   return resnet.resnet(model_cfg.trunk, width=model_cfg.width, small_stem=model_cfg.small_stem,
-                       dtype=jnp.dtype(model_cfg.dtype), bn_splits=bn_splits)
+                       dtype=jnp.dtype(model_cfg.dtype), bn_splits=bn_splits,
+                       f32_weight_grads=model_cfg.get("f32_weight_grads", True))
 
 
 class SCENet(nn.Module):
@@ -36,16 +37,18 @@ class SCENet(nn.Module):
     cfg = self.model
     dtype = jnp.dtype(cfg.dtype)
     self.trunk = make_trunk(cfg, self.trunk_bn_splits)
-    self.projector = heads.MLP(**cfg.projector, dtype=dtype)
+    f32_grads = cfg.get("f32_weight_grads", True)
+    self.projector = heads.MLP(**cfg.projector, dtype=dtype, f32_weight_grads=f32_grads)
     if self.with_predictor and cfg.predictor.num_layers > 0:
-      self.predictor = heads.MLP(**cfg.predictor, dtype=dtype)
+      self.predictor = heads.MLP(**cfg.predictor, dtype=dtype, f32_weight_grads=f32_grads)
     if self.num_classes:
       self.probe = nn.Dense(self.num_classes, kernel_init=nn.initializers.normal(0.01),
                             name="probe")
 
-  def __call__(self, x, train: bool = True):
-    """Returns dict(feat, proj, pred[, logits]); pred is proj when there is no predictor."""
-    feat = self.trunk(x, train)
+  def __call__(self, x, train: bool = True, bn_positions=None):
+    """Returns dict(feat, proj, pred[, logits]); pred is proj when there is no predictor.
+    bn_positions: (N,) the rows' order for the trunk's split BatchNorm groups (shuffle-BN)."""
+    feat = self.trunk(x, train, bn_positions)
     out = {"feat": feat, "proj": self.projector(feat, train)}
     out["pred"] = (self.predictor(out["proj"], train)
                    if hasattr(self, "predictor") else out["proj"])
