@@ -1,5 +1,6 @@
 """The check of a config against a Cloud TPU slice (sce_jax/aot.py): the smoke step compiled for
 abstract TPUs that libtpu describes, on the CPU (the big configs are in benchmarks/RESULTS.md)."""
+import importlib.util
 import json
 import os
 import pathlib
@@ -17,16 +18,8 @@ KEYS = ("hbm_gib_per_chip", "hbm_capacity_gib", "fits", "max_batch_per_chip", "t
         "tflop_vs_analytic", "collectives", "grad_allreduce_vs_params")
 
 
-def _libtpu():
-  try:
-    import libtpu  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-    return True
-  except ImportError:
-    return False
-
-
 needs_libtpu = pytest.mark.skipif(
-    not _libtpu(), reason="libtpu is not installed, and it has wheels for Linux only: pip "
+    importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed, and it has wheels for Linux only: pip "
     "install -e '.[tpu]' (CI's [test] extra has it)")
 
 
