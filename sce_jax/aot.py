@@ -32,6 +32,8 @@ _TOPOLOGY = flags.DEFINE_string(
 _MAX_BATCH = flags.DEFINE_bool("max-batch", False, "Also find the largest per-chip batch that "
                                "fits: two compiles, a line through them, one to confirm.")
 _JSON = flags.DEFINE_string("json", None, "Write the results here.")
+_HLO = flags.DEFINE_string("hlo", None, "Write the step's optimised HLO here: its op_name "
+                           "metadata says where each collective comes from.")
 _NUM_EXAMPLES = flags.DEFINE_integer(
     "num_examples", None, "Training images (the size of the set held on the chips with "
     "data.on_device); default: the known size of config.data.name.")
@@ -99,10 +101,12 @@ def devices(family, name):
   """The abstract devices of a slice, one per chip (megacore on v4 and v5p, as a TPU VM)."""
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # its lock file is for TPU owners
+  options = {"chip_config_name": "megacore"} if CHIPS[family].megacore else {}
+  dims = [int(d) for d in re.findall(r"\d+", name.partition(":")[2])]
+  if math.prod(dims) < 4:  # a slice smaller than libtpu's default host of 2x2x1 chips
+    options["chips_per_host_bounds"] = (*dims, *[1] * (3 - len(dims)))
   try:
-    return topologies.get_topology_desc(
-        name, "tpu", **({"chip_config_name": "megacore"} if CHIPS[family].megacore else {})
-    ).devices
+    return topologies.get_topology_desc(name, "tpu", **options).devices
   except RuntimeError as e:
     raise AotError(f"no TPU description of {name} ({str(e).splitlines()[0]}); install libtpu "
                    "with `pip install -e '.[tpu]'` and check the topology.") from e
@@ -218,31 +222,47 @@ def _bytes(shapes):
              for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", shapes))
 
 
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%\S+ = (.+?) ([a-z][\w-]*)\((.*)$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%(\S+) = (.+?) ([a-z][\w-]*)\((.*)$")
 
 
 def collectives(hlo):
   """Collectives of an optimised HLO module, by kind: count and bytes (the size of each op's
   result on a chip: the summed buffer of an all-reduce, the gathered one of an all-gather, a
-  chip's share of a reduce-scatter). An asynchronous op counts once, at its `-done`. Also the
-  float32 and other bytes of the backward pass's all-reduces (op_name 'transpose(...)'): the
-  gradients, and BatchNorm's backward sums beside them."""
-  out = {kind: {"count": 0, "bytes": 0} for kind in COLLECTIVES}
-  grads = {"f32_bytes": 0, "other_bytes": 0}
-  for line in hlo.splitlines():
+  chip's share of a reduce-scatter).
+
+  An op is one channel: XLA:TPU spreads an asynchronous collective over many fusions that each
+  repeat it with its channel_id (the 50 "all-gathers" of a ResNet-50 step are its queue's two,
+  the target keys of its two views); an -start/-done pair counts once, with the -done's result.
+  Also the float32 and other bytes of the backward pass's all-reduces (op_name
+  'transpose(...)'): the gradients, and BatchNorm's backward sums beside them.
+  """
+  starts, ops = {}, {}  # -start name -> its attributes; (kind, channel) -> (bytes, f32, grad)
+  for number, line in enumerate(hlo.splitlines()):
     match = _INSTRUCTION.match(line)
     if not match:
       continue
-    shapes, opcode, rest = match.groups()
-    kind = opcode.removesuffix("-done")
-    if kind not in out or opcode.endswith("-start"):
+    name, shapes, opcode, rest = match.groups()
+    kind = opcode.removesuffix("-start").removesuffix("-done")
+    if kind not in COLLECTIVES:
       continue
+    if opcode.endswith("-start"):
+      starts[name] = rest
+      continue
+    if opcode.endswith("-done"):
+      rest = starts.get(re.match(r"%?([^\s,)]+)", rest)[1], rest)
+    channel = re.search(r"channel_id=(\d+)", rest)
+    key = (kind, channel[1] if channel else f"line {number}")
+    f32 = _bytes(" ".join(re.findall(r"\bf32\[[\d,]*\]", shapes)))
+    old = ops.get(key, (0, 0, False))
+    ops[key] = (max(old[0], _bytes(shapes)), max(old[1], f32), "transpose(" in rest)
+  out = {kind: {"count": 0, "bytes": 0} for kind in COLLECTIVES}
+  grads = {"f32_bytes": 0, "other_bytes": 0}
+  for (kind, _), (size, f32, grad) in ops.items():
     out[kind]["count"] += 1
-    out[kind]["bytes"] += _bytes(shapes)
-    if kind == "all-reduce" and "transpose(" in rest:
-      f32 = _bytes(" ".join(re.findall(r"\bf32\[[\d,]*\]", shapes)))
+    out[kind]["bytes"] += size
+    if kind == "all-reduce" and grad:
       grads["f32_bytes"] += f32
-      grads["other_bytes"] += _bytes(shapes) - f32
+      grads["other_bytes"] += size - f32
   return out, grads
 
 
@@ -322,9 +342,10 @@ def max_batch(first, compile_at, capacity, step, tries=3):
   return (batch(best) if best else 0), best
 
 
-def check(config, name, find_max_batch=False, num_examples=None, num_classes=None, log=print):
+def check(config, name, find_max_batch=False, num_examples=None, num_classes=None, hlo=None,
+          log=print):
   """The check of `config` on slice `name` (see the module's docstring), as a dict; the data
-  set's size by `data_size`."""
+  set's size by `data_size`; the optimised HLO written to the file `hlo`, if given."""
   import importlib.metadata  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from sce_jax import config as sce_config  # pylint: disable=g-import-not-at-top
@@ -363,7 +384,11 @@ def check(config, name, find_max_batch=False, num_examples=None, num_classes=Non
             "grad_allreduce_vs_params": None, "grad_allreduce_float32": None}
   cost = program.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  ops, grads = collectives(program.as_text())
+  text = program.as_text()
+  if hlo:
+    with open(hlo, "w") as f:
+      f.write(text)
+  ops, grads = collectives(text)
   params = sum(x.size for x in jax.tree.leaves(first.state.params))
   analytic = step_flops(config, first.parts, first.state) / chips
   return {**result, "tflop_per_chip": cost["flops"] / 1e12,
@@ -405,7 +430,7 @@ def main(argv):
   jax.config.update("jax_platforms", "cpu")
   try:
     result = check(cli.CONFIG.value, _TOPOLOGY.value, _MAX_BATCH.value, _NUM_EXAMPLES.value,
-                   _NUM_CLASSES.value)
+                   _NUM_CLASSES.value, _HLO.value)
   except (AotError, sce_config.ConfigError) as e:
     print(f"Error: {e}", file=sys.stderr)
     return 1

@@ -63,18 +63,21 @@ def test_max_batch_fits_a_line_and_confirms_it():
 
 
 def test_collectives_are_read_from_the_optimised_hlo():
-  """Synchronous ops count as they are, asynchronous ones at their -done; bytes are the result's
-  on a chip; the backward pass's all-reduces are the gradients."""
+  """One op per channel: XLA:TPU repeats an asynchronous all-gather in each fusion that
+  advances it; an -start/-done pair counts once. Bytes are the result's on a chip; the backward
+  pass's all-reduces are the gradients."""
   hlo = "\n".join([
-      '  %a = (f32[10]{0}, bf16[4,4]{1,0}) all-reduce(%x), metadata={op_name="jit(step)/'
-      'transpose(jvp(SCENet))/probe"}',
-      '  %b = f32[8]{0} all-reduce(%y), metadata={op_name="jit(step)/jvp(SCENet)/bn1"}',
-      "  %c = (f32[2]{0}, f32[8]{0}) all-gather-start(%z)",
+      '  %a = (f32[10]{0}, bf16[4,4]{1,0}) all-reduce(%x), channel_id=1, metadata={op_name="jit('
+      'step)/transpose(jvp(SCENet))/probe"}',
+      '  %b = f32[8]{0} all-reduce(%y), channel_id=2, metadata={op_name="jit(step)/jvp()/bn1"}',
+      "  %c = (f32[2]{0}, f32[8]{0}) all-gather-start(%z), channel_id=3",
       "  %d = f32[8]{0} all-gather-done(%c)",
+      "  %g.1 = f32[32,256]{1,0:T(8,128)} all-gather(%p.1), channel_id=9, dimensions={0}",
+      "  %g.2 = f32[32,256]{1,0:T(8,128)S(1)} all-gather(%p.2), channel_id=9, dimensions={0}",
       "  ROOT %e = u8[3,5]{1,0} collective-permute(%w)"])
   ops, grads = aot.collectives(hlo)
   assert ops["all-reduce"] == {"count": 2, "bytes": 40 + 32 + 32}
-  assert ops["all-gather"] == {"count": 1, "bytes": 32}
+  assert ops["all-gather"] == {"count": 2, "bytes": 32 + 32 * 256 * 4}
   assert ops["collective-permute"] == {"count": 1, "bytes": 15}
   assert ops["all-to-all"] == ops["reduce-scatter"] == {"count": 0, "bytes": 0}
   assert grads == {"f32_bytes": 40, "other_bytes": 32}
@@ -85,9 +88,10 @@ def _check_smoke(result):
   twice, and sums its gradients in float32 at 4 bytes a parameter."""
   assert result["fits"] and 0 < result["hbm_gib_per_chip"] < result["hbm_capacity_gib"]
   assert result["collectives"]["all-to-all"]["count"] == 0
-  # XLA counts the elementwise work (BatchNorm, augmentations) beside the convolutions and
-  # matmuls of the analytic count; a step done in full on every chip would be x chips.
-  assert 1.0 <= result["tflop_vs_analytic"] < 1.5
+  # XLA adds the elementwise work (BatchNorm, augmentations) to the convolutions and matmuls
+  # of the analytic count, and leaves out the multiply-adds on their zero padding (up to 31%
+  # of a 3x3 convolution of a 4x4 map); a step done in full on every chip would be x 4.
+  assert 0.8 <= result["tflop_vs_analytic"] < 1.5
   # The backward pass's all-reduces: the gradients, plus BatchNorm's two backward sums per
   # channel, a few percent of the parameters at smoke widths.
   assert result["grad_allreduce_float32"]
