@@ -407,7 +407,7 @@ def table(r):
   if r["max_batch_per_chip"] is not None:
     rows.append(("largest batch per chip that fits", f"{r['max_batch_per_chip']}"))
   if r["collectives"] is not None:
-    rows.append(("TFLOP per chip per step", f"{r['tflop_per_chip']:.3f} "
+    rows.append(("TFLOP per chip per step", f"{r['tflop_per_chip']:.3g} "
                  f"({r['tflop_vs_analytic']:.2f} x the analytic count)"))
     rows += [(kind, f"{c['count']} ops, {mib(c['bytes'])}") for kind, c in
              r["collectives"].items()]
