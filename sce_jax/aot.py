@@ -15,6 +15,7 @@ line, when the config does not fit. XLA's `optimal_seconds` estimate is not a ti
 negative for a ResNet step) and is not reported.
 """
 import dataclasses
+import importlib.metadata
 import json
 import math
 import os
@@ -22,9 +23,14 @@ import re
 import sys
 import time
 
+import flax.linen as nn
+import jax
 from absl import app, flags
+from jax.experimental import topologies
 
-from sce_jax import cli
+from sce_jax import cli, losses, sharding, train
+from sce_jax import config as sce_config
+from sce_jax.data import resident
 
 _TOPOLOGY = flags.DEFINE_string(
     "topology", None, "A slice as libtpu names it (v5e:4x4, v4:2x2x2, v5p:2x2x1, v6e:2x2) or "
@@ -99,7 +105,6 @@ def topology(name):
 
 def devices(family, name):
   """The abstract devices of a slice, one per chip (megacore on v4 and v5p, as a TPU VM)."""
-  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # its lock file is for TPU owners
   options = {"chip_config_name": "megacore"} if CHIPS[family].megacore else {}
   dims = [int(d) for d in re.findall(r"\d+", name.partition(":")[2])]
@@ -125,9 +130,6 @@ def data_size(config, num_examples=None, num_classes=None):
 def step_inputs(config, parts, mesh, on_device, num_examples):
   """The step's arguments as ShapeDtypeStructs with its shardings: the abstract state, and the
   batch as train.py feeds it (host-cropped uint8 views, or the resident set and indices)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from sce_jax import sharding  # pylint: disable=g-import-not-at-top
-  from sce_jax.data import resident  # pylint: disable=g-import-not-at-top
   spec = lambda shape, dtype, where: jax.ShapeDtypeStruct(shape, dtype, sharding=where)
   replicated, rows, n = sharding.replicated(mesh), sharding.rows(mesh), config.batch_size
   state = jax.tree.map(lambda s: spec(s.shape, s.dtype, replicated),
@@ -146,7 +148,6 @@ def step_inputs(config, parts, mesh, on_device, num_examples):
 def held_on_chip(config, family, num_examples):
   """data.on_device holds the set on every chip when it takes at most resident's share of a
   chip's memory, as `resident.load` decides on the slice."""
-  from sce_jax.data import resident  # pylint: disable=g-import-not-at-top
   need = num_examples * config.data.image_size**2 * 3
   return config.data.on_device and need <= resident.MEMORY_FRACTION * CHIPS[family].hbm_gib * GIB
 
@@ -154,7 +155,6 @@ def held_on_chip(config, family, num_examples):
 def with_batch(config, global_batch):
   """`config` at another global batch; the queue keeps its length up to a multiple of the keys
   written each step (docs/SCE.md 3), as config.validate asks."""
-  from sce_jax import config as sce_config  # pylint: disable=g-import-not-at-top
   config = config.copy_and_resolve_references()
   config.unlock()
   written = global_batch * sce_config.num_target_views(config)
@@ -188,8 +188,6 @@ def _out_of_memory(error, arguments):
 
 def compile_step(config, devs, family, num_examples, num_classes):
   """The step of `config` compiled for the abstract devices `devs`."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from sce_jax import sharding, train  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh(devs)
   on_device = held_on_chip(config, family, num_examples)
   parts = train.build(config, mesh, num_classes=num_classes,
@@ -269,8 +267,6 @@ def collectives(hlo):
 def forward_flops(model, variables, size):
   """FLOPs of `model`'s forward pass on one size x size image: 2 x the multiply-adds of its
   convolutions and dense layers (docs/SCE.md 9), counted from their shapes."""
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
   flops = []
 
   def count(next_fun, args, kwargs, context):
@@ -291,7 +287,6 @@ def step_flops(config, parts, state):
   forward pass on its views, the online network's forward and backward (3 x its forward) on
   its views, and the loss's similarities: per pair q . keys and its gradient, per target view
   z . keys, each 2 x B x columns x D."""
-  from sce_jax import losses  # pylint: disable=g-import-not-at-top
   online = {"params": state.params, "batch_stats": state.batch_stats}
   target = {"params": state.target_params, "batch_stats": state.target_batch_stats}
   size = lambda i: parts.views[i].size
@@ -346,9 +341,6 @@ def check(config, name, find_max_batch=False, num_examples=None, num_classes=Non
           log=print):
   """The check of `config` on slice `name` (see the module's docstring), as a dict; the data
   set's size by `data_size`; the optimised HLO written to the file `hlo`, if given."""
-  import importlib.metadata  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  from sce_jax import config as sce_config  # pylint: disable=g-import-not-at-top
   family, name = topology(name)
   devs = devices(family, name)
   chips, processes = len(devs), len({d.process_index for d in devs})
@@ -423,8 +415,6 @@ def table(r):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  import jax  # pylint: disable=g-import-not-at-top
-  from sce_jax import config as sce_config  # pylint: disable=g-import-not-at-top
   # The check compiles for abstract TPUs on this machine's CPU: JAX runs on the CPU, even on a
   # TPU VM.
   jax.config.update("jax_platforms", "cpu")
