@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sce_jax.models import heads, precision, resnet
+from sce_jax.models import heads, precision, resnet, sce
 from tests.helpers import load_config
 
 
@@ -215,3 +215,21 @@ def test_dense_weight_gradient_is_float32_and_float32_layers_are_plain():
   np.testing.assert_allclose(grads["params"]["bias"], np.asarray(g, np.float64).sum((0, 1)),
                              rtol=1e-5, atol=1e-4)
   assert precision.conv_options(jnp.float32) == precision.dense_options("float32") == {}
+
+
+@pytest.mark.parametrize("f32_weight_grads", [True, False])
+def test_f32_weight_grads_switch(f32_weight_grads):
+  """model.f32_weight_grads=False leaves a bfloat16 network's layers plain Flax (no custom
+  VJP anywhere), so the two paths can be compared; True routes every convolution and dense
+  layer of the trunk and heads through models/precision.py."""
+  config = load_config("cifar10_r18", "smoke")
+  config.model.dtype = "bfloat16"
+  config.model.f32_weight_grads = f32_weight_grads
+  online, _ = sce.make_models(config, num_classes=10)
+  x = jnp.ones((2, 8, 8, 3))
+  v = online.init(jax.random.key(0), x, train=True)
+  loss = lambda p: jnp.sum(online.apply({**v, "params": p}, x, train=True,
+                                        mutable=["batch_stats"])[0]["pred"].astype(jnp.float32))
+  jaxpr = str(jax.make_jaxpr(jax.grad(loss))(v["params"]))
+  convs_and_denses = 20 + 2  # ResNet-18's convolutions (with 3 shortcuts) and the projector's
+  assert jaxpr.count("custom_vjp_call") == (convs_and_denses if f32_weight_grads else 0)
