@@ -3,7 +3,8 @@
 Stages, in this order, within --budget-minutes, each in its own process (a crash or a timeout
 costs that stage alone, and JAX and torch never hold the GPU's memory at once):
   1. throughput.py, cases (a) ResNet-50 2 x 224, (c) ResNet-18 32 px and (d) ViT-S/16 2 x 224,
-     colour stage on;
+     colour stage on, with float32 weight gradients and (not with --smoke, whose float32 network
+     has none) without;
   2. torch_reference.py: eager for (a), (c) and (d), then torch.compile for (a) if the budget still
      holds its compilation (--torch-compile-minutes) besides --min-cifar-minutes; skipped with a
      note where torch is not installed (with --smoke, compiled by the aot_eager backend: traced
@@ -42,6 +43,7 @@ RESULT_KEYS = (
     "r50_img_s", "r50_mfu", "r50_torch_eager_img_s", "r50_torch_compile_img_s",
     "r18_img_s", "r18_mfu", "r18_torch_eager_img_s",
     "vit_s16_img_s", "vit_s16_mfu", "vit_s16_torch_eager_img_s",
+    "r50_plain_grads_img_s", "r18_plain_grads_img_s", "vit_s16_plain_grads_img_s",
     "cifar10_epochs", "cifar10_minutes", "cifar10_knn_top1", "cifar10_knn_curve", "notes")
 DATA = (ROOT / ".data" / "cifar10" / "cifar10_jpg_train.tar.gz",
         ROOT.parent / "shared" / "data" / "cifar10" / "cifar10_jpg_train.tar.gz")
@@ -201,7 +203,8 @@ def main():
     # 1. The JAX step's speed.
     code = stages.run("throughput", [py, "benchmarks/throughput.py", "--cases", "a,c,d",
                                      "--colour", "on", "--concat", "config", "--json",
-                                     work / "throughput.json",
+                                     work / "throughput.json", "--f32-weight-grads",
+                                     "on" if smoke else "on,off",
                                      *small, *(["--steps", "3", "--warmup", "1"] * smoke)],
                       timeout=stages.left() - reserve)
     speed = _read_json(work / "throughput.json")
@@ -210,9 +213,11 @@ def main():
     else:
       result["device_kind"] = speed["device_kind"]
       for name, key in SPEED_CASES:
-        row = _row(speed, key, colour=True)
+        row = _row(speed, key, colour=True, f32_weight_grads=True)
         if row:
           result[f"{name}_img_s"], result[f"{name}_mfu"] = row["images_per_s"], row["mfu"]
+        plain = _row(speed, key, colour=True, f32_weight_grads=False)
+        result[f"{name}_plain_grads_img_s"] = plain and plain["images_per_s"]
       result["throughput"] = speed
     result["card"] = "cpu" if smoke else re.sub(
         r"[^a-z0-9]+", "-", (result["device_kind"] or "unknown").lower()).strip("-")

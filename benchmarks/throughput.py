@@ -11,7 +11,9 @@ Cases:
 host would send), the colour stage inside the step; (c) runs the CIFAR step on a synthetic set
 held on the device (data.on_device): gather, random resized crop and colour inside the step.
 Each case runs with and without the colour stage (jitter, grayscale, blur, solarize; crop, flip
-and normalisation stay), and with model.concat_views off and on where the config has that key.
+and normalisation stay), with model.concat_views off and on where the config has that key, and
+with model.f32_weight_grads on and off (--f32-weight-grads: float32 weight gradients of the
+bfloat16 layers, models/precision.py, against plain Flax's).
 
 An image is one example with all its crops. Timing: the step is compiled ahead (its FLOPs come
 from XLA's cost analysis of the compiled program: per device, all of the step), a few warm-up
@@ -164,9 +166,10 @@ def _flops(compiled):
   return float(cost.get("flops", 0.0)) if cost else 0.0
 
 
-def measure(case, *, colour, concat, steps, warmup, small):
+def measure(case, *, colour, concat, steps, warmup, small, f32_weight_grads=True):
   """One row: compile, warm up, time `steps` steps; returns a dict of what was measured."""
   config, views = case_config(case, small)
+  config.model.f32_weight_grads = f32_weight_grads
   if concat is not None:
     config.model.concat_views = concat
   views = views if colour else without_colour(views)
@@ -193,27 +196,29 @@ def measure(case, *, colour, concat, steps, warmup, small):
   return {
       "case": case.name, "batch": config.batch_size, "views": [v.size for v in views],
       "colour": colour, "concat_views": config.model.get("concat_views"),
-      "dtype": config.model.dtype,
+      "f32_weight_grads": f32_weight_grads, "dtype": config.model.dtype,
       "compile_s": round(compile_s, 2), "step_ms": step_s * 1e3, "steps_per_s": 1 / step_s,
       "images_per_s": config.batch_size / step_s, "step_tflop": flops / 1e12,
       "mfu": flops / step_s / (tflops * 1e12) if tflops and flops else None,
       "loss": float(metrics["loss"]), "timed_steps": steps}
 
 
-def run(cases, *, colours=(True, False), both_concat=True, steps=20, warmup=3, small=False,
-        log=print):
-  """Rows for each case and colour setting, and with model.concat_views off and on where the
-  config has that key and both_concat (else at the config's value)."""
+def run(cases, *, colours=(True, False), both_concat=True, f32_grads=(True, False), steps=20,
+        warmup=3, small=False, log=print):
+  """Rows for each case, colour setting and model.f32_weight_grads setting, and with
+  model.concat_views off and on where the config has that key and both_concat (else at the
+  config's value)."""
   rows = []
   for key in cases:
     case = smoke(CASES[key]) if small else CASES[key]
     has_concat = "concat_views" in sce_config.load(str(ROOT / case.config)).model
     for colour in colours:
       for concat in ((False, True) if has_concat and both_concat else (None,)):
-        row = measure(case, colour=colour, concat=concat, steps=steps, warmup=warmup,
-                      small=small)
-        rows.append({"key": key, **row})
-        log(format_row(rows[-1]))
+        for f32 in f32_grads:
+          row = measure(case, colour=colour, concat=concat, steps=steps, warmup=warmup,
+                        small=small, f32_weight_grads=f32)
+          rows.append({"key": key, **row})
+          log(format_row(rows[-1]))
   return rows
 
 
@@ -225,14 +230,15 @@ def header():
           "peak_source": source}
 
 
-TABLE = ("| case | batch | colour | concat_views | compile s | step ms | steps/s | images/s "
-         "| TFLOP/step | MFU |\n|---|---|---|---|---|---|---|---|---|---|")
+TABLE = ("| case | batch | colour | concat_views | f32 weight grads | compile s | step ms | "
+         "steps/s | images/s | TFLOP/step | MFU |\n|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def format_row(r):
   mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
   return (f"| ({r['key']}) {r['case']} | {r['batch']} | {'on' if r['colour'] else 'off'} | "
-          f"{r['concat_views']} | {r['compile_s']:.0f} | {r['step_ms']:.1f} | "
+          f"{r['concat_views']} | {'on' if r['f32_weight_grads'] else 'off'} | "
+          f"{r['compile_s']:.0f} | {r['step_ms']:.1f} | "
           f"{r['steps_per_s']:.2f} | {r['images_per_s']:.0f} | {r['step_tflop']:.3g} | {mfu} |")
 
 
@@ -242,6 +248,8 @@ def main():
   parser.add_argument("--colour", default="on,off", help="on, off or on,off")
   parser.add_argument("--concat", default="both", choices=("both", "config"),
                       help="model.concat_views off and on, or the config's value")
+  parser.add_argument("--f32-weight-grads", default="on,off",
+                      help="model.f32_weight_grads: on, off or on,off")
   parser.add_argument("--steps", type=int, default=20, help="timed steps (median)")
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--smoke", action="store_true", help="tiny shapes (CPU)")
@@ -252,8 +260,9 @@ def main():
         f"{info['jax']}); peak {info['peak_tflops']} TFLOP/s bf16 dense per device")
   print(TABLE)
   rows = run(args.cases.split(","), colours=[c == "on" for c in args.colour.split(",")],
-             both_concat=args.concat == "both", steps=args.steps, warmup=args.warmup,
-             small=args.smoke)
+             both_concat=args.concat == "both",
+             f32_grads=[g == "on" for g in args.f32_weight_grads.split(",")], steps=args.steps,
+             warmup=args.warmup, small=args.smoke)
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps({**info, "rows": rows}, indent=1))
 

@@ -6,7 +6,7 @@
 # Usage:
 #   launch/tpu_pod.sh [--dry-run] --name NAME --zone ZONE --type ACCELERATOR_TYPE \
 #     --config CONFIG --workdir gs://BUCKET/DIR [--mode train|knn|linear] [--project PROJECT] \
-#     [--version RUNTIME] [--spot] [--skip-create] [--source DIR|GIT_URL] [--detach] \
+#     [--version RUNTIME] [--spot] [--skip-create] [--source DIR|GIT_URL] [--detach] [--check] \
 #     [-- EXTRA_MAIN_FLAGS...]
 #
 # Example (ImageNet from TFDS on GCS):
@@ -18,6 +18,9 @@
 #   copied with `git archive`) or a git URL cloned on every worker.
 # --detach: run in the background on the workers (log in ~/sce_jax.log), so the run survives
 #   the end of this ssh session; without it the output streams here.
+# --check: first compile the step for the --type slice on this machine (python -m sce_jax.aot,
+#   needs `pip install -e '.[tpu]'` here; $PYTHON, default python3), with the --config.*
+#   overrides among EXTRA_MAIN_FLAGS; stop before creating anything if it does not fit.
 # --dry-run (or DRY_RUN=1): print the commands instead of running them.
 #
 # Exit status of sce_jax.main (README, "Exit codes"): 0 finished, 1 an error, 75 preempted
@@ -30,7 +33,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$here/common.sh"
 
 name="" zone="" type="" config="" workdir="" project="" mode="train"
-version="tpu-ubuntu2204-base" spot=0 create=1 detach=0 source_="$(dirname "$here")"
+version="tpu-ubuntu2204-base" spot=0 create=1 detach=0 check=0 source_="$(dirname "$here")"
 extra=()
 while (($#)); do
   case "$1" in
@@ -47,6 +50,7 @@ while (($#)); do
     --spot) spot=1 ;;
     --skip-create) create=0 ;;
     --detach) detach=1 ;;
+    --check) check=1 ;;
     --) shift; extra=("$@"); break ;;
     *) die "unknown argument $1 (see the usage at the top of this script)" ;;
   esac
@@ -55,6 +59,18 @@ done
 [[ -n "$name" && -n "$zone" && -n "$config" && -n "$workdir" ]] ||
   die "--name, --zone, --config and --workdir are required"
 [[ "$workdir" == gs://* ]] || die "--workdir must be a gs:// path: every worker writes to it"
+
+if ((check)); then
+  [[ -n "$type" ]] || die "--check compiles for the --type slice: pass --type (e.g. v4-32)"
+  [[ -d "$source_" ]] || die "--check runs the local checkout: pass --source DIR"
+  overrides=()
+  for arg in ${extra[@]+"${extra[@]}"}; do
+    [[ "$arg" == --config.* ]] && overrides+=("$arg")
+  done
+  (cd "$source_" && run "${PYTHON:-python3}" -m sce_jax.aot "--config=$config" \
+    "--topology=$type" ${overrides[@]+"${overrides[@]}"}) ||
+    die "$config does not fit a $type slice (see the check above); nothing was created"
+fi
 
 tpu=(gcloud compute tpus tpu-vm)
 where=("--zone=$zone")

@@ -31,6 +31,9 @@ def base() -> ml_collections.ConfigDict:
   c.model.width = 0            # 0: the trunk's (64 for ResNets; 192/384/768 for ViT-Ti/S/B)
   c.model.small_stem = True    # 3x3 stride-1 stem without max-pool for 32-pixel images
   c.model.dtype = "bfloat16"   # computation; parameters stay float32
+  # bfloat16/float16 layers compute and sum their weight gradients in float32, as the authors'
+  # AMP (models/precision.py, docs/SCE.md 5); False: plain Flax (bf16 gradient sums), to compare.
+  c.model.f32_weight_grads = True
   # ViT trunks (docs/SCE.md 10); ResNets ignore these.
   c.model.depth = 0            # blocks; 0: the trunk's (12)
   c.model.num_heads = 0        # 0: width / 64 (3/6/12 for Ti/S/B; MoCo v3's ViT-S has 12)

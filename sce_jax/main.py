@@ -27,9 +27,8 @@ import sys
 import jax
 from absl import app, flags, logging
 from etils import epath
-from ml_collections import config_flags
 
-from sce_jax import checkpoint, evaluators, logs, sharding, train, weights
+from sce_jax import checkpoint, cli, evaluators, logs, sharding, train, weights
 from sce_jax import config as sce_config
 from sce_jax import workdir as workdir_lib
 from sce_jax.data import images, sources
@@ -41,8 +40,7 @@ EXIT_ERROR = 1        # stopped by an error, reported in one line
 EXIT_PREEMPTED = 75   # a SIGTERM (preemption) or Ctrl-C: a checkpoint was saved; rerun to resume
 EXIT_INTERRUPTED = 130  # a Ctrl-C before training, or a second one: stopped at once
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. "
-                                          "configs/cifar10_r18.py:smoke.", lock_config=True)
+_CONFIG = cli.CONFIG
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and results go here.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", *evaluators.MODES],
                           "Pretrain, or evaluate a trunk (sce_jax/evaluators/: kNN, linear "
@@ -56,40 +54,6 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --coordinator_address.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --coordinator_address.")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def _parse_flags(argv):
-  """absl's flag parsing; a bad config key or variant is reported by its message alone.
-
-  ml_collections raises these as they come (an unknown key of the locked ConfigDict) or
-  re-raised with a traceback as their text (errors in a config file); the original is in the
-  exception's context chain.
-  """
-  try:
-    argv = flags.FLAGS(argv)
-    if flags.FLAGS["config"].present:  # ml_collections reports a missing file only when read.
-      spec = config_flags.get_config_filename(flags.FLAGS["config"])
-      sce_config.check_file(spec.partition(":")[0])
-    return argv
-  except Exception as e:  # pylint: disable=broad-except
-    chain = [e]
-    while chain[-1].__context__ is not None:
-      chain.append(chain[-1].__context__)
-    config_errors = [x for x in chain if isinstance(x, sce_config.ConfigError)]
-    if config_errors:
-      sys.exit(f"Config error: {config_errors[-1]}")
-    key_errors = [x for x in chain if isinstance(x, (AttributeError, KeyError))]
-    if key_errors:
-      message = key_errors[0]
-      while isinstance(message, BaseException) and message.args:
-        message = message.args[0]
-      sys.exit(f"Config error: no such key: {message}\nEvery key is declared in "
-               "sce_jax/config.py (base()); fix the --config.KEY=VALUE override or the config "
-               "file.")
-    if isinstance(e, flags.Error):
-      sys.exit(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help "
-               "on flags.")
-    raise
 
 
 def _set_xla_flags(config):
@@ -174,4 +138,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

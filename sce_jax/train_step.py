@@ -1,7 +1,7 @@
 """One SCE training step, jitted over a `data` mesh (docs/SCE.md sections 1-3).
 
 Shape of the step: colour augmentations on the accelerator; the target branch on the global
-crops (shuffle-BN: on a permutation of the batch, its trunk's BatchNorm split into groups);
+crops (shuffle-BN: its trunk's BatchNorm split into groups of a permutation of the batch);
 the online branch on every crop it sees, one forward pass per view (or, with
 model.concat_views, per run of same-size views); the loss inside `jax.shard_map`, where each
 device gathers the target embeddings of all devices; optax update; EMA of the target after it;
@@ -34,36 +34,30 @@ def _passes(views, indices, concat):
   return passes
 
 
-def _forward(model, params, batch_stats, views, indices, concat, key=None):
+def _forward(model, params, batch_stats, views, indices, concat, key=None, order=None):
   """Runs `model` on the views `indices`; returns outputs per view and the new BN statistics.
 
   The statistics are threaded through the passes in view order, so they end as after the
   authors' sequential per-view passes. A concatenated pass stacks its views image-major,
   (B, V, ...) -> (B * V, ...): a batch-sharded view then stays on its devices (view-major
   concatenation would move images between devices). key: the ViT's stochastic depth draws
-  (one stream a pass), or None without it.
+  (one stream a pass), or None without it. order: (B,) each image's place in a shuffled batch,
+  whose groups the target trunk's split BatchNorms normalise (shuffle-BN, docs/SCE.md 3): the
+  images stay where they are, only their groups are shuffled.
   """
   outs = {}
   for n, group in enumerate(_passes(views, indices, concat)):
     x = jnp.stack([views[i] for i in group], axis=1)
+    positions = None if order is None else (
+        order[:, None] * len(group) + jnp.arange(len(group))).reshape(-1)
     rngs = {} if key is None else {"dropout": jax.random.fold_in(key, n)}
     out, upd = model.apply({"params": params, "batch_stats": batch_stats},
-                           x.reshape(-1, *x.shape[2:]), train=True, mutable=["batch_stats"],
-                           rngs=rngs)
+                           x.reshape(-1, *x.shape[2:]), train=True, bn_positions=positions,
+                           mutable=["batch_stats"], rngs=rngs)
     batch_stats = upd["batch_stats"]
     for k, i in enumerate(group):
       outs[i] = jax.tree.map(lambda a: a.reshape(-1, len(group), *a.shape[1:])[:, k], out)
   return outs, batch_stats
-
-
-def _shuffled(forward, key, views, indices):
-  """forward(views) on a random permutation of the global batch, outputs put back in order:
-  the target's shuffle-BN (docs/SCE.md 3), whose trunk BatchNorm groups then hold random
-  images."""
-  perm = jax.random.permutation(key, views[indices[0]].shape[0])
-  outs, batch_stats = forward({i: views[i][perm] for i in indices})
-  inverse = jnp.argsort(perm)
-  return {i: jax.tree.map(lambda a: a[inverse], outs[i]) for i in indices}, batch_stats
 
 
 def ema_update(target_params, online_params, m):
@@ -149,14 +143,12 @@ def make_train_step(config, mesh, online, target, tx, lr_fn, ema_fn, pairs, prep
     if config.model.drop_path > 0:
       rng, t_key, o_key = jax.random.split(rng, 3)
 
-    target_forward = lambda inputs: _forward(target, state.target_params,
-                                             state.target_batch_stats, inputs, target_views,
-                                             concat, t_key)
+    order = None  # shuffle-BN: the place of each image in a random permutation of the batch
     if config.sce.target_bn_splits:
       rng, shuffle_key = jax.random.split(rng)
-      t_out, t_stats = _shuffled(target_forward, shuffle_key, views, target_views)
-    else:
-      t_out, t_stats = target_forward(views)
+      order = jnp.argsort(jax.random.permutation(shuffle_key, views[0].shape[0]))
+    t_out, t_stats = _forward(target, state.target_params, state.target_batch_stats, views,
+                              target_views, concat, t_key, order)
     zs = {i: jax.lax.stop_gradient(losses.l2_normalize(t_out[i]["proj"]))
           for i in target_views}
 

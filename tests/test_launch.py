@@ -65,6 +65,32 @@ def test_tpu_pod_needs_a_gcs_workdir():
   assert out.returncode == 2 and "gs://" in out.stderr
 
 
+def test_tpu_pod_check_runs_before_anything_is_created():
+  """--check compiles the step for the --type slice first (sce_jax.aot), with the --config.*
+  overrides of the main flags only."""
+  lines = _dry_run("tpu_pod.sh", "--check", "--name", "sce", "--zone", "z", "--type", "v4-32",
+                   "--config", "configs/imagenet_r50.py", "--workdir", "gs://b/r", "--",
+                   "--config.batch_size=2048", "--verbosity=1")
+  assert lines[0] == ("python3 -m sce_jax.aot --config=configs/imagenet_r50.py --topology=v4-32 "
+                      "--config.batch_size=2048")
+  assert lines[1].startswith("gcloud compute tpus tpu-vm create sce ")
+
+
+def test_tpu_pod_check_that_fails_creates_nothing(tmp_path):
+  """A config that does not fit (the check exits 1) stops the launcher before gcloud runs."""
+  for name, status in (("python3", 1), ("gcloud", 0)):
+    tool = tmp_path / name
+    tool.write_text(f"#!/bin/sh\necho {name} \"$@\" >> {tmp_path}/calls\nexit {status}\n")
+    tool.chmod(0o755)
+  out = subprocess.run([LAUNCH / "tpu_pod.sh", "--check", "--name", "n", "--zone", "z", "--type",
+                        "v5litepod-4", "--config", "c.py", "--workdir", "gs://b/r"],
+                       capture_output=True, text=True,
+                       env={**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"})
+  assert out.returncode == 2 and "nothing was created" in out.stderr
+  assert (tmp_path / "calls").read_text().splitlines() == [
+      "python3 -m sce_jax.aot --config=c.py --topology=v5litepod-4"]
+
+
 def test_slurm_submit_dry_run():
   (line,) = _dry_run("slurm_gpu.sh", "--config", "configs/cifar10_r18.py", "--workdir",
                      "/shared/run", "--nodes", "2", "--gpus-per-node", "4",

@@ -174,9 +174,9 @@ class _ConvBlock(nn.Module):
   splits: int
 
   @nn.compact
-  def __call__(self, x, train):
+  def __call__(self, x, train, positions=None):
     x = resnet.conv(8, 3, name="conv")(x)
-    return nn.relu(resnet.batch_norm(train, "bn", splits=self.splits)(x))
+    return nn.relu(resnet.batch_norm(train, "bn", splits=self.splits, positions=positions)(x))
 
 
 @pytest.mark.parametrize("train", [True, False])
@@ -205,6 +205,27 @@ def test_split_batch_norm_matches_numpy(train):
   got = _ConvBlock(1).apply(v, jnp.asarray(x), train=train, mutable=["batch_stats"])
   ref = plain.apply(v, jnp.asarray(x), train=train, mutable=["batch_stats"])
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), got, ref)
+
+
+def test_split_batch_norm_positions_shuffle_the_groups_not_the_rows():
+  """Rows at `positions` = the place of each image in a permutation are normalised as the
+  permuted batch would be, outputs and statistics in the original order: shuffle-BN with no
+  image moved (docs/SCE.md 3)."""
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(12, 5, 5, 3)).astype(np.float32)
+  perm = rng.permutation(12)
+  block = _ConvBlock(4)
+  v = block.init(jax.random.key(0), jnp.asarray(x), train=True)
+  shuffled, s_upd = block.apply(v, jnp.asarray(x[perm]), train=True, mutable=["batch_stats"])
+  placed, p_upd = block.apply(v, jnp.asarray(x), train=True, mutable=["batch_stats"],
+                              positions=jnp.asarray(np.argsort(perm)))
+  # The same sums in another order: float32 rounding of values of order 1 (1e-6).
+  np.testing.assert_allclose(placed, np.asarray(shuffled)[np.argsort(perm)], rtol=1e-5,
+                             atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), p_upd,
+               s_upd)
+  unshuffled, _ = block.apply(v, jnp.asarray(x), train=True, mutable=["batch_stats"])
+  assert np.abs(np.asarray(unshuffled) - np.asarray(placed)).max() > 1e-2  # other groups
 
 
 # --- float32 weight gradients of bfloat16 layers (models/precision.py) ------------------------
@@ -274,3 +295,21 @@ def test_dense_weight_gradient_is_float32_and_float32_layers_are_plain():
   np.testing.assert_allclose(grads["params"]["bias"], np.asarray(g, np.float64).sum((0, 1)),
                              rtol=1e-5, atol=1e-4)
   assert precision.conv_options(jnp.float32) == precision.dense_options("float32") == {}
+
+
+@pytest.mark.parametrize("f32_weight_grads", [True, False])
+def test_f32_weight_grads_switch(f32_weight_grads):
+  """model.f32_weight_grads=False leaves a bfloat16 network's layers plain Flax (no custom
+  VJP anywhere), so the two paths can be compared; True routes every convolution and dense
+  layer of the trunk and heads through models/precision.py."""
+  config = load_config("cifar10_r18", "smoke")
+  config.model.dtype = "bfloat16"
+  config.model.f32_weight_grads = f32_weight_grads
+  online, _ = sce.make_models(config, num_classes=10)
+  x = jnp.ones((2, 8, 8, 3))
+  v = online.init(jax.random.key(0), x, train=True)
+  loss = lambda p: jnp.sum(online.apply({**v, "params": p}, x, train=True,
+                                        mutable=["batch_stats"])[0]["pred"].astype(jnp.float32))
+  jaxpr = str(jax.make_jaxpr(jax.grad(loss))(v["params"]))
+  convs_and_denses = 20 + 2  # ResNet-18's convolutions (with 3 shortcuts) and the projector's
+  assert jaxpr.count("custom_vjp_call") == (convs_and_denses if f32_weight_grads else 0)

@@ -192,6 +192,19 @@ def test_views_pass_one_by_one_or_image_major():
   assert max(jax.tree.leaves(differ)) > 1e-2
 
 
+def test_shuffle_bn_moves_no_image():
+  """Shuffle-BN on 8 devices shuffles the target's BatchNorm groups, not the images: no
+  collective of the step carries a batch of images or activations (a (16, H, W, C) array),
+  and the group statistics are (8, C) all-reduces."""
+  parts = train.build(tiny_config(), sharding.make_mesh(), num_classes=10, steps_per_epoch=10,
+                      float_views=True)
+  hlo = parts.step.lower(jax.eval_shape(parts.init, jax.random.key(0)), batch(0)).compile()
+  moved = [line for line in hlo.as_text().splitlines()
+           if re.search(r"(all-gather|all-reduce|all-to-all|collective-permute)(-start)?\(",
+                        line) and re.search(rf"\[{BATCH},\d+,\d+,\d+\]", line)]
+  assert not moved, moved[:3]
+
+
 def test_bfloat16_gradients_are_summed_in_float32(tmp_path):
   """A bfloat16 step on 8 devices all-reduces its gradients in float32 (docs/SCE.md 5): every
   all-reduce of the program right after SPMD partitioning, where XLA puts them, is float32.

@@ -37,6 +37,7 @@ class MLP(nn.Module):
   norm: str = "batch"     # NORMS
   activation: str = "relu"  # ACTIVATIONS
   dtype: Any = jnp.float32
+  f32_weight_grads: bool = True  # of bfloat16/float16 layers (models/precision.py)
 
   @nn.compact
   def __call__(self, x, train: bool = True):
@@ -44,14 +45,16 @@ class MLP(nn.Module):
     for i in range(self.num_layers - 1):
       x = nn.Dense(self.hidden_dim, use_bias=not bn, kernel_init=inits.torch_default,
                    bias_init=inits.torch_default_bias(x.shape[-1]), dtype=self.dtype,
-                   name=f"linear{i}", **precision.dense_options(self.dtype))(x)
+                   name=f"linear{i}",
+                   **precision.dense_options(self.dtype, self.f32_weight_grads))(x)
       if bn:
         x = batch_norm(train, f"bn{i}", self.dtype)(x)
       x = ACTIVATIONS[self.activation](x)
     last = self.num_layers - 1
     x = nn.Dense(self.out_dim, use_bias=self.last_bias and not self.last_bn,
                  kernel_init=inits.torch_default, bias_init=inits.torch_default_bias(x.shape[-1]),
-                 dtype=self.dtype, name=f"linear{last}", **precision.dense_options(self.dtype))(x)
+                 dtype=self.dtype, name=f"linear{last}",
+                 **precision.dense_options(self.dtype, self.f32_weight_grads))(x)
     if self.last_bn:
       x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                        use_scale=False, use_bias=False, dtype=self.dtype, name=f"bn{last}")(x)

@@ -11,7 +11,8 @@ gradient and the forward pass are unchanged. A bias (only the CIFAR projector's 
 one) stays float32 too: it is added in float32, and its gradient is summed in float32.
 
 `conv_options(dtype)` and `dense_options(dtype)` are the nn.Conv and nn.Dense fields that do
-this; float32 layers get none and stay plain Flax.
+this; float32 layers get none and stay plain Flax, and so does every layer with `enabled` False
+(model.f32_weight_grads=False: the plain Flax path, to compare their cost).
 """
 import functools
 
@@ -98,15 +99,17 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
   return _apply(op, weight_grad, lhs, rhs)
 
 
-def _options(dtype, **op):
-  return {} if jnp.dtype(dtype) == jnp.float32 else dict(promote_dtype=_cast_inputs, **op)
+def _options(dtype, enabled, **op):
+  if not enabled or jnp.dtype(dtype) == jnp.float32:
+    return {}
+  return dict(promote_dtype=_cast_inputs, **op)
 
 
-def conv_options(dtype):
+def conv_options(dtype, enabled=True):
   """nn.Conv fields for float32 weight gradients in a `dtype` network (none for float32)."""
-  return _options(dtype, conv_general_dilated=conv_general_dilated)
+  return _options(dtype, enabled, conv_general_dilated=conv_general_dilated)
 
 
-def dense_options(dtype):
+def dense_options(dtype, enabled=True):
   """nn.Dense fields for float32 weight gradients in a `dtype` network (none for float32)."""
-  return _options(dtype, dot_general=dot_general)
+  return _options(dtype, enabled, dot_general=dot_general)

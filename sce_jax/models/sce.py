@@ -36,9 +36,11 @@ def make_trunk(model_cfg, bn_splits=0) -> nn.Module:
     return vit.vit(model_cfg.trunk, width=model_cfg.width, depth=model_cfg.depth,
                    num_heads=model_cfg.num_heads, patch_size=model_cfg.patch_size,
                    pos_embed=model_cfg.pos_embed, pool=model_cfg.pool,
-                   drop_path=model_cfg.drop_path, dtype=dtype)
+                   drop_path=model_cfg.drop_path, dtype=dtype,
+                   f32_weight_grads=model_cfg.get("f32_weight_grads", True))
   return resnet.resnet(model_cfg.trunk, width=model_cfg.width or resnet.WIDTH,
-                       small_stem=model_cfg.small_stem, dtype=dtype, bn_splits=bn_splits)
+                       small_stem=model_cfg.small_stem, dtype=dtype, bn_splits=bn_splits,
+                       f32_weight_grads=model_cfg.get("f32_weight_grads", True))
 
 
 def feature_dim(model_cfg) -> int:
@@ -58,16 +60,20 @@ class SCENet(nn.Module):
     cfg = self.model
     dtype = jnp.dtype(cfg.dtype)
     self.trunk = make_trunk(cfg, self.trunk_bn_splits)
-    self.projector = heads.MLP(**cfg.projector, dtype=dtype)
+    f32_grads = cfg.get("f32_weight_grads", True)
+    self.projector = heads.MLP(**cfg.projector, dtype=dtype, f32_weight_grads=f32_grads)
     if self.with_predictor and cfg.predictor.num_layers > 0:
-      self.predictor = heads.MLP(**cfg.predictor, dtype=dtype)
+      self.predictor = heads.MLP(**cfg.predictor, dtype=dtype, f32_weight_grads=f32_grads)
     if self.num_classes:
       self.probe = nn.Dense(self.num_classes, kernel_init=inits.linear_probe,
                             name="probe")
 
-  def __call__(self, x, train: bool = True):
-    """Returns dict(feat, proj, pred[, logits]); pred is proj when there is no predictor."""
-    feat = self.trunk(x, train)
+  def __call__(self, x, train: bool = True, bn_positions=None):
+    """Returns dict(feat, proj, pred[, logits]); pred is proj when there is no predictor.
+    bn_positions: (N,) the rows' order for the trunk's split BatchNorm groups (shuffle-BN, a
+    ResNet's; a ViT has no BatchNorm)."""
+    feat = (self.trunk(x, train) if bn_positions is None
+            else self.trunk(x, train, positions=bn_positions))
     out = {"feat": feat, "proj": self.projector(feat, train)}
     out["pred"] = (self.predictor(out["proj"], train)
                    if hasattr(self, "predictor") else out["proj"])

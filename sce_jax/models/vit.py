@@ -83,12 +83,12 @@ def resample_pos_embed(pos_embed, grid):
       pos_embed.dtype)], axis=1)
 
 
-def _dense(x, features, name, dtype, init=dense_init):
+def _dense(x, features, name, dtype, f32_weight_grads, init=dense_init):
   """A linear layer with a bias. precision.py adds the float32 bias in float32 (its gradient is
   summed in float32); the result goes back to `dtype`, or the residual stream and the attention
   would run in float32."""
   return nn.Dense(features, kernel_init=init, dtype=dtype, name=name,
-                  **precision.dense_options(dtype))(x).astype(dtype)
+                  **precision.dense_options(dtype, f32_weight_grads))(x).astype(dtype)
 
 
 def _layer_norm(name, dtype):
@@ -101,25 +101,28 @@ class Attention(nn.Module):
   and `attn.proj`."""
   num_heads: int
   dtype: Any = jnp.float32
+  f32_weight_grads: bool = True  # of bfloat16/float16 layers (models/precision.py)
 
   @nn.compact
   def __call__(self, x):
     b, n, width = x.shape
-    qkv = _dense(x, 3 * width, "qkv", self.dtype, qkv_init)
+    qkv = _dense(x, 3 * width, "qkv", self.dtype, self.f32_weight_grads, qkv_init)
     q, k, v = jnp.moveaxis(qkv.reshape(b, n, 3, self.num_heads, width // self.num_heads), 2, 0)
     y = jax.nn.dot_product_attention(q, k, v)  # scale 1 / sqrt(D / heads); implementation=None
-    return _dense(y.reshape(b, n, width), width, "proj", self.dtype)
+    return _dense(y.reshape(b, n, width), width, "proj", self.dtype, self.f32_weight_grads)
 
 
 class Mlp(nn.Module):
   """timm's `mlp.fc1` (D -> ratio x D), exact GELU, `mlp.fc2`."""
   ratio: int = 4
   dtype: Any = jnp.float32
+  f32_weight_grads: bool = True
 
   @nn.compact
   def __call__(self, x):
-    y = nn.gelu(_dense(x, self.ratio * x.shape[-1], "fc1", self.dtype), approximate=False)
-    return _dense(y, x.shape[-1], "fc2", self.dtype)
+    y = _dense(x, self.ratio * x.shape[-1], "fc1", self.dtype, self.f32_weight_grads)
+    return _dense(nn.gelu(y, approximate=False), x.shape[-1], "fc2", self.dtype,
+                  self.f32_weight_grads)
 
 
 class Block(nn.Module):
@@ -128,15 +131,16 @@ class Block(nn.Module):
   mlp_ratio: int = 4
   drop_path: float = 0.0
   dtype: Any = jnp.float32
+  f32_weight_grads: bool = True
 
   @nn.compact
   def __call__(self, x, train):
     # One keep/drop draw per sample (broadcast over tokens and channels), scaled by 1 / keep.
     drop = functools.partial(nn.Dropout, self.drop_path, broadcast_dims=(1, 2),
                              deterministic=not train)
-    x = x + drop()(Attention(self.num_heads, self.dtype, name="attn")(
+    x = x + drop()(Attention(self.num_heads, self.dtype, self.f32_weight_grads, name="attn")(
         _layer_norm("norm1", self.dtype)(x)))
-    return x + drop()(Mlp(self.mlp_ratio, self.dtype, name="mlp")(
+    return x + drop()(Mlp(self.mlp_ratio, self.dtype, self.f32_weight_grads, name="mlp")(
         _layer_norm("norm2", self.dtype)(x)))
 
 
@@ -145,12 +149,14 @@ class PatchEmbed(nn.Module):
   width: int
   patch_size: int
   dtype: Any = jnp.float32
+  f32_weight_grads: bool = True
 
   @nn.compact
   def __call__(self, x):
     p = self.patch_size
     return nn.Conv(self.width, (p, p), (p, p), padding="VALID", kernel_init=patch_init,
-                   dtype=self.dtype, name="proj", **precision.conv_options(self.dtype))(x).astype(
+                   dtype=self.dtype, name="proj",
+                   **precision.conv_options(self.dtype, self.f32_weight_grads))(x).astype(
                        self.dtype)  # the float32 bias, as `_dense`
 
 
@@ -170,10 +176,12 @@ class ViT(nn.Module):
   pool: str = "cls"            # POOLS
   drop_path: float = 0.0       # the last block's rate; block i gets i / (depth - 1) of it
   dtype: Any = jnp.float32
+  f32_weight_grads: bool = True  # of bfloat16/float16 layers (models/precision.py)
 
   @nn.compact
   def __call__(self, x, train: bool = True):
-    x = PatchEmbed(self.width, self.patch_size, self.dtype, name="patch_embed")(
+    x = PatchEmbed(self.width, self.patch_size, self.dtype, self.f32_weight_grads,
+                   name="patch_embed")(
         x.astype(self.dtype))
     b, h, w, _ = x.shape
     # timm's init of a learned table (a normal of std 0.02); the sin-cos one stays fixed
@@ -191,7 +199,7 @@ class ViT(nn.Module):
     rates = np.linspace(0.0, self.drop_path, self.depth)  # timm's and eztorch's rule
     for i in range(self.depth):
       x = Block(self.num_heads, self.mlp_ratio, float(rates[i]), self.dtype,
-                name=f"blocks_{i}")(x, train)
+                self.f32_weight_grads, name=f"blocks_{i}")(x, train)
     x = _layer_norm("norm", self.dtype)(x)
     return x[:, 0] if self.pool == "cls" else jnp.mean(x[:, 1:], axis=1)
 

@@ -1,0 +1,48 @@
+"""What the command lines (`main.py`, `aot.py`) share: the --config flag and its parsing.
+
+--config=FILE[:VARIANTS] reads a config file (ml_collections' config_flags), and
+--config.KEY=VALUE overrides one of its values.
+"""
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+from sce_jax import config as sce_config
+
+CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. "
+                                         "configs/cifar10_r18.py:smoke.", lock_config=True)
+
+
+def parse_flags(argv):
+  """absl's flag parsing; a bad config key or variant is reported by its message alone.
+
+  ml_collections raises these as they come (an unknown key of the locked ConfigDict) or
+  re-raised with a traceback as their text (errors in a config file); the original is in the
+  exception's context chain.
+  """
+  try:
+    argv = flags.FLAGS(argv)
+    if flags.FLAGS["config"].present:  # ml_collections reports a missing file only when read.
+      spec = config_flags.get_config_filename(flags.FLAGS["config"])
+      sce_config.check_file(spec.partition(":")[0])
+    return argv
+  except Exception as e:  # pylint: disable=broad-except
+    chain = [e]
+    while chain[-1].__context__ is not None:
+      chain.append(chain[-1].__context__)
+    config_errors = [x for x in chain if isinstance(x, sce_config.ConfigError)]
+    if config_errors:
+      sys.exit(f"Config error: {config_errors[-1]}")
+    key_errors = [x for x in chain if isinstance(x, (AttributeError, KeyError))]
+    if key_errors:
+      message = key_errors[0]
+      while isinstance(message, BaseException) and message.args:
+        message = message.args[0]
+      sys.exit(f"Config error: no such key: {message}\nEvery key is declared in "
+               "sce_jax/config.py (base()); fix the --config.KEY=VALUE override or the config "
+               "file.")
+    if isinstance(e, flags.Error):
+      sys.exit(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help "
+               "on flags.")
+    raise
