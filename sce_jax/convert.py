@@ -18,7 +18,7 @@ import flax.traverse_util
 import numpy as np
 
 from sce_jax import config as sce_config
-from sce_jax import weights
+from sce_jax import logs, weights
 from sce_jax.weights import NETS
 
 
@@ -66,6 +66,7 @@ def main(argv=None):
   parser.add_argument("--allow_pickle", action="store_true",
                       help="let torch.load unpickle objects (Lightning .ckpt); trusted files only")
   args = parser.parse_args(argv)
+  logs.quiet()
 
   variables, layout = weights.read(args.src, args.allow_pickle)
   model_cfg = (sce_config.load(args.config).model if args.config

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from sce_jax import checkpoint, metrics, models, optim
+from sce_jax import checkpoint, metrics, models, optim, preemption
 from sce_jax.evaluators import common, knn, linear
 from sce_jax.data import augment, sources
 from sce_jax.sharding import make_mesh
@@ -141,8 +141,8 @@ def test_knn_and_linear_eval_on_cifar_slice(cifar_root, tmp_path, monkeypatch):
   whole = linear.evaluate(config, variables, mesh, splits, tmp_path / "whole")
   assert 0.0 <= whole["linear_top1"] <= whole["linear_top5"] <= 1.0
   with monkeypatch.context() as patch:
-    patch.setattr(checkpoint.Preemption, "reached", lambda self, mngr, step: step == 2)
-    with pytest.raises(checkpoint.Preempted, match="saved step 2 to .*split/linear"):
+    patch.setattr(preemption.Preemption, "reached", lambda self, mngr, step: step == 2)
+    with pytest.raises(preemption.Preempted, match="saved step 2 to .*split/linear"):
       linear.evaluate(config, variables, mesh, splits, tmp_path / "split")
   assert linear.evaluate(config, variables, mesh, splits, tmp_path / "split") == whole
   probe_metrics = lambda run: {
