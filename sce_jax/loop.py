@@ -4,14 +4,13 @@ One owner for what happens between two steps, so that the loops cannot drift apa
 
 * start: the latest checkpoint of the run's directory restored (checksums verified) or a fresh
   state; the start step is the restored checkpoint's, and the data stream restarts there, so a
-  stopped and resumed run computes what an uninterrupted one does;
+  stopped and resumed run computes what an uninterrupted one does; a stop requested during the
+  start-up (preemption.py) is preemption.Stopped, before the first step, nothing saved;
 * after each step, in this order: a failed asynchronous save stops the run (checkpoint.check);
   at a log step, a save or the last step the pending metrics are fetched in one transfer, the
   loss checked for NaN/inf and the last step's metrics written with throughput and ETA; a save
   at the checkpoint interval, the last step and a preemption; at a preemption (SIGTERM) or
   Ctrl-C, preemption.Preempted once the save has started; the evaluators whose cadence has come;
-  a stop requested before the first step (during the start-up) is preemption.Stopped, with
-  nothing saved;
 * at the end: the evaluators with a cadence >= 0, the last save waited for (a failed one is an
   error), then cleanup in reverse order of set-up, every step of it run.
 """

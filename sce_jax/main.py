@@ -1,7 +1,7 @@
 """Command line: pretrain SCE, or evaluate a trunk.
 
   python -m sce_jax.main --config=configs/cifar10_r18.py:smoke \\
-      --config.data.path=cifar10_jpg_train.tar.gz --workdir=/tmp/w
+      --config.data.path=cifar-10-python.tar.gz --workdir=/tmp/w
   python -m sce_jax.main --config=configs/imagenet_r50.py:multicrop,epochs=200 --workdir=DIR
 
 --mode=train (default) pretrains, resuming from the workdir's latest checkpoint, then runs the
@@ -49,8 +49,9 @@ EXIT_ERROR = 1        # stopped by an error, reported in one line
 EXIT_PREEMPTED = 75   # a SIGTERM (preemption), or a Ctrl-C after a checkpoint was saved: rerun
 EXIT_INTERRUPTED = 130  # a Ctrl-C before the first step, or a second one: stopped at once
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. "
-                                          "configs/cifar10_r18.py:smoke.", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/cifar10_r18.py:smoke; override its values with "
+    "--config.KEY=VALUE (--config_help lists the keys).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and results go here.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", *evaluators.MODES],
                           "Pretrain, or evaluate a trunk (sce_jax/evaluators/: kNN, linear "

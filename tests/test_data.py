@@ -3,6 +3,7 @@ import importlib
 import io
 import os
 import pickle
+import socket
 import subprocess
 import sys
 import tarfile
@@ -111,8 +112,11 @@ def test_folder_train_iterator(cifar_root, sharding, loader, cache):
 
 
 @pytest.mark.parametrize("loader", LOADERS)
-def test_tfds_train_iterator(sharding, loader):
+def test_tfds_train_iterator(sharding, loader, monkeypatch):
   tfds = pytest.importorskip("tensorflow_datasets")
+  # mock_data leaves the dataset unprepared, so sources.Tfds first probes TFDS's download host;
+  # a test has no network.
+  monkeypatch.setattr(socket, "create_connection", lambda address, timeout: io.BytesIO())
   cfg = _cfg(source="tfds", name="cifar10", loader=loader)
   with tfds.testing.mock_data(num_examples=40):
     splits = sources.Splits(cfg)
