@@ -5,13 +5,14 @@ evaluation and weight conversion). Each step's metadata also holds a checksum of
 verified when the step is restored, and no state with a NaN or inf is ever saved. Saves are
 asynchronous and atomic: orbax writes into a temporary directory and renames it when complete,
 so a step directory that exists is whole, and a run killed mid-save leaves the previous one as
-the latest. A failed save (a full disk) is reported by `check` as soon as it is known.
-Preemption (SIGTERM) and Ctrl-C are handled by the training loop through `Preemption`.
+the latest. A failed save is reported at once: one that cannot start (a read-only or missing
+directory) by `save` itself, since orbax creates the step's directory before it returns; one that
+fails while writing (a full disk) by `check` as soon as it is known. Preemption (SIGTERM) and
+Ctrl-C are preemption.py's.
 """
 import contextlib
 import hashlib
 import pathlib
-import signal
 
 import jax
 import jax.numpy as jnp
@@ -32,21 +33,19 @@ class CheckpointError(RuntimeError):
   fix."""
 
 
-class Preempted(Exception):
-  """Raised by a loop after it saved at a preemption or a Ctrl-C (`Preemption.stop`); the
-  command line then exits with main.EXIT_PREEMPTED."""
-
-
 def directory(workdir) -> epath.Path:
   return epath.Path(workdir) / "checkpoints"
 
 
 def manager(workdir, ckpt_cfg) -> ocp.CheckpointManager:
   """Saves at multiples of ckpt_cfg.every_steps, at a preemption and when forced; keeps the
-  last ckpt_cfg.keep. (No save of the first step, which orbax's default policy adds.)"""
+  last ckpt_cfg.keep. (No save of the first step, which orbax's default policy adds.) The
+  step's directory is made before `save` returns: made in the background (orbax's default), a
+  failure there leaves orbax's threads waiting 300 s for it at exit."""
   policies = ocp.checkpoint_managers
   options = ocp.CheckpointManagerOptions(
       max_to_keep=ckpt_cfg.keep, create=True, enable_async_checkpointing=True,
+      async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
       save_decision_policy=policies.AnySavePolicy([
           policies.FixedIntervalPolicy(ckpt_cfg.every_steps),
           policies.PreemptionCheckpointingPolicy()]))
@@ -240,50 +239,3 @@ def read_numpy(path, select):
   args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
   return checkpointer.restore(item, args=ocp.args.PyTreeRestore(
       item=wanted, restore_args=args, partial_restore=True))
-
-
-class Preemption:
-  """Whether the run should save and stop at this step boundary: a preemption (SIGTERM) or a
-  Ctrl-C (SIGINT), after which the loop raises `stop(...)`.
-
-  One process: a handler of both signals sets a flag. After the first Ctrl-C, a second one
-  stops the process at once (the default action; the steps since the last checkpoint are
-  lost). Python runs the handler between bytecodes, so a Ctrl-C while XLA compiles the first
-  step takes effect when the compilation returns. Several processes: JAX's preemption service
-  (started by jax.distributed.initialize; it catches SIGTERM itself) agrees on one step at
-  which every process stops, which orbax reads in `reached_preemption`; a Ctrl-C is passed on
-  to it as a SIGTERM.
-  """
-
-  def __init__(self):
-    self.requested = False
-    self.reason = "Preempted (SIGTERM)"
-    ours = (signal.SIGTERM, signal.SIGINT) if jax.process_count() == 1 else (signal.SIGINT,)
-    self._previous = {s: signal.signal(s, self._request) for s in ours}
-
-  def _request(self, signum, frame):
-    del frame
-    if signum == signal.SIGINT:
-      signal.signal(signal.SIGINT, signal.SIG_DFL)
-      self.reason = "Interrupted (Ctrl-C)"
-      logging.warning("Ctrl-C: saving a checkpoint after this step, then stopping. Ctrl-C again "
-                      "stops at once, losing the steps since the last checkpoint.")
-      if jax.process_count() > 1:
-        signal.raise_signal(signal.SIGTERM)
-        return
-    else:
-      logging.warning("SIGTERM: saving a checkpoint after this step, then stopping.")
-    self.requested = True
-
-  def reached(self, mngr, step) -> bool:
-    return self.requested or mngr.reached_preemption(step)
-
-  def stop(self, mngr, step) -> Preempted:
-    """What the loop raises once the save of `step` has started."""
-    return Preempted(f"{self.reason}: saved step {step} to {directory_of(mngr, step)}; rerun "
-                     "the same command to resume from it.")
-
-  def close(self):
-    for s, previous in self._previous.items():
-      if previous is not None:  # None: a handler installed outside Python, left as it was.
-        signal.signal(s, previous)

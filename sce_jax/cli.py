@@ -10,8 +10,27 @@ from ml_collections import config_flags
 
 from sce_jax import config as sce_config
 
-CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. "
-                                         "configs/cifar10_r18.py:smoke.", lock_config=True)
+CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/cifar10_r18.py:smoke; override its values with "
+    "--config.KEY=VALUE (--config_help lists the keys).", lock_config=True)
+
+
+class _ConfigHelp(flags.BooleanFlag):
+  """--config_help prints the config keys (`config.describe`) and exits as it is parsed, like
+  absl's --help, so that no other flag is needed."""
+
+  def __init__(self):
+    super().__init__("config_help", False, "Print every config key (--config.KEY=VALUE) with "
+                     "its default, meaning and allowed values, then exit.")
+
+  def parse(self, argument):
+    super().parse(argument)
+    if self.value:
+      print(sce_config.describe())
+      sys.exit(0)
+
+
+flags.DEFINE_flag(_ConfigHelp())
 
 
 def parse_flags(argv):

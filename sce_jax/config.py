@@ -4,12 +4,17 @@ Config files in configs/ start from `base()` and change values only; the dict is
 misspelt key (in a file or in a --config.key=value override) is an error, not a silent no-op.
 Names follow docs/SCE.md section 5. `load` reads a config file as the command line does,
 `parse_arg` a config file's variant string; `validate` stops a run that cannot work before
-anything compiles.
+anything compiles; `describe` lists the keys (--config_help).
 """
+import ast
 import importlib.util
+import inspect
+import io
 import pathlib
+import tokenize
 import uuid
 
+import flax.traverse_util
 import ml_collections
 from etils import epath
 
@@ -281,16 +286,68 @@ POSITIVE = ("batch_size", "epochs", "eval.batch_size", "eval.linear.batch_size",
             "checkpoint.every_steps", "checkpoint.keep", "log_every_steps")
 
 
+# Numeric keys that must lie in a range: key -> (whether a value does, the range in words); of
+# a tuple, each item. Counts of at least 1 that every config sets are POSITIVE's.
+_COUNT = (lambda v: v >= 1, ">= 1")
+_SOME = (lambda v: v >= 0, ">= 0")
+_RATE = (lambda v: v > 0, "> 0")  # temperatures, learning rates: a divisor, or a step size
+_FRACTION = (lambda v: 0 <= v <= 1, "in [0, 1]")
+_MOMENTUM = (lambda v: 0 <= v < 1, "in [0, 1)")  # 1 would never forget the first gradient
+_DECAY = (lambda v: 0 < v <= 1, "in (0, 1]")
+RANGES = {
+    "model.width": _COUNT,
+    "model.projector.hidden_dim": _COUNT,
+    "model.projector.out_dim": _COUNT,
+    "model.projector.num_layers": _COUNT,
+    "model.predictor.hidden_dim": _COUNT,
+    "model.predictor.num_layers": _SOME,
+    "sce.temp": _RATE,
+    "sce.temp_m": _RATE,
+    "sce.coeff": _FRACTION,
+    "sce.m0": _FRACTION,
+    "sce.num_global": _COUNT,
+    "optim.base_lr": _RATE,
+    "optim.weight_decay": _SOME,
+    "optim.momentum": _MOMENTUM,
+    "optim.trust_coefficient": _RATE,
+    "optim.warmup_epochs": _SOME,
+    "probe.lr": _RATE,
+    "data.image_size": _COUNT,
+    "data.shuffle_buffer": _COUNT,
+    "data.num_workers": _SOME,
+    "data.prefetch": _SOME,
+    "data.mean": _FRACTION,
+    "data.std": _RATE,
+    "eval.knn.k": _COUNT,
+    "eval.knn.temp": _RATE,
+    "eval.linear.base_lr": _RATE,
+    "eval.linear.milestones": _SOME,
+    "eval.linear.decay_factor": _DECAY,
+    "eval.linear.weight_decay": _SOME,
+    "eval.linear.momentum": _MOMENTUM,
+}
+
+
+def _check_ranges(config):
+  """ConfigError naming the first key of RANGES whose value lies outside its range."""
+  for key, (inside, words) in RANGES.items():
+    value = config[key]
+    if not all(map(inside, value if isinstance(value, (tuple, list)) else (value,))):
+      raise ConfigError(f"{key}={value} is out of range; set --config.{key} to a value {words}"
+                        f"{' (each)' if isinstance(value, (tuple, list)) else ''}.")
+
+
 def validate(config, num_devices, num_processes, workdir=None):
   """Raises ConfigError, naming the key and a fix, for a run that cannot work: a value outside
-  ENUMS, a count in POSITIVE below 1, a batch that does not split over the devices and
-  processes or into the shuffle-BN groups, a queue that is not a multiple of the keys written
-  each step, a workdir (if given) that cannot be written. The data are checked when they are
-  opened (`sources.Splits`) and by `check_data_size`."""
+  ENUMS or RANGES, a count in POSITIVE below 1, a batch that does not split over the devices
+  and processes or into the shuffle-BN groups, a queue that is not a positive multiple of the
+  keys written each step, a workdir (if given) that cannot be written. The data are checked
+  when they are opened (`sources.Splits`) and by `check_data_size`."""
   for key in POSITIVE:
     if config[key] <= 0:
       raise ConfigError(f"{key}={config[key]} must be at least 1; set --config.{key} to a "
                         "positive value.")
+  _check_ranges(config)
   for key, allowed in ENUMS.items():
     value = config[key]
     if value not in allowed:
@@ -312,10 +369,10 @@ def validate(config, num_devices, num_processes, workdir=None):
         "the CIFAR recipe) or 0 to turn shuffle-BN off.")
   if losses.uses_queue(config.sce.negatives):
     written = config.batch_size * num_target_views(config)
-    if config.sce.queue % written:
+    if config.sce.queue <= 0 or config.sce.queue % written:
       raise ConfigError(
-          f"sce.queue={config.sce.queue} is not a multiple of the {written} target embeddings "
-          f"written to it each step (batch_size {config.batch_size} x "
+          f"sce.queue={config.sce.queue} is not a positive multiple of the {written} target "
+          f"embeddings written to it each step (batch_size {config.batch_size} x "
           f"{num_target_views(config)} target views); set --config.sce.queue="
           f"{_multiple(config.sce.queue, written)} or another multiple of {written}.")
   _validate_evaluations(config)
@@ -407,3 +464,41 @@ def _check_writable(workdir):
   except OSError as e:
     raise ConfigError(f"workdir {workdir} is not writable ({e}); pass --workdir=<a directory "
                       "this job can write>.") from e
+
+
+def describe() -> str:
+  """Every key of the schema with its default, the comments base() declares it with (the
+  comment lines above it and those of its own lines; a key of a section declared in one
+  statement takes the section's) and its allowed values or range: --config_help. Read from
+  base()'s source, so that it cannot drift from it."""
+  source = inspect.getsource(base)
+  lines = source.splitlines()
+  comments = {t.start[0]: t.string.lstrip("# ") for t in
+              tokenize.generate_tokens(io.StringIO(source).readline)
+              if t.type == tokenize.COMMENT}
+  meaning = {}
+  for node in ast.parse(source).body[0].body:
+    target = node.targets[0] if isinstance(node, ast.Assign) else None
+    if not isinstance(target, ast.Attribute):
+      continue
+    key = ast.unparse(target).removeprefix("c.")
+    above = node.lineno - 1
+    while above in comments and lines[above - 1].lstrip().startswith("#"):
+      above -= 1
+    meaning[key] = " ".join(comments[n] for n in range(above + 1, node.end_lineno + 1)
+                            if n in comments).rstrip(".")
+  out = ["Config keys (--config.KEY=VALUE): base()'s defaults, the CIFAR-10 recipe; each config "
+         "file in configs/ changes some."]
+  for key, value in flax.traverse_util.flatten_dict(base().to_dict(), sep=".").items():
+    parts = key.split(".")
+    notes = [next((meaning[p] for p in (".".join(parts[:i]) for i in range(len(parts), 0, -1))
+                   if meaning.get(p)), "")]
+    if key in ENUMS:
+      notes.append(f"one of {', '.join(map(repr, ENUMS[key]))}")
+    if key in RANGES:
+      notes.append(RANGES[key][1])
+    if key in POSITIVE:
+      notes.append(">= 1")
+    notes = "; ".join(filter(None, notes))
+    out.append(f"  {key} = {value!r}" + (f"  # {notes}" if notes else ""))
+  return "\n".join(out)

@@ -20,7 +20,7 @@ import flax.traverse_util
 import numpy as np
 
 from sce_jax import config as sce_config
-from sce_jax import models, weights
+from sce_jax import logs, models, weights
 from sce_jax.weights import NETS
 
 
@@ -72,6 +72,7 @@ def main(argv=None):
   parser.add_argument("--allow_pickle", action="store_true",
                       help="let torch.load unpickle objects (Lightning .ckpt); trusted files only")
   args = parser.parse_args(argv)
+  logs.quiet()
 
   variables, layout = weights.read(args.src, args.allow_pickle)
   model_cfg = (sce_config.load(args.config).model if args.config

@@ -85,15 +85,23 @@ def _import_tensorflow_quietly():
     os.close(null)
 
 
+def quiet():
+  """The default output's filter (`_default_output`) for absl's records wherever they are
+  printed: by absl's handler under an absl app, by Python's own handlers elsewhere (a notebook,
+  `python -m sce_jax.convert`, whose reading of a checkpoint orbax comments in 4 warnings)."""
+  logging.get_absl_handler().addFilter(_default_output)
+  py_logging.getLogger("absl").addFilter(_default_output)
+  sys.unraisablehook = _unraisablehook
+
+
 def setup(verbosity: int):
-  """The command line's output at absl's `verbosity` (0 by default). Before TensorFlow is
-  imported: it reads its C++ log level (warnings such as those of a skipped corrupt image)
-  once."""
+  """The output of the command line, or of a notebook, at absl's `verbosity` (0 by default).
+  Before TensorFlow is imported: it reads its C++ log level (warnings such as those of a
+  skipped corrupt image) once."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbosity >= 1 else "2")
   handler = logging.get_absl_handler()
   if verbosity < 1:
-    handler.addFilter(_default_output)
-    sys.unraisablehook = _unraisablehook
+    quiet()
     _import_tensorflow_quietly()
   if sys.stderr.isatty():
     # absl's handler writes to its stream and, for errors, to sys.stderr when they differ.

@@ -4,12 +4,13 @@ One owner for what happens between two steps, so that the loops cannot drift apa
 
 * start: the latest checkpoint of the run's directory restored (checksums verified) or a fresh
   state; the start step is the restored checkpoint's, and the data stream restarts there, so a
-  stopped and resumed run computes what an uninterrupted one does;
+  stopped and resumed run computes what an uninterrupted one does; a stop requested during the
+  start-up (preemption.py) is preemption.Stopped, before the first step, nothing saved;
 * after each step, in this order: a failed asynchronous save stops the run (checkpoint.check);
   at a log step, a save or the last step the pending metrics are fetched in one transfer, the
   loss checked for NaN/inf and the last step's metrics written with throughput and ETA; a save
   at the checkpoint interval, the last step and a preemption; at a preemption (SIGTERM) or
-  Ctrl-C, checkpoint.Preempted once the save has started; the evaluators whose cadence has come;
+  Ctrl-C, preemption.Preempted once the save has started; the evaluators whose cadence has come;
 * at the end: the evaluators with a cadence >= 0, the last save waited for (a failed one is an
   error), then cleanup in reverse order of set-up, every step of it run.
 """
@@ -23,7 +24,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from sce_jax import checkpoint, logs, metrics
+from sce_jax import checkpoint, logs, metrics, preemption
 
 
 def itstime(step, every, total) -> bool:
@@ -126,9 +127,11 @@ class Run:
     """Runs step_fn(state, batch) -> (state, metrics) from `start` + 1 to num_steps on
     `batches` (closed here), then the final evaluations; returns the state.
 
-    Raises checkpoint.Preempted after saving at a preemption or Ctrl-C, FloatingPointError at a
-    non-finite loss or state, checkpoint.CheckpointError at a failed save.
+    Raises preemption.Preempted after saving at a preemption or Ctrl-C (preemption.Stopped if
+    it came before the first step), FloatingPointError at a non-finite loss or state,
+    checkpoint.CheckpointError at a failed save.
     """
+    preemption.check()
     cleanup = self._cleanup
     cleanup.callback(checkpoint.wait, self.mngr)  # A failed last save is an error.
     cleanup.callback(batches.close)  # stops a host pipeline (grain workers)
@@ -136,13 +139,13 @@ class Run:
     log = _Log(writer, self.mngr, what=self.what, prefix=self.prefix, start=start,
                num_steps=self.num_steps, batch_size=self.batch_size)
     cleanup.callback(log.close)
-    preemption = checkpoint.Preemption()
-    cleanup.callback(preemption.close)
+    signals = preemption.Preemption(jax.process_count())
+    cleanup.callback(signals.close)
     evaluators = list(evaluators)
     for step in range(start + 1, self.num_steps + 1):
       state, step_metrics = step_fn(state, next(batches))
       log.add(step, step_metrics)
-      preempted = preemption.reached(self.mngr, step)
+      preempted = signals.reached(self.mngr, step)
       save = preempted or step == self.num_steps or self.mngr.should_save(step)
       checkpoint.check(self.mngr)
       if save or itstime(step, self.log_every, self.num_steps):
@@ -150,7 +153,7 @@ class Run:
       if save:
         checkpoint.save(self.mngr, step, state)
       if preempted:
-        raise preemption.stop(self.mngr, step)
+        raise signals.stop(step, checkpoint.directory_of(self.mngr, step))
       for ev in evaluators:
         if itstime(step, ev.every, self.num_steps):
           _evaluate(ev, state, writer, step)

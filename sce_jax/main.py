@@ -1,7 +1,7 @@
 """Command line: pretrain SCE, or evaluate a trunk.
 
   python -m sce_jax.main --config=configs/cifar10_r18.py:smoke \\
-      --config.data.path=cifar10_jpg_train.tar.gz --workdir=/tmp/w
+      --config.data.path=cifar-10-python.tar.gz --workdir=/tmp/w
   python -m sce_jax.main --config=configs/imagenet_r50.py:multicrop,epochs=200 --workdir=DIR
 
 --mode=train (default) pretrains, resuming from the workdir's latest checkpoint, then runs the
@@ -16,14 +16,23 @@ find the cluster (also when JAX_COORDINATOR_ADDRESS is set); or name it explicit
 of the data; process 0 alone writes logs and metrics. On a CPU, JAX's own setting
 JAX_NUM_CPU_DEVICES=8 makes 8 devices (tests).
 
-Output (logs.py): a short account by default; --verbosity=1 prints everything. A SIGTERM
-(preemption) or a first Ctrl-C saves a checkpoint and stops; a second Ctrl-C stops at once. The
-exit status says how the run ended (EXIT_*, README "Exit codes").
+Output (logs.py): a short account by default; --verbosity=1 prints everything;
+--config_help lists the config keys. From the moment the process starts, a SIGTERM (preemption)
+or a first Ctrl-C is a request to stop (preemption.py): before the first step it stops at once,
+after it saves a checkpoint and stops; a second Ctrl-C stops at once. The exit status says how
+the run ended (EXIT_*, README "Exit codes").
 """
 import json
 import os
+import signal
 import sys
 
+from sce_jax import preemption
+
+if __name__ == "__main__":  # The command line, not an import: before the imports below.
+  preemption.install()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import jax
 from absl import app, flags, logging
 from etils import epath
@@ -37,8 +46,8 @@ from sce_jax.data import images, sources
 # sysexits.h ("try again later"); 130 is what a shell reports for a process ended by SIGINT.
 EXIT_DONE = 0         # finished
 EXIT_ERROR = 1        # stopped by an error, reported in one line
-EXIT_PREEMPTED = 75   # a SIGTERM (preemption) or Ctrl-C: a checkpoint was saved; rerun to resume
-EXIT_INTERRUPTED = 130  # a Ctrl-C before training, or a second one: stopped at once
+EXIT_PREEMPTED = 75   # a SIGTERM (preemption), or a Ctrl-C after a checkpoint was saved: rerun
+EXIT_INTERRUPTED = 130  # a Ctrl-C before the first step, or a second one: stopped at once
 
 _CONFIG = cli.CONFIG
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and results go here.")
@@ -68,6 +77,7 @@ def _initialize_distributed():
     return
   # Cross-process collectives on CPU devices (tests); no effect on TPU and GPU.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  preemption.share_sigterm()
   jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
 
@@ -99,7 +109,10 @@ def _evaluate(config, workdir, mode, mesh, splits, source, trunk):
 
 
 def _run(config, workdir, mode):
+  """The run, with a look at the stop flag (`preemption.check`) after each start-up stage."""
+  preemption.check()
   sce_config.validate(config, jax.device_count(), jax.process_count(), workdir)
+  preemption.check()
   if mode != "train":
     source, trunk = _load_trunk(config, workdir, mode)
   splits = None if mode in evaluators.OWN_DATA else sources.Splits(config.data)
@@ -107,6 +120,8 @@ def _run(config, workdir, mode):
   if mode == "train":
     train.train(config, workdir, mesh, splits)
   else:
+    splits.open_eval()
+    preemption.check()
     _evaluate(config, workdir, mode, mesh, splits, source, trunk)
 
 
@@ -123,12 +138,12 @@ def main(argv):
                jax.process_count(), jax.local_device_count(), jax.device_count(), config)
   try:
     _run(config, workdir, _MODE.value)
-  except checkpoint.Preempted as e:
+  except preemption.Preempted as e:
     logging.warning("%s", e)
     sys.exit(EXIT_PREEMPTED)
-  except KeyboardInterrupt:
-    logging.warning("Interrupted (Ctrl-C): stopped at once, nothing new was saved.")
-    sys.exit(EXIT_INTERRUPTED)
+  except preemption.Stopped as e:
+    logging.warning("%s", e)
+    sys.exit(EXIT_INTERRUPTED if e.signum == signal.SIGINT else EXIT_PREEMPTED)
   except (sce_config.ConfigError, images.DataError, checkpoint.CheckpointError,
           workdir_lib.WorkdirError, FloatingPointError, evaluators.common.MissingPackage) as e:
     logging.debug("Traceback of the error below:", exc_info=True)  # --verbosity=1

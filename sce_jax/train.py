@@ -11,7 +11,7 @@ import jax
 from absl import logging
 from clu import parameter_overview
 
-from sce_jax import evaluators, loop, optim, sharding, train_step
+from sce_jax import evaluators, loop, optim, preemption, sharding, train_step
 from sce_jax import config as sce_config
 from sce_jax import state as state_lib
 from sce_jax import workdir as workdir_lib
@@ -103,19 +103,26 @@ def train(config, workdir, mesh=None, splits=None):
 
   splits: the opened data (`sources.Splits`), by default opened from config.data. Stops after
   config.max_steps (if > 0) or the epochs; at a preemption (SIGTERM) or a Ctrl-C it saves and
-  raises checkpoint.Preempted. The evaluators of config.eval (`evaluators.periodic`) run at
-  their cadence and at the end. Holds the workdir's lock throughout (workdir.WorkdirError if
-  another run does); config.json records the config of a fresh start, and a resumed run with
-  other values is warned about.
+  raises preemption.Preempted (preemption.Stopped, saving nothing, before the first step). The
+  evaluators of config.eval (`evaluators.periodic`) run at their cadence and at the end; when
+  any does, the eval split is opened (and checked against the training split) before anything
+  compiles. Holds the workdir's lock throughout (workdir.WorkdirError if another run does);
+  config.json records the config of a fresh start, and a resumed run with other values is
+  warned about.
   """
   mesh = mesh or sharding.make_mesh()
   splits = splits or sources.Splits(config.data)
   sce_config.check_data_size(config, splits.train.num_examples)
+  steps_per_epoch = splits.train.num_examples // config.batch_size
+  periodic = evaluators.periodic(config, mesh, splits, steps_per_epoch)
+  if any(ev.every >= 0 for ev in periodic):
+    splits.open_eval()
+  preemption.check()
   with workdir_lib.lock(workdir):
     held = resident.load(splits.train, mesh) if config.data.on_device else None
+    preemption.check()
     parts = build(config, mesh, num_classes=splits.num_classes,
-                  steps_per_epoch=splits.train.num_examples // config.batch_size,
-                  on_device=held is not None)
+                  steps_per_epoch=steps_per_epoch, on_device=held is not None)
     with loop.Run(workdir, config.checkpoint, what="", num_steps=parts.num_steps,
                   batch_size=config.batch_size, log_every=config.log_every_steps) as run:
       state, start, resumed = run.restore(parts.init, jax.random.key(config.seed))
@@ -130,5 +137,4 @@ def train(config, workdir, mesh=None, splits=None):
             splits.train, config.data, global_batch_size=config.batch_size,
             views=parts.views, seed=config.seed, start_step=start,
             sharding=sharding.rows(mesh))
-      return run.train(state, start, parts.step, batches,
-                       evaluators.periodic(config, mesh, splits, parts.steps_per_epoch))
+      return run.train(state, start, parts.step, batches, periodic)

@@ -1,6 +1,9 @@
 """Test set-up: 8 fake CPU devices (before JAX starts) and a small generated CIFAR-10 stand-in."""
 import colorsys
+import io
 import os
+import pickle
+import tarfile
 
 # XLA's CPU backend spends most of a test's time in LLVM optimisation (a tiny ResNet's init
 # takes ~40 s to compile at the default level, ~4 s at level 0); tests run tiny models, so
@@ -77,6 +80,46 @@ def make_image_folder(root, per_class, classes=CIFAR10_CLASSES, seed=0):
         Image.fromarray(natural_image(rng, c / len(classes))).save(folder / f"{i:04d}.jpg",
                                                                      quality=75)
   return root
+
+
+def make_cifar_archive(path, per_class, classes=CIFAR10_CLASSES, fine=False, seed=0):
+  """Writes `path` in the layout of CIFAR's official Python archives (cifar-10-python.tar.gz;
+  with `fine`, cifar-100-python.tar.gz): pickled dicts (protocol 2 and bytes keys, as the
+  originals, which Python 2 wrote) with b'data' uint8 (N, 3072), each row the 32x32 red plane,
+  then green, then blue, b'labels' (b'fine_labels'), b'batch_label', and a meta file with the
+  class names. per_class: {'train': n, 'test': n}; CIFAR-10's train split is spread over
+  data_batch_1..5. Returns {split: (uint8 images (N, 32, 32, 3), labels)} in the archive's
+  order."""
+  rng = np.random.default_rng(seed)
+  top, meta, names_key, labels_key = (
+      ("cifar-100-python", "meta", b"fine_label_names", b"fine_labels") if fine else
+      ("cifar-10-batches-py", "batches.meta", b"label_names", b"labels"))
+  files = {meta: {names_key: [c.encode() for c in classes]}}
+  arrays = {}
+  for split, n in per_class.items():
+    labels = np.tile(np.arange(len(classes)), n)
+    images = np.stack([natural_image(rng, c / len(classes)) for c in labels])
+    arrays[split] = (images, labels)
+    data = images.transpose(0, 3, 1, 2).reshape(len(labels), 3072)
+    parts = [("test" if fine else "test_batch", slice(None))] if split == "test" else (
+        [("train", slice(None))] if fine else
+        [(f"data_batch_{i + 1}", slice(i, None, 5)) for i in range(5)])
+    for name, rows in parts:
+      files[name] = {b"batch_label": name.encode(), labels_key: labels[rows].tolist(),
+                     b"data": data[rows]}
+  order = np.concatenate([np.arange(len(arrays["train"][1]))[slice(i, None, 5)]
+                          for i in range(5)]) if not fine else slice(None)
+  arrays["train"] = tuple(a[order] for a in arrays["train"])
+  with tarfile.open(path, "w:gz") as tar:
+    directory = tarfile.TarInfo(top)
+    directory.type = tarfile.DIRTYPE
+    tar.addfile(directory)
+    for name, content in files.items():
+      data = pickle.dumps(content, protocol=2)
+      info = tarfile.TarInfo(f"{top}/{name}")
+      info.size = len(data)
+      tar.addfile(info, io.BytesIO(data))
+  return arrays
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.special
 
-from sce_jax import checkpoint, metrics
+from sce_jax import metrics, preemption
 from sce_jax import config as sce_config
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -26,8 +26,8 @@ def resumes_exactly(evaluate, rundir, prefix, tmp_path, monkeypatch):
   (throughput and ETA differ); returns (results, {step: those metrics})."""
   whole = evaluate(tmp_path / "whole")
   with monkeypatch.context() as patch:
-    patch.setattr(checkpoint.Preemption, "reached", lambda self, mngr, step: step == 2)
-    with pytest.raises(checkpoint.Preempted, match=f"saved step 2 to .*split/{rundir}"):
+    patch.setattr(preemption.Preemption, "reached", lambda self, mngr, step: step == 2)
+    with pytest.raises(preemption.Preempted, match=f"saved step 2 to .*split/{rundir}"):
       evaluate(tmp_path / "split")
   assert evaluate(tmp_path / "split") == whole
   logged = {run: {step: {k: v for k, v in record.items() if k.startswith(prefix)}

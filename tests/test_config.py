@@ -1,9 +1,13 @@
 """Config files (docs/SCE.md section 5), variants, and `validate`'s message for each bad input."""
 import functools
+import io
 import os
+import socket
 import subprocess
 import sys
+import urllib.request
 
+import flax.traverse_util
 import pytest
 
 from sce_jax import config as sce_config
@@ -217,9 +221,13 @@ def test_batch_not_divisible_into_shuffle_bn_groups(good):
 
 def test_queue_not_a_multiple_of_keys_per_step(good):
   good.sce.queue = 100  # 32 keys a step (CIFAR: one target view)
-  with pytest.raises(sce_config.ConfigError, match=r"sce.queue=100 is not a multiple of the 32 "
-                     r"target embeddings written to it each step \(batch_size 32 x 1 target "
-                     r"views\); set --config.sce.queue=96 or another multiple of 32\."):
+  with pytest.raises(sce_config.ConfigError, match=r"sce.queue=100 is not a positive multiple of "
+                     r"the 32 target embeddings written to it each step \(batch_size 32 x 1 "
+                     r"target views\); set --config.sce.queue=96 or another multiple of 32\."):
+    sce_config.validate(good, 1, 1)
+  good.sce.queue = 0  # A queue of no negatives: the loss would be 0 whatever the weights.
+  with pytest.raises(sce_config.ConfigError, match=r"sce.queue=0 is not a positive multiple .* "
+                     r"set --config.sce.queue=32 or"):
     sce_config.validate(good, 1, 1)
   good.sce.symmetric = True  # ImageNet pairing: both global views enter the queue.
   good.sce.queue = 96
@@ -239,12 +247,38 @@ def test_missing_dataset(good, tmp_path):
 
 @pytest.fixture
 def tfds_builder(monkeypatch):
-  """TFDS's builder class with download_and_prepare replaced by `fake` (no network in tests)."""
+  """TFDS's builder class with download_and_prepare replaced by `fake`, and the connection
+  sources.Tfds probes the download hosts with by `connect` (no network in tests; no proxy)."""
   tfds = pytest.importorskip("tensorflow_datasets")
+  monkeypatch.setattr(urllib.request, "getproxies", dict)
 
-  def patch(fake):
+  def patch(fake, connect=lambda address, timeout: io.BytesIO()):
     monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", fake)
+    monkeypatch.setattr(socket, "create_connection", connect)
   return patch
+
+
+def test_tfds_offline_is_told_in_seconds(good, tmp_path, tfds_builder, monkeypatch):
+  """Offline (the download host does not resolve), TFDS is not asked to download, which would
+  retry for minutes: one line names the host and the local copies to use instead. Behind a
+  proxy nothing is probed."""
+  def offline(address, timeout):
+    raise socket.gaierror(-2, "Name or service not known")
+  tfds_builder(lambda *a, **k: pytest.fail("TFDS was asked to download"), offline)
+  good.data.source, good.data.name, good.data.data_dir = "tfds", "cifar10", str(tmp_path)
+  with pytest.raises(images.DataError) as e:
+    sources.Splits(good.data)
+  assert str(e.value) == (
+      "TFDS cannot download 'cifar10': www.cs.toronto.edu:443 cannot be reached from this "
+      "machine (gaierror: [Errno -2] Name or service not known). Offline, use a local copy: for "
+      "CIFAR the official cifar-10-python.tar.gz or cifar-100-python.tar.gz (README, Without "
+      "internet) with --config.data.source=folder --config.data.path=FILE, or a TFDS data_dir "
+      "prepared on a machine that has internet (--config.data.data_dir=DIR).")
+  calls = []
+  tfds_builder(lambda builder, *a, **k: calls.append(builder.name), offline)
+  monkeypatch.setattr(urllib.request, "getproxies", lambda: {"https": "http://proxy:3128"})
+  sources.Splits(good.data)
+  assert calls == ["cifar10"]
 
 
 def test_tfds_prepares_a_missing_dataset(good, tmp_path, tfds_builder):
@@ -342,6 +376,60 @@ def test_evaluation_keys_out_of_range(good, key, value, fix):
   with pytest.raises(sce_config.ConfigError, match=rf"{key}.*{fix}") as e:
     sce_config.validate(good, 1, 1)
   assert "\n" not in str(e.value)
+
+
+# For each range of config.RANGES, in its words: values just outside it, and values at its
+# edges inside it (ints, so that they fit integer keys too).
+EDGES = {">= 1": ([0, -1], [1]), ">= 0": ([-1], [0]), "> 0": ([0, -1], [1]),
+         "in [0, 1]": ([-1, 2], [0, 1]), "in [0, 1)": ([-1, 1], [0]), "in (0, 1]": ([0, 2], [1])}
+
+
+@pytest.mark.parametrize("key", sorted(sce_config.RANGES))
+def test_values_out_of_range(good, key):
+  """Each numeric key with a range stops `validate` in one line naming it and the range (a
+  temperature of 0 would otherwise compile, then blame the learning rate for the NaN loss; a
+  negative learning rate would train, uphill); its edges pass. Of a tuple (data.mean,
+  data.std, eval.linear.milestones), each item is checked."""
+  *sections, name = key.split(".")
+  node = functools.reduce(lambda c, s: c[s], sections, good)
+  words = sce_config.RANGES[key][1]
+  outside, edges = EDGES[words]
+  as_value = lambda v: (v,) * len(node[name]) if isinstance(node[name], tuple) else v
+  for value in edges:
+    node[name] = as_value(value)
+    sce_config.validate(good, 1, 1)
+  for value in outside:
+    node[name] = as_value(value)
+    each = " (each)" if isinstance(node[name], tuple) else ""
+    with pytest.raises(sce_config.ConfigError) as e:
+      sce_config.validate(good, 1, 1)
+    assert str(e.value) == (f"{key}={node[name]} is out of range; set --config.{key} to a "
+                            f"value {words}{each}.")
+
+
+def test_every_config_is_in_range():
+  for path in sorted(CONFIGS.glob("*.py")):
+    for arg in ("", ":smoke", ":multicrop", ":epochs=100"):
+      try:
+        config = sce_config.load(f"{path}{arg}")
+      except sce_config.ConfigError:  # A variant this file does not have.
+        continue
+      sce_config._check_ranges(config)  # pylint: disable=protected-access
+
+
+def test_config_help_lists_every_key():
+  """--config_help prints every key of base() with its default, the comment it is declared
+  with, and its allowed values or range, without --config or --workdir."""
+  out = cli("--config_help")
+  assert out.returncode == 0, out.stderr
+  lines = out.stdout.splitlines()
+  keys = [line.split(" = ")[0].strip() for line in lines[1:]]
+  assert keys == sorted(flax.traverse_util.flatten_dict(sce_config.base().to_dict(), sep="."))
+  assert "  batch_size = 256  # global batch, all devices and processes; >= 1" in lines
+  assert "  sce.temp = 0.1  # > 0" in lines
+  assert ("  optim.name = 'sgd'  # or \"lars\"; one of 'sgd', 'lars'") in lines
+  assert any(line.startswith("  eval.knn.k = 200  # Evaluations during pretraining") for line in
+             lines)
 
 
 def test_dataset_smaller_than_a_batch(good, tmp_path):

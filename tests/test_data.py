@@ -1,7 +1,10 @@
 """Host input pipelines (tf.data, grain), sources, the trainer's entry points (docs/SCE.md 6-7)."""
 import importlib
+import io
 import math
 import os
+import pickle
+import socket
 import subprocess
 import sys
 import tarfile
@@ -15,6 +18,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from PIL import Image
 
+from sce_jax import train
 from sce_jax.data import archive_cache
 from sce_jax.data import augment
 from sce_jax.data import crop
@@ -24,6 +28,8 @@ from sce_jax.data import images
 from sce_jax.data import pipeline
 from sce_jax.data import presets
 from sce_jax.data import sources
+from tests.conftest import CIFAR10_CLASSES, make_cifar_archive
+from tests.helpers import load_config
 
 LOADERS = ("tf", "grain")
 WHOLE = presets.ViewSpec(32, scale=(1.0, 1.0), ratio=(1.0, 1.0))  # The crop is the image.
@@ -210,8 +216,11 @@ def test_folder_train_iterator(cifar_root, sharding, loader, cache):
 
 
 @pytest.mark.parametrize("loader", LOADERS)
-def test_tfds_train_iterator(sharding, loader):
+def test_tfds_train_iterator(sharding, loader, monkeypatch):
   tfds = pytest.importorskip("tensorflow_datasets")
+  # mock_data leaves the dataset unprepared, so sources.Tfds first probes TFDS's download host;
+  # a test has no network.
+  monkeypatch.setattr(socket, "create_connection", lambda address, timeout: io.BytesIO())
   cfg = _cfg(source="tfds", name="cifar10", loader=loader)
   with tfds.testing.mock_data(num_examples=40):
     splits = sources.Splits(cfg)
@@ -596,8 +605,9 @@ def test_undecodable_images_are_skipped(damaged_root, sharding, loader, cache, c
 
 def test_empty_class_folder_and_a_file_for_data_path(cifar_root, tmp_path, caplog):
   """An empty class folder is left out with a warning, and the test split is labelled by the
-  training split's classes; class folders the training split lacks, or a data.path that is a
-  plain file, are one-line errors."""
+  training split's classes; a class the test split has images of but the training split has
+  none of (its folder there empty), or a data.path that is a plain file, are one-line
+  errors. A run that evaluates opens the test split before anything is built."""
   good = sorted(cifar_root.glob("train/*/*.jpg"))
   for split in ("train", "test"):
     for name in ("a", "b", "c"):
@@ -609,10 +619,119 @@ def test_empty_class_folder_and_a_file_for_data_path(cifar_root, tmp_path, caplo
   assert f"Left out 1 class folder(s) of {tmp_path}/train that hold no" in caplog.text
   assert list(splits.eval.labels) == [0, 1]
   (tmp_path / "test" / "b" / "0.jpg").write_bytes(good[10].read_bytes())
-  with pytest.raises(images.DataError, match=r"test has class folders the training split "
-                     r"lacks: b; both splits need the same class folders\."):
-    sources.Splits(_cfg(path=str(tmp_path))).eval
+  message = (f"{tmp_path}/test holds images of classes that the training split has no images "
+             "of: b (1 images); add images of each to the training split, or take that folder "
+             "out of this split.")
+  with pytest.raises(images.DataError) as e:
+    sources.Splits(_cfg(path=str(tmp_path))).open_eval()
+  assert str(e.value) == message
+  config = load_config("cifar10_r18", "smoke")
+  config.data.path, config.eval.knn.every_epochs = str(tmp_path), 0  # kNN at the end
+  config.batch_size = 2
+  with pytest.raises(images.DataError) as e:
+    train.train(config, tmp_path / "run")
+  assert str(e.value) == message and not (tmp_path / "run").exists()
   (tmp_path / "notes.txt").write_text("not images")
   with pytest.raises(images.DataError, match=r"notes.txt is a file but not a \.tar, \.tar\.gz "
                      r"or \.tgz archive; set --config.data.path"):
     sources.Splits(_cfg(path=str(tmp_path / "notes.txt")))
+
+
+def test_damaged_archive_is_named(archives, tmp_path):
+  """A .tar.gz cut short (a download that stopped) is a one-line DataError naming it, whether
+  it would be cached as arrays or unpacked, before anything is built; tarfile's own error
+  (EOFError) names no file."""
+  whole = (archives / "slice_train.tar.gz").read_bytes()
+  cut = tmp_path / "slice_train.tar.gz"
+  cut.write_bytes(whole[:len(whole) // 2])
+  expected = (f"{cut} is damaged or incomplete (EOFError: Compressed file ended before the "
+              "end-of-stream marker was reached); download or copy it again (its size should "
+              "match the original's).")
+  for open_split in (lambda: sources.Splits(_cfg(path=str(cut), cache_dir=str(tmp_path / "c"))),
+                     lambda: sources.ImageFolder(cut)):  # Cached, unpacked.
+    with pytest.raises(images.DataError) as e:
+      open_split()
+    assert str(e.value) == expected
+  cifar = tmp_path / "cifar-10-python.tar.gz"
+  make_cifar_archive(cifar, {"train": 1, "test": 1})
+  cifar.write_bytes(cifar.read_bytes()[:-200])
+  with pytest.raises(images.DataError, match=rf"^{cifar} is damaged or incomplete \(EOFError"):
+    sources.Splits(_cfg(path=str(cifar), cache_dir=str(tmp_path / "c")))
+
+
+@pytest.mark.parametrize("fine", [False, True])
+def test_cifar_python_archive(fine, tmp_path, monkeypatch):
+  """CIFAR's official Python archive (cifar-10-python.tar.gz, cifar-100-python.tar.gz) is one
+  data.path for both splits: its pickled batches decoded into the array cache (each row the
+  red, green and blue planes), the labels and class names as stored; a second start reads the
+  cache."""
+  classes = ("apple", "bear", "cloud") if fine else CIFAR10_CLASSES
+  archive = tmp_path / ("cifar-100-python.tar.gz" if fine else "cifar-10-python.tar.gz")
+  expected = make_cifar_archive(archive, {"train": 2, "test": 1}, classes, fine=fine)
+  cfg = _cfg(path=str(archive), cache_dir=str(tmp_path / "cache"))
+  splits = sources.Splits(cfg)
+  assert isinstance(splits.train, sources.InMemory)
+  for source, split in ((splits.train, "train"), (splits.open_eval(), "test")):
+    np.testing.assert_array_equal(source.images, expected[split][0])
+    np.testing.assert_array_equal(source.labels, expected[split][1])
+    assert source.classes == list(classes)
+  assert splits.train.images[0, 0, 0].tolist() == list(expected["train"][0][0, 0, 0])
+  with monkeypatch.context() as patch:
+    patch.setattr(archive_cache, "_decode_cifar", None)  # A second open must not decode.
+    np.testing.assert_array_equal(sources.Splits(cfg).train.images, expected["train"][0])
+  cfg.eval_split = "val"
+  with pytest.raises(images.DataError, match=r"holds the splits 'train', 'test', not 'val'; set "
+                     r"--config.data.train_split / eval_split to them\.$"):
+    sources.Splits(cfg).open_eval()
+
+
+class _Planted:
+  """A pickle that runs a command when loaded."""
+
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return (os.system, (f"touch {self.marker}",))
+
+
+def test_cifar_archive_runs_no_code(tmp_path):
+  """A CIFAR batch is data: a pickle that names anything but plain values and NumPy arrays (here
+  os.system) is refused, not run."""
+  marker = tmp_path / "ran"
+  archive = tmp_path / "cifar-10-python.tar.gz"
+  members = {"batches.meta": {b"label_names": [b"a", b"b"]}, "data_batch_1": _Planted(marker)}
+  with tarfile.open(archive, "w:gz") as tar:
+    for name, content in members.items():
+      data = pickle.dumps(content)
+      info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+      info.size = len(data)
+      tar.addfile(info, io.BytesIO(data))
+  with pytest.raises(images.DataError, match=r"cannot read cifar-10-batches-py/data_batch_1 "
+                     r"\(UnpicklingError: posix.system has no place in a CIFAR batch\)"):
+    sources.Splits(_cfg(path=str(archive), cache_dir=str(tmp_path / "cache")))
+  assert not marker.exists()
+
+
+def test_truncated_jpeg_is_skipped_quietly(cifar_root, tmp_path, sharding, capfd, caplog):
+  """A JPEG cut short in its headers (a truncated copy) is skipped with our one warning, and
+  libjpeg's own lines ('Improper call to JPEG library in state 201', 'Input file read error'),
+  which it prints straight to stderr whatever TF's log level, do not appear: the tf.data loader
+  does not hand it to libjpeg."""
+  pytest.importorskip("tensorflow")
+  good = sorted(cifar_root.glob("train/*/*.jpg"))
+  for c, name in enumerate("ab"):
+    (tmp_path / "train" / name).mkdir(parents=True)
+    for i in range(4):
+      (tmp_path / "train" / name / f"{i}.jpg").write_bytes(good[20 * c + i].read_bytes())
+  jpeg = good[0].read_bytes()
+  scan = jpeg.index(b"\xff\xda")
+  for cut in (scan // 2, scan + 3, scan + 12):  # In the tables, in and at the end of the
+    (tmp_path / "train" / "a" / f"x_{cut}.jpg").write_bytes(jpeg[:cut])  # scan header.
+  cfg = _cfg(path=str(tmp_path), loader="tf")
+  splits = sources.Splits(cfg)
+  _take(pipeline.train_iterator(splits.train, cfg, global_batch_size=8, views=(WHOLE,), seed=0,
+                                sharding=sharding), 3)
+  assert len(_skipped(caplog)) == 3
+  err = capfd.readouterr().err
+  assert "JPEG library" not in err and "Input file read error" not in err, err

@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from sce_jax import checkpoint, loop, metrics
+from sce_jax import checkpoint, loop, metrics, preemption
 
 CKPT = ml_collections.ConfigDict(dict(every_steps=4, keep=3))
 
@@ -66,8 +66,8 @@ def test_preempted_and_resumed_equals_uninterrupted(tmp_path, monkeypatch):
   starts at the saved step and ends with the same state, checkpoints and losses."""
   whole, _ = train(tmp_path / "whole")
   with monkeypatch.context() as patch:
-    patch.setattr(checkpoint.Preemption, "reached", lambda self, mngr, step: step == 6)
-    with pytest.raises(checkpoint.Preempted, match="saved step 6 to .*split/checkpoints/6"):
+    patch.setattr(preemption.Preemption, "reached", lambda self, mngr, step: step == 6)
+    with pytest.raises(preemption.Preempted, match="saved step 6 to .*split/checkpoints/6"):
       train(tmp_path / "split")
   assert max(metrics.read(tmp_path / "split")) == 6  # the last step is logged before its save
   split, batches = train(tmp_path / "split")

@@ -2,25 +2,98 @@
 
 Such an archive is decoded once into uint8 arrays in data.cache_dir (`read`), memory-mapped at
 later starts; an archive of images of several sizes (ImageNet), or one holding a damaged image,
-is not cached (the caller unpacks it).
+is not cached (the caller unpacks it). Besides class folders of images, the official CIFAR-10
+and CIFAR-100 Python archives (cifar-10-python.tar.gz, cifar-100-python.tar.gz from
+https://www.cs.toronto.edu/~kriz/cifar.html: pickled batches of both splits) are read directly
+(`is_cifar`).
 """
 import hashlib
 import io
 import json
 import os
 import pathlib
+import pickle
 import shutil
-import tarfile
 import tempfile
+from typing import NamedTuple
 
 import numpy as np
 from absl import logging
 from PIL import Image
 
 from sce_jax.data import folders
-from sce_jax.data.images import IMAGE_EXTENSIONS, UndecodableImage, decode_into
+from sce_jax.data.images import IMAGE_EXTENSIONS, DataError, UndecodableImage, decode_into
 
 _CACHE_FORMAT = 2  # Bump when the cache's layout or decoding changes: old entries are not read.
+
+
+class _Cifar(NamedTuple):
+  """The layout of an official CIFAR Python archive, under its top folder."""
+  batches: dict    # split -> its batch files
+  labels: bytes    # the key of a batch's labels
+  meta: str        # the file of the class names
+  names: bytes     # their key there
+
+
+_CIFAR = {  # by top folder
+    "cifar-10-batches-py": _Cifar({"train": [f"data_batch_{i}" for i in range(1, 6)],
+                                   "test": ["test_batch"]}, b"labels", "batches.meta",
+                                  b"label_names"),
+    "cifar-100-python": _Cifar({"train": ["train"], "test": ["test"]}, b"fine_labels", "meta",
+                               b"fine_label_names"),
+}
+
+
+class _Batch(pickle.Unpickler):
+  """Unpickles plain values and NumPy arrays, nothing else: a pickle can call whatever it names,
+  and an archive is data from elsewhere. (_codecs.encode: how Python 3 writes bytes at pickle
+  protocol 2, the originals' protocol.)"""
+  ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+             ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+  def find_class(self, module, name):
+    if (module, name) not in self.ALLOWED:
+      raise pickle.UnpicklingError(f"{module}.{name} has no place in a CIFAR batch")
+    return super().find_class(module, name)
+
+
+def is_cifar(archive) -> bool:
+  """Whether `archive` is an official CIFAR Python archive (its first entry is the top folder);
+  such an archive holds both splits."""
+  with folders.open_archive(archive) as tar:
+    first = tar.next()
+  return first is not None and pathlib.PurePosixPath(first.name).parts[0] in _CIFAR
+
+
+def _decode_cifar(archive, split, dest, classes):
+  """Decodes one split of an official CIFAR Python archive into dest/{images.npy, labels.npy,
+  classes.json}. A batch's 'data' is uint8 (N, 3072): per image the 32x32 red plane, then green,
+  then blue, each row by row."""
+  def load(tar, top, name):
+    try:
+      return _Batch(tar.extractfile(f"{top}/{name}"), encoding="bytes").load()
+    except (KeyError, pickle.UnpicklingError) as e:  # KeyError: not in the archive.
+      raise DataError(f"{archive} is not a whole CIFAR Python archive: cannot read {top}/{name} "
+                      f"({type(e).__name__}: {e}); download it again.") from e
+
+  with folders.open_archive(archive) as tar:
+    top = pathlib.PurePosixPath(tar.next().name).parts[0]
+    layout = _CIFAR[top]
+    if split not in layout.batches:
+      raise DataError(f"{archive} holds the splits {', '.join(map(repr, layout.batches))}, not "
+                      f"{split!r}; set --config.data.train_split / eval_split to them.")
+    names = [n.decode() if isinstance(n, bytes) else n
+             for n in load(tar, top, layout.meta)[layout.names]]
+    batches = [load(tar, top, name) for name in layout.batches[split]]
+  if classes is not None and list(classes) != names:
+    raise DataError(f"{archive}'s classes are not those of the training split; set "
+                    "--config.data.eval_path to the archive the training split came from.")
+  images = np.concatenate([np.asarray(b[b"data"], np.uint8) for b in batches])
+  np.save(dest / "images.npy", images.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+  np.save(dest / "labels.npy", np.concatenate([b[layout.labels] for b in batches]).astype(
+      np.int32))
+  (dest / "classes.json").write_text(json.dumps(names))
+  return True
 
 
 def _scan_archive(archive):
@@ -30,14 +103,13 @@ def _scan_archive(archive):
   not cached but unpacked, and not read beyond that point."""
   listing, images, size = {}, {}, None
   entry = lambda folder: listing.setdefault(folder, (set(), []))
-  with tarfile.open(archive) as tar:
+  with folders.open_archive(archive) as tar:
     for member in tar:
       path = pathlib.PurePosixPath(member.name)
       if (not path.parts or path.is_absolute() or ".." in path.parts
           or not (member.isfile() or member.isdir())):
         continue
-      folders = list(path.parents)[:-1] + ([path] if member.isdir() else [])
-      for folder in folders:
+      for folder in list(path.parents)[:-1] + ([path] if member.isdir() else []):
         entry(folder.parent)[0].add(folder.name)
       if member.isdir() or not path.name.lower().endswith(IMAGE_EXTENSIONS):
         continue
@@ -83,9 +155,9 @@ def _decode_archive(archive, split, dest, classes):
 
 
 def read(archive, split, cache_dir, classes=None):
-  """One split of a class-folder archive as (images (N, H, W, 3) uint8 memory-mapped, labels,
-  class names), from the array cache in `cache_dir`, which the first call builds; None when it
-  cannot be cached (`_decode_archive`).
+  """One split of a class-folder archive or a CIFAR Python archive as (images (N, H, W, 3) uint8
+  memory-mapped, labels, class names), from the array cache in `cache_dir`, which the first call
+  builds; None when it cannot be cached (`_decode_archive`).
 
   classes: as `folders.labelled`. An entry is keyed by the archive's path, size and mtime, the split
   and the classes, so a changed archive is decoded again. It is built in a temporary folder
@@ -104,7 +176,8 @@ def read(archive, split, cache_dir, classes=None):
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{entry.name}."))
     try:
-      if not _decode_archive(archive, split, tmp, classes):
+      decode = _decode_cifar if is_cifar(archive) else _decode_archive
+      if not decode(archive, split, tmp, classes):
         logging.info("%s holds images of several sizes or a damaged one: unpacking it, not "
                      "caching arrays.", archive)
         return None

@@ -6,15 +6,19 @@ are the folders that hold images, sorted by name; another split is labelled by t
 split's classes.
 """
 import atexit
+import contextlib
 import functools
+import gzip
 import pathlib
 import shutil
 import tarfile
 import tempfile
+import zlib
 
 import numpy as np
 from absl import logging
 
+from sce_jax import logs
 from sce_jax.data.images import IMAGE_EXTENSIONS, DataError
 
 EVAL_SPLITS = ("test", "val", "validation")
@@ -27,12 +31,25 @@ def is_archive(path) -> bool:
   return str(path).endswith(_ARCHIVE_SUFFIXES)
 
 
+@contextlib.contextmanager
+def open_archive(archive):
+  """The tarfile of `archive`; a damaged one (cut short, a bad gzip stream, not a tar) is a
+  DataError naming it, wherever it is found while the block reads it. tarfile's own errors
+  (EOFError, tarfile.ReadError, zlib.error) do not name the file."""
+  try:
+    with tarfile.open(archive) as tar:
+      yield tar
+  except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
+    raise DataError(f"{archive} is damaged or incomplete ({logs.brief(e, 200)}); download or "
+                    "copy it again (its size should match the original's).") from e
+
+
 @functools.cache
 def extract(archive: str) -> pathlib.Path:
   """Unpacks `archive` once per process into a temporary folder (never beside the archive)."""
   dest = pathlib.Path(tempfile.mkdtemp(prefix="sce_jax_"))
   atexit.register(shutil.rmtree, dest, ignore_errors=True)
-  with tarfile.open(archive) as tar:
+  with open_archive(archive) as tar:
     tar.extractall(dest, filter="data")
   return dest
 
@@ -76,10 +93,12 @@ def labelled(found, where, classes=None):
     logging.warning("Left out %d class folder(s) of %s that hold no %s images: %s.", len(empty),
                     where, "/".join(IMAGE_EXTENSIONS), ", ".join(empty))
   classes = list(classes) if classes is not None else [n for n in found if found[n]]
-  unknown = [name for name in found if found[name] and name not in classes]
-  if unknown:
-    raise DataError(f"{where} has class folders the training split lacks: "
-                    f"{', '.join(unknown)}; both splits need the same class folders.")
+  unknown = [f"{name} ({len(found[name])} images)" for name in found
+             if found[name] and name not in classes]
+  if unknown:  # The training split has no such folder, or an empty one.
+    raise DataError(f"{where} holds images of classes that the training split has no images "
+                    f"of: {', '.join(unknown)}; add images of each to the training split, or "
+                    "take that folder out of this split.")
   files, labels = [], []
   for label, name in enumerate(classes):
     files += found.get(name, [])

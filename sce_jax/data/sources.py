@@ -15,6 +15,9 @@ import copy
 import functools
 import os
 import pathlib
+import socket
+import urllib.parse
+import urllib.request
 
 import numpy as np
 from absl import logging
@@ -132,6 +135,7 @@ class Tfds:
           f"put its files in DIR/downloads/manual/, run `python -c \"import tensorflow_datasets "
           f"as t; t.builder('{self.name}', data_dir='DIR').download_and_prepare()\"` and set "
           "--config.data.data_dir=DIR (README, ImageNet).")
+    self._check_online()
     logging.info("Downloading and preparing TFDS dataset %r in %s (once).", self.name, where)
     try:
       self.builder.download_and_prepare()
@@ -140,6 +144,25 @@ class Tfds:
           f"TFDS could not download and prepare {self.name!r} in {where} "
           f"({logs.brief(e, 200)}); check the internet connection, or prepare it on a "
           "machine that has one and set --config.data.data_dir=DIR.") from e
+
+  def _check_online(self, timeout=5.0):
+    """A DataError within seconds if a host TFDS downloads this dataset from cannot be reached
+    (no DNS, no route): offline, TFDS retries for minutes before it gives up. Behind a proxy
+    (HTTP(S)_PROXY), which TFDS's downloads go through, nothing is probed."""
+    if urllib.request.getproxies():
+      return
+    urls = map(urllib.parse.urlsplit, self.builder.url_infos or {})
+    for host, port in sorted({(u.hostname, u.port or (443 if u.scheme == "https" else 80))
+                              for u in urls}):
+      try:
+        socket.create_connection((host, port), timeout=timeout).close()
+      except OSError as e:
+        raise DataError(
+            f"TFDS cannot download {self.name!r}: {host}:{port} cannot be reached "
+            f"from this machine ({logs.brief(e, 200)}). Offline, use a local copy: for CIFAR "
+            "the official cifar-10-python.tar.gz or cifar-100-python.tar.gz (README, Without "
+            "internet) with --config.data.source=folder --config.data.path=FILE, or a TFDS "
+            "data_dir prepared on a machine that has internet (--config.data.data_dir=DIR).")
 
   @property
   def num_examples(self):
@@ -201,18 +224,23 @@ def subset(source, indices):
 
 def _folder(data_cfg, split, train=None):
   """source='folder': `path` holds the training split; another split is at `eval_path`, or
-  found next to `path` when that is empty, and labelled by the classes of `train`. Archives of
-  images of one size come from the array cache in data.cache_dir (archive_cache.py)."""
+  found next to `path` when that is empty (in `path` itself for a CIFAR Python archive), and
+  labelled by the classes of `train`. Archives of images of one size and CIFAR's come from the
+  array cache in data.cache_dir (archive_cache.py)."""
   if not data_cfg.path:
-    raise DataError("data.path is empty; set --config.data.path to a class-folder tree or "
-                    "a .tar/.tar.gz of one (e.g. cifar10_jpg_train.tar.gz).")
+    raise DataError("data.path is empty; set --config.data.path to a class-folder tree, a "
+                    ".tar/.tar.gz of one, or CIFAR's cifar-10-python.tar.gz (README).")
   if not pathlib.Path(data_cfg.path).exists():
     raise DataError(f"data.path={data_cfg.path} does not exist; set --config.data.path to a "
-                    "class-folder tree or a .tar/.tar.gz of one.")
-  path = data_cfg.path if split == data_cfg.train_split else (
-      data_cfg.eval_path or folders.find_eval_path(data_cfg.path, split))
+                    "class-folder tree, a .tar/.tar.gz of one, or CIFAR's "
+                    "cifar-10-python.tar.gz (README).")
+  archive = lambda p: folders.is_archive(p) and pathlib.Path(p).is_file()
+  path = data_cfg.path
+  if split != data_cfg.train_split:
+    both = archive(path) and archive_cache.is_cifar(path)
+    path = data_cfg.eval_path or (path if both else folders.find_eval_path(path, split))
   classes = None if train is None else train.classes
-  if folders.is_archive(path) and pathlib.Path(path).is_file():
+  if archive(path):
     cached = archive_cache.read(path, split, data_cfg.cache_dir, classes)
     if cached is not None:
       return InMemory(*cached)
@@ -233,7 +261,10 @@ class Splits:
   """The training and evaluation sources of a data config, each opened once.
 
   The training split is opened at once (a missing path stops the run before it compiles); the
-  evaluation split when first used, so a run without evaluation needs none.
+  evaluation split by `open_eval`, which a run that evaluates calls before it compiles (the
+  split is labelled by the training split's classes, and a class it has images of but the
+  training split has none of stops it there), or else when first used, so a run without
+  evaluation needs none.
   """
 
   def __init__(self, data_cfg):
@@ -243,6 +274,10 @@ class Splits:
   @functools.cached_property
   def eval(self):
     return SOURCES[self._cfg.source](self._cfg, self._cfg.eval_split, self.train)
+
+  def open_eval(self):
+    """Opens the evaluation split now."""
+    return self.eval
 
   @property
   def num_classes(self):

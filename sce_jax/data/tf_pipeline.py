@@ -27,13 +27,30 @@ _TF_OPS = types.SimpleNamespace(
     cumsum=tf.cumsum, sum=tf.reduce_sum, any=tf.reduce_any, asarray=tf.cast, int32=tf.int32)
 
 
+def _past_scan_header(data):
+  """Whether a JPEG goes on past the header of its first scan (an FF DA marker and the length
+  of the segment it starts). libjpeg prints 'Improper call to JPEG library in state 201' or
+  'Input file read error' straight to stderr for a JPEG cut short before that point, whatever
+  TF's log level. (An FF DA inside an earlier table can pass for the marker: that file is then
+  decoded as it would be anyway.)"""
+  raw = tf.cast(tf.io.decode_raw(data, tf.uint8), tf.int32)
+  at = tf.cast(tf.where((raw[:-3] == 0xFF) & (raw[1:-2] == 0xDA))[:, 0], tf.int32)
+  length = tf.gather(raw, at + 2) * 256 + tf.gather(raw, at + 3)
+  return tf.reduce_any(at + 2 + length < tf.size(raw))
+
+
 def _decode(data):
   """uint8 (H, W, 3) from encoded bytes. JPEGs use the accurate integer IDCT, as Pillow: TF's
-  default, the fast one, is ~0.75 grey levels off."""
-  return tf.cond(
-      tf.io.is_jpeg(data),
-      lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
-      lambda: tf.io.decode_image(data, channels=3, expand_animations=False))
+  default, the fast one, is ~0.75 grey levels off. A JPEG cut short in its headers (a truncated
+  copy) fails an assertion instead of reaching libjpeg (`_past_scan_header`): skipped like any
+  undecodable image, without libjpeg's lines on stderr."""
+  def jpeg():
+    whole = tf.debugging.Assert(_past_scan_header(data), ["JPEG cut short in its headers"])
+    with tf.control_dependencies([whole]):
+      return tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE")
+
+  return tf.cond(tf.io.is_jpeg(data), jpeg,
+                 lambda: tf.io.decode_image(data, channels=3, expand_animations=False))
 
 
 def _decode_all(ds):

@@ -129,7 +129,7 @@ def init(tx, dim, num_classes):
 def evaluate(config, trunk_variables, mesh, splits, workdir):
   """Fine-tunes the trunk on the labelled subset (`train_source`) in
   <workdir>/finetune_<subset> (`loop.Run`: checkpoints, metrics.jsonl; a preemption or Ctrl-C
-  raises checkpoint.Preempted after saving; run again on the same weights, it resumes exactly)
+  raises preemption.Preempted after saving; run again on the same weights, it resumes exactly)
   and returns finetune_top1 / finetune_top5 on splits.eval."""
   ft, data = config.eval.finetune, config.data
   train, name = train_source(config, splits)

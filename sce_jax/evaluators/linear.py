@@ -72,7 +72,7 @@ def evaluate(config, trunk_variables, mesh, splits, workdir):
   (`crop.is_small`) the host passes whole images and the accelerator takes a random crop of the
   4-padded image. Both then flip (p 0.5) and normalise on the accelerator. The probe is a run of
   its own in <workdir>/linear (`loop.Run`: checkpoints, metrics.jsonl, a preemption or Ctrl-C
-  raises checkpoint.Preempted after saving) beside the trunk's checksums; run again on the same
+  raises preemption.Preempted after saving) beside the trunk's checksums; run again on the same
   weights, it resumes from its latest checkpoint and computes what an uninterrupted probe does.
   """
   lin, data = config.eval.linear, config.data
