@@ -295,7 +295,6 @@ _FRACTION = (lambda v: 0 <= v <= 1, "in [0, 1]")
 _MOMENTUM = (lambda v: 0 <= v < 1, "in [0, 1)")  # 1 would never forget the first gradient
 _DECAY = (lambda v: 0 < v <= 1, "in (0, 1]")
 RANGES = {
-    "model.width": _COUNT,
     "model.projector.hidden_dim": _COUNT,
     "model.projector.out_dim": _COUNT,
     "model.projector.num_layers": _COUNT,

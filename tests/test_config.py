@@ -427,7 +427,8 @@ def test_config_help_lists_every_key():
   assert keys == sorted(flax.traverse_util.flatten_dict(sce_config.base().to_dict(), sep="."))
   assert "  batch_size = 256  # global batch, all devices and processes; >= 1" in lines
   assert "  sce.temp = 0.1  # > 0" in lines
-  assert ("  optim.name = 'sgd'  # or \"lars\"; one of 'sgd', 'lars'") in lines
+  assert ("  optim.name = 'sgd'  # or \"lars\", \"adamw\" (optim.OPTIMIZERS); one of 'sgd', "
+          "'lars', 'adamw'") in lines
   assert any(line.startswith("  eval.knn.k = 200  # Evaluations during pretraining") for line in
              lines)
 
