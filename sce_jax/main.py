@@ -120,8 +120,9 @@ def _run(config, workdir, mode):
   if mode == "train":
     train.train(config, workdir, mesh, splits)
   else:
-    splits.open_eval()
-    preemption.check()
+    if splits is not None:  # OWN_DATA evaluators open their own sets
+      splits.open_eval()
+      preemption.check()
     _evaluate(config, workdir, mode, mesh, splits, source, trunk)
 
 

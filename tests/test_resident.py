@@ -87,7 +87,12 @@ def _run(config, devices, steps):
 def test_step_on_device_one_device_equals_eight():
   """The step crops and augments the resident set itself: the same global batch on 1 and 8
   devices gives the same losses and weights (float32 sums in another order: 1e-4 of scale)."""
-  config = test_train_step.tiny_config(**{"optim.base_lr": 0.5})
+  # lr 0.05: at 0.5 the first update (gradient norm ~58) moves the BatchNorm biases so far that
+  # step 2 amplifies step 1's float32 rounding (~1e-7) to ~2e-2 of a layer's scale on some
+  # initialisations (measured 1.7e-2 with PyTorch's inits and the group-position shuffle-BN);
+  # at 0.05 the same comparison stays at ~1e-5, inside the 1e-4 bound that the reduction order
+  # justifies. The step computed is the same; only the conditioning of the comparison changes.
+  config = test_train_step.tiny_config(**{"optim.base_lr": 0.05})
   one, m1 = _run(config, jax.devices()[:1], 2)
   eight, m8 = _run(config, jax.devices()[:8], 2)
 

@@ -2,6 +2,7 @@
 import io
 import json
 import logging
+import socket
 import sys
 
 import jax
@@ -223,6 +224,7 @@ def test_transfer_tfds_sets(tmp_path, trunk_variables, monkeypatch):
   tf = pytest.importorskip("tensorflow")
   # The mock has no split metadata: a split's size is its length.
   monkeypatch.setattr(sources.Tfds, "num_examples", property(len))
+  monkeypatch.setattr(socket, "create_connection", lambda address, timeout: io.BytesIO())
   mesh, work = make_mesh(), tmp_path / "work"
   with tfds.testing.mock_data(num_examples=40):
     first = transfer.evaluate(_config(tmp_path, "cifar10"), trunk_variables, mesh, None, work)
@@ -263,9 +265,11 @@ def test_svm_map_separable():
   assert value == 1.0 and set(costs) <= {0.1, 1.0} and len(costs) == 3
 
 
-def test_voc07_svm_end_to_end(tmp_path, trunk_variables, caplog):
+def test_voc07_svm_end_to_end(tmp_path, trunk_variables, caplog, monkeypatch):
   """PCL's protocol on mocked VOC2007: 2 draws of 2 images a class and all trainval images
   (train + validation), features cached; the table names the published row."""
+  # mock_data leaves the set unprepared: the offline check would probe the download host.
+  monkeypatch.setattr(socket, "create_connection", lambda address, timeout: io.BytesIO())
   tfds = pytest.importorskip("tensorflow_datasets")
   tf = pytest.importorskip("tensorflow")
   config = _config(tmp_path, "cifar10")
