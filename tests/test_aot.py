@@ -88,6 +88,8 @@ def _check_smoke(result):
   twice, and sums its gradients in float32 at 4 bytes a parameter."""
   assert result["fits"] and 0 < result["hbm_gib_per_chip"] < result["hbm_capacity_gib"]
   assert result["collectives"]["all-to-all"]["count"] == 0
+  # The only all-gather is the queue update's (one target view); shuffle-BN moves no image.
+  assert result["collectives"]["all-gather"]["count"] == 1
   # XLA adds the elementwise work (BatchNorm, augmentations) to the convolutions and matmuls
   # of the analytic count, and leaves out the multiply-adds on their zero padding (up to 31%
   # of a 3x3 convolution of a 4x4 map); a step done in full on every chip would be x 4.
