@@ -314,7 +314,8 @@ def max_batch(first, compile_at, capacity, step, tries=3):
   eighth of its batch: far enough apart that the activations' share shows, and a compile that
   runs out of memory stops early); one more compile confirms the line's prediction. A prediction that does not fit
   brackets the answer with the largest batch that does, and the line through those two gives
-  the next try (`tries` in all). compile_at(per_chip_batch) -> Compiled."""
+  the next try (`tries` in all); memory that does not grow between the two sends the next try
+  8 times further. compile_at(per_chip_batch) -> Compiled."""
   b = first.batch_per_chip
   points = [first, compile_at(8 * b if first.fits else max(step, b // 8 // step * step))]
   batch = lambda p: p.batch_per_chip
@@ -325,13 +326,15 @@ def max_batch(first, compile_at, capacity, step, tries=3):
     line = [fit, over] if fit and over else sorted(points, key=batch)[-2:] if fit else sorted(
         points, key=batch)[:2]
     (b0, m0), (b1, m1) = sorted((batch(p), p.hbm_bytes) for p in line)
-    if b1 == b0 or m1 <= m0:
-      break
-    guess = int((b0 + (capacity - m0) * (b1 - b0) / (m1 - m0)) // step * step)
+    predicted = m1 > m0
+    if predicted:
+      guess = int((b0 + (capacity - m0) * (b1 - b0) / (m1 - m0)) // step * step)
+    else:  # fixed costs hide the activations' share at these batches: look 8 times further
+      guess = 8 * b1 if fit and not over else 0
     if guess < step or guess in [batch(p) for p in points]:
       break
     points.append(compile_at(guess))
-    if points[-1].fits and over is None:
+    if points[-1].fits and over is None and predicted:
       break  # the line's prediction, confirmed
   best = max((p for p in points if p.fits), key=batch, default=None)
   return (batch(best) if best else 0), best

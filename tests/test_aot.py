@@ -60,6 +60,10 @@ def test_max_batch_fits_a_line_and_confirms_it():
   kinked = compile_at(lambda b: 10 + b + 2 * max(0, b - 64))
   best, confirmed = aot.max_batch(kinked(8), kinked, 100, step=8)
   assert calls == [8, 64, 88, 72] and best == 72 and confirmed.hbm_bytes == 98
+  calls.clear()  # Memory flat up to 64 (fixed costs), then growing: look 8 times further.
+  flat = compile_at(lambda b: 50 + max(0, b - 64) // 16)
+  best, _ = aot.max_batch(flat(8), flat, 100, step=8)
+  assert calls == [8, 64, 512, 864] and best == 864 and 50 + 800 // 16 <= 100
 
 
 def test_collectives_are_read_from_the_optimised_hlo():
