@@ -19,8 +19,9 @@ KEYS = ("hbm_gib_per_chip", "hbm_capacity_gib", "fits", "max_batch_per_chip", "t
 
 
 needs_libtpu = pytest.mark.skipif(
-    importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed, and it has wheels for Linux only: pip "
-    "install -e '.[tpu]' (CI's [test] extra has it)")
+    importlib.util.find_spec("libtpu") is None,
+    reason="libtpu is not installed, and it has wheels for Linux only: pip install -e "
+    "'.[tpu]' (CI's [test] extra has it)")
 
 
 @pytest.mark.parametrize("name,want", [
