@@ -312,9 +312,11 @@ def max_batch(first, compile_at, capacity, step, tries=3):
   """The largest per-chip batch (a multiple of `step`) whose step fits `capacity` bytes, and
   its Compiled. Memory is a line in the batch through two compiles (`first`, and 8 times or an
   eighth of its batch: far enough apart that the activations' share shows, and a compile that
-  runs out of memory stops early); one more compile confirms the line's prediction. A prediction that does not fit
-  brackets the answer with the largest batch that does, and the line through those two gives
-  the next try (`tries` in all). compile_at(per_chip_batch) -> Compiled."""
+  runs out of memory stops early); one more compile confirms the line's prediction. A
+  prediction that does not fit brackets the answer with the largest batch that does, and the
+  line through those two gives the next try (`tries` in all); memory that does not grow
+  between the two sends the next try 8 times further. compile_at(per_chip_batch) -> Compiled.
+  """
   b = first.batch_per_chip
   points = [first, compile_at(8 * b if first.fits else max(step, b // 8 // step * step))]
   batch = lambda p: p.batch_per_chip
@@ -322,16 +324,21 @@ def max_batch(first, compile_at, capacity, step, tries=3):
     fit = max((p for p in points if p.fits), key=batch, default=None)
     over = min((p for p in points if not p.fits and (fit is None or batch(p) > batch(fit))),
                key=batch, default=None)
-    line = [fit, over] if fit and over else sorted(points, key=batch)[-2:] if fit else sorted(
-        points, key=batch)[:2]
+    ordered = sorted(points, key=batch)
+    if fit and over:
+      line = [fit, over]
+    else:  # the two largest that fit, or the two smallest that do not
+      line = ordered[-2:] if fit else ordered[:2]
     (b0, m0), (b1, m1) = sorted((batch(p), p.hbm_bytes) for p in line)
-    if b1 == b0 or m1 <= m0:
-      break
-    guess = int((b0 + (capacity - m0) * (b1 - b0) / (m1 - m0)) // step * step)
+    predicted = m1 > m0
+    if predicted:
+      guess = int((b0 + (capacity - m0) * (b1 - b0) / (m1 - m0)) // step * step)
+    else:  # fixed costs hide the activations' share at these batches: look 8 times further
+      guess = 8 * b1 if fit and not over else 0
     if guess < step or guess in [batch(p) for p in points]:
       break
     points.append(compile_at(guess))
-    if points[-1].fits and over is None:
+    if points[-1].fits and over is None and predicted:
       break  # the line's prediction, confirmed
   best = max((p for p in points if p.fits), key=batch, default=None)
   return (batch(best) if best else 0), best

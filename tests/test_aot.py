@@ -19,8 +19,9 @@ KEYS = ("hbm_gib_per_chip", "hbm_capacity_gib", "fits", "max_batch_per_chip", "t
 
 
 needs_libtpu = pytest.mark.skipif(
-    importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed, and it has wheels for Linux only: pip "
-    "install -e '.[tpu]' (CI's [test] extra has it)")
+    importlib.util.find_spec("libtpu") is None,
+    reason="libtpu is not installed, and it has wheels for Linux only: pip install -e "
+    "'.[tpu]' (CI's [test] extra has it)")
 
 
 @pytest.mark.parametrize("name,want", [
@@ -60,6 +61,10 @@ def test_max_batch_fits_a_line_and_confirms_it():
   kinked = compile_at(lambda b: 10 + b + 2 * max(0, b - 64))
   best, confirmed = aot.max_batch(kinked(8), kinked, 100, step=8)
   assert calls == [8, 64, 88, 72] and best == 72 and confirmed.hbm_bytes == 98
+  calls.clear()  # Memory flat up to 64 (fixed costs), then growing: look 8 times further.
+  flat = compile_at(lambda b: 50 + max(0, b - 64) // 16)
+  best, _ = aot.max_batch(flat(8), flat, 100, step=8)
+  assert calls == [8, 64, 512, 864] and best == 864 and 50 + 800 // 16 <= 100
 
 
 def test_collectives_are_read_from_the_optimised_hlo():
@@ -88,6 +93,8 @@ def _check_smoke(result):
   twice, and sums its gradients in float32 at 4 bytes a parameter."""
   assert result["fits"] and 0 < result["hbm_gib_per_chip"] < result["hbm_capacity_gib"]
   assert result["collectives"]["all-to-all"]["count"] == 0
+  # The only all-gather is the queue update's (one target view); shuffle-BN moves no image.
+  assert result["collectives"]["all-gather"]["count"] == 1
   # XLA adds the elementwise work (BatchNorm, augmentations) to the convolutions and matmuls
   # of the analytic count, and leaves out the multiply-adds on their zero padding (up to 31%
   # of a 3x3 convolution of a 4x4 map); a step done in full on every chip would be x 4.
