@@ -8,7 +8,7 @@ libtpu (the [tpu] extra) describes a slice's chips (`jax.experimental.topologies
 compiles the step of `train.build` for them on this machine's CPU, with the abstract state of
 `jax.eval_shape` and the batch as ShapeDtypeStructs, so no array is allocated and no TPU is
 reached. The compiled program tells, per chip: the HBM it needs against the chip's, its FLOPs
-against the analytic count of docs/SCE.md section 9, and the collectives of its optimised HLO
+against the analytic count of docs/SCE.md section 11, and the collectives of its optimised HLO
 (the gradient all-reduce against 4 bytes per trainable parameter). --max-batch finds the largest
 per-chip batch that fits. The same config flags as `sce_jax.main`. Exit status 1, with one
 line, when the config does not fit. XLA's `optimal_seconds` estimate is not a time (it comes out
@@ -266,7 +266,7 @@ def collectives(hlo):
 
 def forward_flops(model, variables, size):
   """FLOPs of `model`'s forward pass on one size x size image: 2 x the multiply-adds of its
-  convolutions and dense layers (docs/SCE.md 9), counted from their shapes."""
+  convolutions and dense layers (docs/SCE.md 11), counted from their shapes."""
   flops = []
 
   def count(next_fun, args, kwargs, context):
@@ -283,7 +283,7 @@ def forward_flops(model, variables, size):
 
 
 def step_flops(config, parts, state):
-  """The analytic FLOPs of one step over the global batch B (docs/SCE.md 9): the target's
+  """The analytic FLOPs of one step over the global batch B (docs/SCE.md 11): the target's
   forward pass on its views, the online network's forward and backward (3 x its forward) on
   its views, and the loss's similarities: per pair q . keys and its gradient, per target view
   z . keys, each 2 x B x columns x D."""
