@@ -9,7 +9,7 @@ import pytest
 from sce_jax import checkpoint, metrics, models, optim
 from sce_jax.data import augment, sources
 from sce_jax.evaluators import common, knn, linear
-from sce_jax.sharding import make_mesh
+from sce_jax.sharding import make_mesh, replicated
 from tests.helpers import load_config, resumes_exactly
 
 
@@ -103,7 +103,8 @@ def test_linear_probe_learns_separable_features():
   tx = optim.sgd(lr_fn, weight_decay=0.0, momentum=0.9)
   step = linear.make_linear_step(head, tx, lr_fn, lambda frozen, key, x: x, mesh,
                                  jax.random.key(1))
-  state = linear.init(head, tx, dim)(jax.random.key(0))
+  # Placed as linear.evaluate places it: replicated, so the step's donation reuses its buffers.
+  state = jax.jit(linear.init(head, tx, dim), out_shardings=replicated(mesh))(jax.random.key(0))
   params = state["params"]
   assert float(jnp.std(params["kernel"])) == pytest.approx(0.01, rel=0.1)
   assert not np.any(params["bias"])
