@@ -27,6 +27,12 @@ from absl import logging
 from sce_jax import checkpoint, logs, metrics, preemption
 
 
+def last_step(total_steps, max_steps) -> int:
+  """Where a run stops: its schedules' total_steps, or max_steps (> 0, smoke runs) if smaller;
+  the schedules still see total_steps."""
+  return min(total_steps, max_steps) if max_steps > 0 else total_steps
+
+
 def itstime(step, every, total) -> bool:
   """Whether a periodic action is due after `step` (big_vision's rule): every `every` steps
   (> 0), not at the last step `total`, which the end of the loop handles."""

@@ -44,7 +44,7 @@ def build(config, mesh, *, num_classes, steps_per_epoch, float_views=False, on_d
   data = config.data
   views, pairs = sce_config.crops(config, views)
   total_steps = int(config.epochs * steps_per_epoch)
-  num_steps = min(total_steps, config.max_steps) if config.max_steps > 0 else total_steps
+  num_steps = loop.last_step(total_steps, config.max_steps)
   online, target = make_models(config, num_classes)
   lr_fn = optim.lr_schedule(config.optim, global_batch=config.batch_size,
                             steps_per_epoch=steps_per_epoch, total_steps=total_steps)

@@ -145,7 +145,7 @@ def evaluate(config, trunk_variables, mesh, splits, workdir):
   common.check_trunk(rundir, trunk_variables, "a fine-tuning run")
   step = make_finetune_step(model, tx, lr_fn, view, data, mesh, key)
   fresh = jax.jit(init(tx, dim, splits.num_classes), out_shardings=sharding.replicated(mesh))
-  num_steps = min(total_steps, ft.max_steps) if ft.max_steps > 0 else total_steps
+  num_steps = loop.last_step(total_steps, ft.max_steps)
   with loop.Run(rundir, config.checkpoint, what="fine-tuning", num_steps=num_steps,
                 batch_size=ft.batch_size, log_every=config.log_every_steps,
                 prefix="finetune_") as run:

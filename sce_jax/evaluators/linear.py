@@ -100,7 +100,7 @@ def evaluate(config, trunk_variables, mesh, splits, workdir):
   common.check_trunk(rundir, trunk_variables, "a linear probe")
   frozen = jax.device_put(trunk_variables, sharding.replicated(mesh))
   step = make_linear_step(head, tx, lr_fn, features_fn, mesh, key)
-  num_steps = min(total_steps, lin.max_steps) if lin.max_steps > 0 else total_steps
+  num_steps = loop.last_step(total_steps, lin.max_steps)
   with loop.Run(rundir, config.checkpoint, what="linear probe", num_steps=num_steps,
                 batch_size=lin.batch_size, log_every=config.log_every_steps,
                 prefix="linear_") as run:
