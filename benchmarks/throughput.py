@@ -39,7 +39,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sce_jax import config as sce_config  # noqa: E402  pylint: disable=g-import-not-at-top
-from sce_jax import losses, models, sharding, train  # noqa: E402
+from sce_jax import losses, models, schema, sharding, train  # noqa: E402
 from sce_jax.data import presets, resident  # noqa: E402
 
 # Dense bf16 tensor peaks per device, TFLOP/s, by device_kind (first match). NVIDIA's datasheets
@@ -127,7 +127,7 @@ def case_config(case, small, devices=None):
     c.model.dtype = "float32"
     if models.is_vit(c.model):
       c.model.update(width=16, depth=2, num_heads=2, patch_size=4)
-  views, pairs = sce_config.crops(c, case.views)
+  views, pairs = schema.crops(c, case.views)
   written = c.batch_size * len(losses.target_views(pairs))
   c.sce.queue = max(c.sce.queue // written, 1) * written if not small else 4 * written
   c.data.on_device = case.on_device

@@ -11,7 +11,7 @@ def get_config(arg=None):
   arg = sce_config.parse_arg(arg, smoke=False, epochs=200)
   c = sce_config.base()
   c.epochs = arg.epochs
-  c.data.on_device = True  # when the train set fits (sce_jax/data/device.py), else the host
+  c.data.on_device = True  # when the train set fits (sce_jax/data/resident.py), else the host
   c.data.source = "tfds"
   c.data.name = "cifar100"
   c.data.mean = presets.CIFAR100_MEAN

@@ -15,7 +15,7 @@ def get_config(arg=None):
   # 100 epochs, lr x 0.1 at epochs 60 and 80.
   c = sce_config.base()
   c.epochs = arg.epochs
-  c.data.on_device = True  # when the train set fits (sce_jax/data/device.py), else the host
+  c.data.on_device = True  # when the train set fits (sce_jax/data/resident.py), else the host
   if arg.smoke:
     sce_config.smoke(c)
   c.lock()

@@ -28,7 +28,7 @@ import jax
 from absl import app, flags
 from jax.experimental import topologies
 
-from sce_jax import cli, losses, sharding, train
+from sce_jax import cli, losses, schema, sharding, train
 from sce_jax import config as sce_config
 from sce_jax.data import resident
 
@@ -154,10 +154,10 @@ def held_on_chip(config, family, num_examples):
 
 def with_batch(config, global_batch):
   """`config` at another global batch; the queue keeps its length up to a multiple of the keys
-  written each step (docs/SCE.md 3), as config.validate asks."""
+  written each step (docs/SCE.md 3), as schema.validate asks."""
   config = config.copy_and_resolve_references()
   config.unlock()
-  written = global_batch * sce_config.num_target_views(config)
+  written = global_batch * schema.num_target_views(config)
   config.batch_size = global_batch
   config.sce.queue = max(1, round(config.sce.queue / written)) * written
   return config
@@ -351,7 +351,7 @@ def check(config, name, find_max_batch=False, num_examples=None, num_classes=Non
   family, name = topology(name)
   devs = devices(family, name)
   chips, processes = len(devs), len({d.process_index for d in devs})
-  sce_config.validate(config, chips, processes)
+  schema.validate(config, chips, processes)
   num_examples, num_classes = data_size(config, num_examples, num_classes)
   capacity = CHIPS[family].hbm_gib * GIB
   log(f"Compiling the step of batch {config.batch_size} for {name} ({chips} chips of "

@@ -9,6 +9,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from sce_jax import config as sce_config
+from sce_jax import schema
 
 CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/cifar10_r18.py:smoke; override its values with "
@@ -16,7 +17,7 @@ CONFIG = config_flags.DEFINE_config_file(
 
 
 class _ConfigHelp(flags.BooleanFlag):
-  """--config_help prints the config keys (`config.describe`) and exits as it is parsed, like
+  """--config_help prints the config keys (`schema.describe`) and exits as it is parsed, like
   absl's --help, so that no other flag is needed."""
 
   def __init__(self):
@@ -26,7 +27,7 @@ class _ConfigHelp(flags.BooleanFlag):
   def parse(self, argument):
     super().parse(argument)
     if self.value:
-      print(sce_config.describe())
+      print(schema.describe())
       sys.exit(0)
 
 

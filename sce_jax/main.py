@@ -37,7 +37,7 @@ import jax
 from absl import app, flags, logging
 from etils import epath
 
-from sce_jax import checkpoint, cli, evaluators, logs, sharding, train, weights
+from sce_jax import checkpoint, cli, evaluators, logs, schema, sharding, train, weights
 from sce_jax import config as sce_config
 from sce_jax import workdir as workdir_lib
 from sce_jax.data import images, sources
@@ -111,7 +111,7 @@ def _evaluate(config, workdir, mode, mesh, splits, source, trunk):
 def _run(config, workdir, mode):
   """The run, with a look at the stop flag (`preemption.check`) after each start-up stage."""
   preemption.check()
-  sce_config.validate(config, jax.device_count(), jax.process_count(), workdir)
+  schema.validate(config, jax.device_count(), jax.process_count(), workdir)
   preemption.check()
   if mode != "train":
     source, trunk = _load_trunk(config, workdir, mode)

@@ -11,8 +11,7 @@ import jax
 from absl import logging
 from clu import parameter_overview
 
-from sce_jax import evaluators, loop, optim, preemption, sharding, train_step
-from sce_jax import config as sce_config
+from sce_jax import evaluators, loop, optim, preemption, schema, sharding, train_step
 from sce_jax import state as state_lib
 from sce_jax import workdir as workdir_lib
 from sce_jax.data import augment, pipeline, resident, sources
@@ -42,7 +41,7 @@ def build(config, mesh, *, num_classes, steps_per_epoch, float_views=False, on_d
   of config.data.views' preset (benchmarks).
   """
   data = config.data
-  views, pairs = sce_config.crops(config, views)
+  views, pairs = schema.crops(config, views)
   total_steps = int(config.epochs * steps_per_epoch)
   num_steps = loop.last_step(total_steps, config.max_steps)
   online, target = make_models(config, num_classes)
@@ -112,7 +111,7 @@ def train(config, workdir, mesh=None, splits=None):
   """
   mesh = mesh or sharding.make_mesh()
   splits = splits or sources.Splits(config.data)
-  sce_config.check_data_size(config, splits.train.num_examples)
+  schema.check_data_size(config, splits.train.num_examples)
   steps_per_epoch = splits.train.num_examples // config.batch_size
   periodic = evaluators.periodic(config, mesh, splits, steps_per_epoch)
   if any(ev.every >= 0 for ev in periodic):

@@ -11,7 +11,7 @@ import flax.traverse_util
 import pytest
 
 from sce_jax import config as sce_config
-from sce_jax import train
+from sce_jax import schema, train
 from sce_jax.data import images, presets, sources
 from tests.helpers import CONFIGS, load_config
 
@@ -75,7 +75,7 @@ def test_imagenet_vit_values(arg):
   assert c.sce.symmetric and c.sce.target_bn_splits == 0 and m.concat_views
   assert c.data.views == ("imagenet_multi_crop" if arg and "multicrop" in arg
                           else "imagenet_two_crop")
-  sce_config.validate(c, 8, 1)
+  schema.validate(c, 8, 1)
 
 
 def test_cifar10_vit_values():
@@ -87,10 +87,10 @@ def test_cifar10_vit_values():
       "vit_tiny", 4, 0.1, 1.0)
   assert (c.model.projector.hidden_dim, c.model.predictor.num_layers) == (1024, 2)
   assert c.sce.target_bn_splits == 0 and not c.sce.symmetric and c.data.on_device
-  sce_config.validate(c, 8, 1)
+  schema.validate(c, 8, 1)
   smoke = load_config("cifar10_vit", "smoke")
   assert (smoke.model.width, smoke.model.depth, smoke.model.patch_size) == (32, 2, 8)
-  sce_config.validate(smoke, 8, 1)
+  schema.validate(smoke, 8, 1)
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -120,7 +120,7 @@ def test_vit_config_errors(overrides, message):
       node = node[section]
     node[name] = value
   with pytest.raises(sce_config.ConfigError, match=message):
-    sce_config.validate(c, 1, 1)
+    schema.validate(c, 1, 1)
 
 
 @pytest.mark.parametrize("name, splits, mean, std", [
@@ -147,10 +147,10 @@ def test_small_configs(name, size, source):
   c = load_config(name, "smoke")
   assert (c.data.image_size, c.data.source) == (size, source)
   assert (c.model.width, c.fast_compile) == (4, True)
-  assert c.sce.queue % (c.batch_size * sce_config.num_target_views(c)) == 0
+  assert c.sce.queue % (c.batch_size * schema.num_target_views(c)) == 0
   c = load_config(name, "epochs=3")
   assert (c.epochs, c.model.width) == (3, 0)  # 0: the trunk's standard width
-  assert c.sce.queue % (c.batch_size * sce_config.num_target_views(c)) == 0
+  assert c.sce.queue % (c.batch_size * schema.num_target_views(c)) == 0
 
 
 def test_parse_arg():
@@ -175,12 +175,12 @@ def good(cifar_root):
 
 
 def test_valid_config_passes_and_probes_workdir(good, tmp_path):
-  sce_config.validate(good, 8, 2, tmp_path / "new" / "workdir")
+  schema.validate(good, 8, 2, tmp_path / "new" / "workdir")
   assert (tmp_path / "new" / "workdir").is_dir()
   assert not list((tmp_path / "new" / "workdir").iterdir())  # the write probe is gone
 
 
-@pytest.mark.parametrize("key", sorted(sce_config.ENUMS))
+@pytest.mark.parametrize("key", sorted(schema.ENUMS))
 def test_bad_enum_value(good, key):
   *sections, name = key.split(".")
   node = good
@@ -188,24 +188,24 @@ def test_bad_enum_value(good, key):
     node = node[section]
   node[name] = "bogus"
   with pytest.raises(sce_config.ConfigError) as e:
-    sce_config.validate(good, 1, 1)
+    schema.validate(good, 1, 1)
   assert str(e.value).startswith(f"{key}='bogus' is not a known value; set --config.{key} to "
                                  "one of ")
-  assert repr(sce_config.ENUMS[key][0]) in str(e.value)
+  assert repr(schema.ENUMS[key][0]) in str(e.value)
 
 
 def test_batch_not_divisible_by_devices(good):
   good.batch_size = 36
   with pytest.raises(sce_config.ConfigError, match=r"batch_size=36 does not split evenly over "
                      r"8 devices; set --config.batch_size to a multiple of 8, e.g. 32\."):
-    sce_config.validate(good, 8, 1)
+    schema.validate(good, 8, 1)
 
 
 def test_batch_not_divisible_by_processes(good):
   good.batch_size = 33
   with pytest.raises(sce_config.ConfigError, match=r"batch_size=33 does not split evenly over "
                      r"2 processes; set --config.batch_size to a multiple of 2, e.g. 32\."):
-    sce_config.validate(good, 1, 2)
+    schema.validate(good, 1, 2)
 
 
 def test_batch_not_divisible_into_shuffle_bn_groups(good):
@@ -214,9 +214,9 @@ def test_batch_not_divisible_into_shuffle_bn_groups(good):
                      r"batch_size=36 into shuffle-BN groups; set --config.sce.target_bn_splits "
                      r"to a divisor of the batch \(8 in the CIFAR recipe\) or 0 to turn "
                      r"shuffle-BN off\."):
-    sce_config.validate(good, 1, 1)
+    schema.validate(good, 1, 1)
   good.sce.target_bn_splits = 0
-  sce_config.validate(good, 1, 1)
+  schema.validate(good, 1, 1)
 
 
 def test_queue_not_a_multiple_of_keys_per_step(good):
@@ -224,15 +224,15 @@ def test_queue_not_a_multiple_of_keys_per_step(good):
   with pytest.raises(sce_config.ConfigError, match=r"sce.queue=100 is not a positive multiple of "
                      r"the 32 target embeddings written to it each step \(batch_size 32 x 1 "
                      r"target views\); set --config.sce.queue=96 or another multiple of 32\."):
-    sce_config.validate(good, 1, 1)
+    schema.validate(good, 1, 1)
   good.sce.queue = 0  # A queue of no negatives: the loss would be 0 whatever the weights.
   with pytest.raises(sce_config.ConfigError, match=r"sce.queue=0 is not a positive multiple .* "
                      r"set --config.sce.queue=32 or"):
-    sce_config.validate(good, 1, 1)
+    schema.validate(good, 1, 1)
   good.sce.symmetric = True  # ImageNet pairing: both global views enter the queue.
   good.sce.queue = 96
   with pytest.raises(sce_config.ConfigError, match=r"multiple of the 64 .* x 2 target views"):
-    sce_config.validate(good, 1, 1)
+    schema.validate(good, 1, 1)
 
 
 def test_missing_dataset(good, tmp_path):
@@ -314,7 +314,7 @@ def test_unwritable_workdir(good, tmp_path):
   (tmp_path / "file").write_text("")
   with pytest.raises(sce_config.ConfigError, match=r"workdir .*file/run is not writable \(.*\); "
                      r"pass --workdir=<a directory this job can write>"):
-    sce_config.validate(good, 1, 1, tmp_path / "file" / "run")
+    schema.validate(good, 1, 1, tmp_path / "file" / "run")
 
 
 def cli(*args):
@@ -350,13 +350,13 @@ def test_cli_validates_before_compiling(cifar_root, tmp_path):
   assert not (tmp_path / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("key", sce_config.POSITIVE)
+@pytest.mark.parametrize("key", schema.POSITIVE)
 def test_counts_below_one(good, key):
   *sections, name = key.split(".")
   functools.reduce(lambda c, s: c[s], sections, good)[name] = 0
   with pytest.raises(sce_config.ConfigError, match=rf"^{key}=0 must be at least 1; set "
                      rf"--config.{key} to a positive value\.$"):
-    sce_config.validate(good, 1, 1)
+    schema.validate(good, 1, 1)
 
 
 @pytest.mark.parametrize("key, value, fix", [
@@ -374,17 +374,17 @@ def test_evaluation_keys_out_of_range(good, key, value, fix):
   *sections, name = key.split(".")
   functools.reduce(lambda c, s: c[s], sections, good)[name] = value
   with pytest.raises(sce_config.ConfigError, match=rf"{key}.*{fix}") as e:
-    sce_config.validate(good, 1, 1)
+    schema.validate(good, 1, 1)
   assert "\n" not in str(e.value)
 
 
-# For each range of config.RANGES, in its words: values just outside it, and values at its
+# For each range of schema.RANGES, in its words: values just outside it, and values at its
 # edges inside it (ints, so that they fit integer keys too).
 EDGES = {">= 1": ([0, -1], [1]), ">= 0": ([-1], [0]), "> 0": ([0, -1], [1]),
          "in [0, 1]": ([-1, 2], [0, 1]), "in [0, 1)": ([-1, 1], [0]), "in (0, 1]": ([0, 2], [1])}
 
 
-@pytest.mark.parametrize("key", sorted(sce_config.RANGES))
+@pytest.mark.parametrize("key", sorted(schema.RANGES))
 def test_values_out_of_range(good, key):
   """Each numeric key with a range stops `validate` in one line naming it and the range (a
   temperature of 0 would otherwise compile, then blame the learning rate for the NaN loss; a
@@ -392,17 +392,17 @@ def test_values_out_of_range(good, key):
   data.std, eval.linear.milestones), each item is checked."""
   *sections, name = key.split(".")
   node = functools.reduce(lambda c, s: c[s], sections, good)
-  words = sce_config.RANGES[key][1]
+  words = schema.RANGES[key][1]
   outside, edges = EDGES[words]
   as_value = lambda v: (v,) * len(node[name]) if isinstance(node[name], tuple) else v
   for value in edges:
     node[name] = as_value(value)
-    sce_config.validate(good, 1, 1)
+    schema.validate(good, 1, 1)
   for value in outside:
     node[name] = as_value(value)
     each = " (each)" if isinstance(node[name], tuple) else ""
     with pytest.raises(sce_config.ConfigError) as e:
-      sce_config.validate(good, 1, 1)
+      schema.validate(good, 1, 1)
     assert str(e.value) == (f"{key}={node[name]} is out of range; set --config.{key} to a "
                             f"value {words}{each}.")
 
@@ -414,7 +414,7 @@ def test_every_config_is_in_range():
         config = sce_config.load(f"{path}{arg}")
       except sce_config.ConfigError:  # A variant this file does not have.
         continue
-      sce_config._check_ranges(config)  # pylint: disable=protected-access
+      schema._check_ranges(config)  # pylint: disable=protected-access
 
 
 def test_config_help_lists_every_key():
@@ -433,6 +433,20 @@ def test_config_help_lists_every_key():
              lines)
 
 
+def test_reading_a_config_imports_no_runtime():
+  """config.py is the ground floor (issue 26): reading every config file, in a fresh
+  interpreter, imports no checkpointer (orbax), loop, checkpoint, weights or evaluator."""
+  code = ("import pathlib, sys; from sce_jax import config\n"
+          "for f in sorted(pathlib.Path('configs').glob('*.py')): config.load(str(f))\n"
+          "print(' '.join(sys.modules))")
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       check=True).stdout.split()
+  assert "sce_jax.config" in out
+  heavy = [m for m in out if m.split(".")[0] == "orbax" or m.startswith("sce_jax.evaluators")
+           or m in ("sce_jax.loop", "sce_jax.checkpoint", "sce_jax.weights", "sce_jax.schema")]
+  assert not heavy
+
+
 def test_dataset_smaller_than_a_batch(good, tmp_path):
   """Found when the data are opened, before the workdir is locked or anything compiles."""
   good.batch_size = 256  # The generated training split has 200 images.
@@ -443,6 +457,7 @@ def test_dataset_smaller_than_a_batch(good, tmp_path):
   assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow  # four command-line runs: 90 s on the shared 2-core box
 def test_cli_missing_config_file_epochs_and_checkpoint(cifar_root, tmp_path):
   """Each a one-line error naming the fix, before anything compiles."""
   out = cli("--config=configs/cifar10.py:smoke", f"--workdir={tmp_path}")
