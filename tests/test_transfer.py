@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sce_jax import config as sce_config
 from sce_jax import models
 from sce_jax.data import sources
 from sce_jax.evaluators import common, transfer, voc07
@@ -105,6 +106,13 @@ def test_missing_scikit_learn_names_the_extra(tmp_path, monkeypatch):
   with pytest.raises(common.MissingPackage, match=r"pip install 'sce_jax\[eval\]'"):
     transfer.evaluate(_config(tmp_path, "cifar10"), None, None, None, tmp_path)
   assert not (tmp_path / "transfer").exists()
+
+
+def test_default_datasets_are_the_tfds_sets():
+  """eval.transfer.datasets' default (config.py, which imports no evaluator) is every set of
+  the protocol that TFDS has; FGVC-Aircraft is added as NAME=PATH."""
+  assert sce_config.TRANSFER_DATASETS == ",".join(
+      name for name, p in transfer.PROTOCOLS.items() if p.tfds)
 
 
 def test_parse_datasets():

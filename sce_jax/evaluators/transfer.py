@@ -55,8 +55,6 @@ PROTOCOLS = {
     "caltech101": Protocol("mean_per_class", "caltech101"),
     "oxford_flowers102": Protocol("mean_per_class", "oxford_flowers102", val="validation"),
 }
-# eval.transfer.datasets by default: every set TFDS has (FGVC-Aircraft is added as NAME=PATH).
-DEFAULT_DATASETS = ",".join(name for name, p in PROTOCOLS.items() if p.tfds)
 # SCE's published row (multi-crop ResNet-50; CEA-LIST/SCE README), percent; mean of the 11.
 PUBLISHED = {"food101": 77.7, "cifar10": 94.8, "cifar100": 80.4, "sun397": 65.3,
              "cars196": 65.7, "aircraft": 59.6, "voc/2007": 84.0, "dtd": 77.1,
