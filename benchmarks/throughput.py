@@ -39,8 +39,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sce_jax import config as sce_config  # noqa: E402  pylint: disable=g-import-not-at-top
-from sce_jax import losses, models, schema, sharding, train  # noqa: E402
+from sce_jax import losses, schema, sharding, train  # noqa: E402
 from sce_jax.data import presets, resident  # noqa: E402
+from sce_jax.models import trunks  # noqa: E402
 
 # Dense bf16 tensor peaks per device, TFLOP/s, by device_kind (first match). NVIDIA's datasheets
 # give the bf16 figure with 2:4 sparsity and note that dense is half of it; Google gives the
@@ -120,13 +121,11 @@ def case_config(case, small, devices=None):
   c.unlock()
   c.batch_size = case.batch * ((devices or jax.device_count()) if case.per_device else 1)
   if small:
-    c.model.width = 8
+    c.model.update(trunks.family(c.model).TINY)
     c.model.projector.hidden_dim = c.model.predictor.hidden_dim = 32
     c.model.projector.out_dim = 16
     c.data.image_size //= 7 if c.data.image_size > 32 else 1
     c.model.dtype = "float32"
-    if models.is_vit(c.model):
-      c.model.update(width=16, depth=2, num_heads=2, patch_size=4)
   views, pairs = schema.crops(c, case.views)
   written = c.batch_size * len(losses.target_views(pairs))
   c.sce.queue = max(c.sce.queue // written, 1) * written if not small else 4 * written

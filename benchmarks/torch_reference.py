@@ -35,8 +35,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import throughput  # noqa: E402  pylint: disable=g-import-not-at-top
 import torch  # noqa: E402
-from sce_jax import models, optim, train_step  # noqa: E402
-from sce_jax.models import vit  # noqa: E402
+from sce_jax import optim, train_step  # noqa: E402
+from sce_jax.models import trunks, vit  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import torchvision  # noqa: E402
 from torch import nn  # noqa: E402
@@ -59,22 +59,25 @@ def mlp(in_dim, cfg):
   return nn.Sequential(*layers)
 
 
-def trunk(model_cfg, image_size):
-  """torchvision ResNet without its classifier; the CIFAR stem is 3x3 stride 1, no max-pool.
-  A ViT: timm's VisionTransformer of the config's size, its table for `image_size` and resampled
+def timm_vit(model_cfg, image_size):
+  """timm's VisionTransformer of the config's size, its table for `image_size` and resampled
   for other crops, the sin-cos table and the patch projection frozen as the config says."""
-  if models.is_vit(model_cfg):
-    from timm.models import vision_transformer  # pylint: disable=g-import-not-at-top
-    width, depth, heads = vit.dims(model_cfg.trunk, model_cfg.width, model_cfg.depth,
-                                   model_cfg.num_heads)
-    net = vision_transformer.VisionTransformer(
-        img_size=image_size, patch_size=model_cfg.patch_size, embed_dim=width, depth=depth,
-        num_heads=heads, num_classes=0, dynamic_img_size=True, fc_norm=False,
-        global_pool="token" if model_cfg.pool == "cls" else "avg",
-        drop_path_rate=model_cfg.drop_path)
-    net.pos_embed.requires_grad_(model_cfg.pos_embed == "learned")
-    net.patch_embed.requires_grad_(not model_cfg.freeze_patch_embed)
-    return net, width
+  from timm.models import vision_transformer  # pylint: disable=g-import-not-at-top
+  width, depth, heads = vit.dims(model_cfg.trunk, model_cfg.width, model_cfg.depth,
+                                 model_cfg.num_heads)
+  net = vision_transformer.VisionTransformer(
+      img_size=image_size, patch_size=model_cfg.patch_size, embed_dim=width, depth=depth,
+      num_heads=heads, num_classes=0, dynamic_img_size=True, fc_norm=False,
+      global_pool="token" if model_cfg.pool == "cls" else "avg",
+      drop_path_rate=model_cfg.drop_path)
+  net.pos_embed.requires_grad_(model_cfg.pos_embed == "learned")
+  net.patch_embed.requires_grad_(not model_cfg.freeze_patch_embed)
+  return net, width
+
+
+def torchvision_resnet(model_cfg, image_size):
+  """torchvision ResNet without its classifier; the CIFAR stem is 3x3 stride 1, no max-pool."""
+  del image_size
   net = getattr(torchvision.models, model_cfg.trunk)()
   if model_cfg.small_stem:
     net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
@@ -82,6 +85,15 @@ def trunk(model_cfg, image_size):
   dim = net.fc.in_features
   net.fc = nn.Identity()
   return net, dim
+
+
+# Each trunk family's torch twin, by the torch layout its weights share (models/trunks.py).
+TORCH_TRUNKS = {"timm": timm_vit, "torchvision": torchvision_resnet}
+
+
+def trunk(model_cfg, image_size):
+  """The torch trunk of config.model and its feature width."""
+  return TORCH_TRUNKS[trunks.family(model_cfg).TORCH_LAYOUT](model_cfg, image_size)
 
 
 class SplitBatchNorm(nn.BatchNorm2d):

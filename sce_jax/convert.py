@@ -20,7 +20,8 @@ import flax.traverse_util
 import numpy as np
 
 from sce_jax import config as sce_config
-from sce_jax import logs, models, weights
+from sce_jax import logs, weights
+from sce_jax.models import trunks
 from sce_jax.weights import NETS
 
 
@@ -84,7 +85,7 @@ def main(argv=None):
       parser.error("in: DST must be a .safetensors file")
     save_safetensors(variables, args.dst, {"source": str(args.src), "trunk": trunk})
   else:
-    out_layout = args.layout or ("timm" if models.is_vit(model_cfg) else "torchvision")
+    out_layout = args.layout or trunks.family(model_cfg).TORCH_LAYOUT
     save_torch(weights.to_torch(variables, out_layout, args.which), args.dst, out_layout)
   print(f"{args.src} ({layout}; {weights.describe(variables)}; {trunk}) -> {args.dst}")
 

@@ -11,14 +11,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sce_jax.models import sce
+from sce_jax.models import trunks
 
 
 # optim.name values; sce.m_schedule values; eval.linear.schedule values.
 OPTIMIZERS = ("sgd", "lars", "adamw")
-# Parameters without weight decay besides norms and biases (ndim <= 1): the ViT's position
-# embedding and class token (eztorch's keys_without_decay, docs/SCE.md 10).
-NO_DECAY = ("pos_embed", "cls_token")
+# Parameters without weight decay besides norms and biases (ndim <= 1), each family's
+# (trunks.NO_DECAY: the ViT's position embedding and class token, docs/SCE.md 10).
+NO_DECAY = trunks.NO_DECAY
 M_SCHEDULES = ("constant", "cosine")
 LINEAR_SCHEDULES = ("cosine", "step")
 
@@ -89,16 +89,6 @@ def adamw(learning_rate, *, weight_decay, betas=(0.9, 0.999), eps=1e-8):
                      weight_decay=weight_decay, mask=_decayed)
 
 
-def frozen(model_cfg):
-  """Names of trunk parameters that never change (docs/SCE.md 10), as MoCo v3's parameters with
-  requires_grad=False: the sin-cos position table and, with model.freeze_patch_embed, the
-  random patch projection."""
-  if not sce.is_vit(model_cfg):
-    return ()
-  return (("pos_embed",) if model_cfg.pos_embed == "sincos" else ()) + (
-      ("patch_embed",) if model_cfg.freeze_patch_embed else ())
-
-
 def sgd(learning_rate, *, weight_decay, momentum=0.9, nesterov=False):
   """PyTorch SGD with coupled weight decay on every tensor (the CIFAR setting); nesterov: TF's
   MomentumOptimizer(use_nesterov=True), SimCLR's fine-tuning (docs/SCE.md 9)."""
@@ -111,7 +101,8 @@ def sgd(learning_rate, *, weight_decay, momentum=0.9, nesterov=False):
 def make_optimizer(config, lr_fn, total_steps):
   """SCE parameters by config.optim, their gradients first clipped to the global norm
   optim.clip_norm (> 0; optax's, as torch's clip_grad_norm_ over the trained parameters); the
-  `frozen` ones left as they are; the online probe by its own SGD with a cosine lr."""
+  trunk family's `frozen` ones (a ViT's, docs/SCE.md 10) left as they are; the online probe by
+  its own SGD with a cosine lr."""
   o = config.optim
   if o.name == "lars":
     main = lars(lr_fn, weight_decay=o.weight_decay, momentum=o.momentum,
@@ -125,7 +116,7 @@ def make_optimizer(config, lr_fn, total_steps):
   probe_lr = optax.cosine_decay_schedule(scaled_lr(config.probe.lr, config.batch_size),
                                          total_steps)
   probe = optax.sgd(probe_lr, momentum=0.9)
-  fixed = frozen(config.model)
+  fixed = trunks.family(config.model).frozen(config.model)
 
   def label(params):
     out = {k: "probe" if k == "probe" else "sce" for k in params}

@@ -20,13 +20,13 @@ from sce_jax import losses, optim, state
 from sce_jax.config import ConfigError
 from sce_jax.data import crop, pipeline, presets, sources
 from sce_jax.evaluators import finetune, transfer
-from sce_jax.models import heads, sce, vit
+from sce_jax.models import heads, sce, trunks, vit
 
 
 # Keys with a fixed set of values, each list owned by the module that reads the key; checked
 # here, once, before anything compiles.
 ENUMS = {
-    "model.trunk": sce.TRUNKS,
+    "model.trunk": trunks.TRUNKS,
     "model.dtype": sce.DTYPES,
     "model.pos_embed": vit.POS_EMBEDS,
     "model.pool": vit.POOLS,
@@ -184,7 +184,7 @@ def _validate_evaluations(config):
 
 
 def _check_model(config):
-  """The trunk's and heads' sizes and the ViT's constraints (docs/SCE.md 10)."""
+  """The trunk's and heads' sizes, and what its family asks (a ViT's: docs/SCE.md 10)."""
   m = config.model
   for key in ("width", "depth", "num_heads", "optim.clip_norm"):
     key = key if "." in key else f"model.{key}"
@@ -198,27 +198,15 @@ def _check_model(config):
     if m[head].last_bn and m[head].norm != "batch":
       raise ConfigError(f"model.{head}.last_bn=True needs model.{head}.norm='batch'; set one "
                         "of them.")
-  if not sce.is_vit(m):
-    if m.freeze_patch_embed or m.drop_path:
-      raise ConfigError(f"model.freeze_patch_embed and model.drop_path apply to ViT trunks, not "
-                        f"{m.trunk}; leave them at False and 0.")
-    return
-  if config.sce.target_bn_splits:
+  family = trunks.family(m)
+  if config.sce.target_bn_splits and not family.HAS_BATCH_STATS:
     raise ConfigError(
-        f"sce.target_bn_splits={config.sce.target_bn_splits}: a ViT has no BatchNorm, so there "
-        "is no shuffle-BN to split; set --config.sce.target_bn_splits=0.")
-  width, _, heads_ = vit.dims(m.trunk, m.width, m.depth, m.num_heads)
-  if width % heads_:
-    raise ConfigError(f"model.width={width} does not split into model.num_heads={heads_} "
-                      "attention heads; set --config.model.num_heads to a divisor of the width.")
-  if m.pos_embed == "sincos" and width % 4:
-    raise ConfigError(f"model.pos_embed='sincos' needs a width divisible by 4, not {width}; set "
-                      "--config.model.width or --config.model.pos_embed=learned.")
-  sizes = sorted({v.size for v in crops(config)[0]} | {config.data.image_size})
-  if m.patch_size < 1 or any(s % m.patch_size for s in sizes):
-    raise ConfigError(
-        f"model.patch_size={m.patch_size} does not divide the crop sizes {sizes}; set "
-        "--config.model.patch_size to a divisor of each (16 for ImageNet, 4 for 32-px images).")
+        f"sce.target_bn_splits={config.sce.target_bn_splits}: a {family.NAME} has no BatchNorm, "
+        "so there is no shuffle-BN to split; set --config.sce.target_bn_splits=0.")
+  sizes = {v.size for v in presets.get(config.data.views, config.data.image_size)}
+  problem = family.config_problem(m, sizes | {config.data.image_size})
+  if problem:
+    raise ConfigError(problem)
 
 
 def check_data_size(config, num_examples):

@@ -43,7 +43,7 @@ import ml_collections
 import numpy as np
 
 from sce_jax import checkpoint
-from sce_jax.models import resnet, sce, vit
+from sce_jax.models import sce, trunks
 
 COLLECTIONS = ("params", "batch_stats", "target_params", "target_batch_stats")
 # Each network's (params, batch_stats) collections.
@@ -67,13 +67,12 @@ _LEAVES = (
 _TO_TORCH_LEAF = {(c, f): t for c, f, t in _LEAVES}
 # Trunk-only layouts: each network's trunk prefix; keys starting with _HEADS after it are not
 # the trunk (torchvision's and timm's classifiers, MoCo v3's projector) and are dropped.
+_BARE = trunks.TORCH_LAYOUTS  # a trunk alone, its keys without a prefix: each family's layout
 _TRUNK_PREFIXES = {
-    "torchvision": {("online", "trunk"): ""},
-    "timm": {("online", "trunk"): ""},
+    **{layout: {("online", "trunk"): ""} for layout in _BARE},
     "mocov3": {("online", "trunk"): "base_encoder.", ("target", "trunk"): "momentum_encoder."},
 }
 _HEADS = ("fc.", "head.")
-_BARE = ("torchvision", "timm")  # a trunk alone, its keys without a prefix
 # What `to_torch` writes: a trunk alone, or the authors' whole model.
 EXPORT_LAYOUTS = (*_BARE, "authors")
 _TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".tar", ".bin")
@@ -168,13 +167,13 @@ def _unwrap(state_dict):
 
 
 def torch_layout(state_dict) -> str:
-  """'mocov3' (`base_encoder.` keys), 'authors' (SCE-model prefixes), 'timm' (a ViT's
-  `cls_token`), else 'torchvision'."""
+  """'mocov3' (`base_encoder.` keys), 'authors' (SCE-model prefixes), else the trunk family's
+  layout ('timm': a ViT's `cls_token`; 'torchvision')."""
   if any(k.startswith(_TRUNK_PREFIXES["mocov3"][("online", "trunk")]) for k in state_dict):
     return "mocov3"
   if any(k.startswith(tuple(_PARTS.values())) for k in state_dict):
     return "authors"
-  return "timm" if "cls_token" in state_dict else "torchvision"
+  return trunks.of_weights(state_dict).TORCH_LAYOUT
 
 
 def from_torch(state_dict: Mapping[str, np.ndarray]) -> dict[str, Any]:
@@ -322,41 +321,6 @@ def read(path, allow_pickle=False, only=None):
 # Validation against a model config.
 
 
-def _block_counts(trunk_params):
-  """{stage: number of blocks} and whether the blocks are bottlenecks, from module names."""
-  counts = {}
-  for name in trunk_params:
-    m = re.fullmatch(r"layer(\d+)_(\d+)", name)
-    if m:
-      counts[int(m[1])] = max(counts.get(int(m[1]), 0), int(m[2]) + 1)
-  stages = tuple(counts.get(i, 0) for i in range(1, max(counts, default=0) + 1))
-  return stages, "conv3" in trunk_params.get("layer1_0", {})
-
-
-def _arch_of(trunk_params):
-  """(resnet.ARCHS name or None, a description) of a trunk, from its module names."""
-  stages, bottleneck = _block_counts(trunk_params)
-  for name, (sizes, block) in resnet.ARCHS.items():
-    if tuple(sizes) == stages and (block is resnet.Bottleneck) == bottleneck:
-      return name, _arch_desc(name)
-  kind = "Bottleneck" if bottleneck else "BasicBlock"
-  return None, (f"a ResNet with {kind} blocks {stages}, which no config builds (known: "
-                + ", ".join(_arch_desc(n) for n in resnet.ARCHS) + ")")
-
-
-def detect_arch(trunk_params) -> str:
-  """The resnet.ARCHS name of a trunk, from its keys (e.g. `layer3.5` present, `conv3`)."""
-  name, desc = _arch_of(trunk_params)
-  if name is None:
-    raise ValueError(f"Unsupported trunk: {desc}.")
-  return name
-
-
-def _arch_desc(name):
-  sizes, block = resnet.ARCHS[name]
-  return f"{name} ({block.__name__} blocks {tuple(sizes)})"
-
-
 def _mlp_config(params, stats):
   """An MLP's config from its parameters and statistics."""
   if not params:  # a stand-in, never compared: only parts present in a file are checked.
@@ -374,30 +338,10 @@ def _mlp_config(params, stats):
               activation="gelu" if norm == "none" else "relu")
 
 
-def _vit_dims(trunk_params):
-  """(width, blocks, patch size) of a ViT trunk, from its shapes and module names."""
-  kernel = np.shape(trunk_params.get("patch_embed", {}).get("proj", {}).get("kernel", ()))
-  return (int(np.shape(trunk_params["cls_token"])[-1]),
-          sum(bool(re.fullmatch(r"blocks_\d+", k)) for k in trunk_params),
-          int(kernel[0]) if len(kernel) == 4 else 0)
-
-
-def _trunk_desc(trunk_params):
-  if "cls_token" in trunk_params:
-    return "a ViT of width {}, {} blocks, patch {}".format(*_vit_dims(trunk_params))
-  return _arch_of(trunk_params)[1]
-
-
 def describe_trunk(model_cfg):
   """The trunk a config builds, for messages: 'vit_small (width 384, 12 blocks, 6 heads, patch
   16)', 'resnet50 (Bottleneck blocks (3, 4, 6, 3)), width 64, small_stem=False'."""
-  if sce.is_vit(model_cfg):
-    width, depth, heads = vit.dims(model_cfg.trunk, model_cfg.width, model_cfg.depth,
-                                   model_cfg.num_heads)
-    return (f"{model_cfg.trunk} (width {width}, {depth} blocks, {heads} heads, patch "
-            f"{model_cfg.patch_size})")
-  return (f"{_arch_desc(model_cfg.trunk)}, width {model_cfg.width or resnet.WIDTH}, "
-          f"small_stem={model_cfg.small_stem}")
+  return trunks.family(model_cfg).describe(model_cfg)
 
 
 def infer_model_config(variables, num_heads=0) -> ml_collections.ConfigDict:
@@ -417,15 +361,7 @@ def infer_model_config(variables, num_heads=0) -> ml_collections.ConfigDict:
       projector=_mlp_config(params.get("projector"), stats.get("projector")),
       predictor=(_mlp_config(params["predictor"], stats.get("predictor"))
                  if params.get("predictor") else dict(_mlp_config({}, {}), num_layers=0))))
-  if "cls_token" in trunk:
-    width, depth, patch = _vit_dims(trunk)
-    name = min(vit.ARCHS, key=lambda n: abs(vit.ARCHS[n][0] - width))  # a label: dims below
-    cfg.update(trunk=name, width=width, depth=depth, patch_size=patch,
-               num_heads=vit.dims(name, width, depth, num_heads)[2])
-  else:
-    stem = np.shape(trunk.get("conv1", {}).get("kernel", ()))
-    width, small_stem = (int(stem[3]), stem[0] == 3) if len(stem) == 4 else (64, False)
-    cfg.update(trunk=detect_arch(trunk), width=width, small_stem=bool(small_stem))
+  cfg.update(trunks.of_weights(trunk).infer_config(trunk, num_heads))
   return cfg
 
 
@@ -439,29 +375,17 @@ def _model_shapes(model_json, net, num_classes):
   return {k: tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(shapes).items()}
 
 
-def _check_trunk(trunk, model_cfg, net, source):
-  """The trunk's kind and size against the config's: an error naming both, or problem lines."""
-  if ("cls_token" in trunk) != sce.is_vit(model_cfg):
-    raise ValueError(f"{source}: its {net} trunk is {_trunk_desc(trunk)}, but the config asks "
-                     f"for {describe_trunk(model_cfg)}.")
-  if sce.is_vit(model_cfg):
-    got = _vit_dims(trunk)
-    want = (*vit.dims(model_cfg.trunk, model_cfg.width, model_cfg.depth)[:2],
-            model_cfg.patch_size)
-    if got != want:
-      raise ValueError(f"{source}: its {net} trunk is {_trunk_desc(trunk)}, but the config "
-                       f"asks for {describe_trunk(model_cfg)}.")
-    return []
-  arch, got = _arch_of(trunk)
-  if arch != model_cfg.trunk:
-    raise ValueError(f"{source}: its {net} trunk is {got}, but the config asks for "
-                     f"{_arch_desc(model_cfg.trunk)}: a depth mismatch.")
-  stem = np.shape(trunk.get("conv1", {}).get("kernel", ()))
-  want = (3 if model_cfg.small_stem else 7, model_cfg.width or resnet.WIDTH)
-  if len(stem) == 4 and (stem[0], stem[3]) != want:
-    return [f"the {net} trunk has width {stem[3]} and a {stem[0]}x{stem[0]} stem; the config "
-            f"has width {want[1]} and a {want[0]}x{want[0]} stem"]
-  return []
+def _trunk_problems(trunk, model_cfg, net, source):
+  """The trunk's family and size against the config's (its family's `check_weights`): an error
+  naming both, or problem lines."""
+  family, found = trunks.family(model_cfg), trunks.of_weights(trunk)
+  if found is not family:
+    raise ValueError(f"{source}: its {net} trunk is {found.describe_weights(trunk)}, but the "
+                     f"config asks for {describe_trunk(model_cfg)}.")
+  try:
+    return family.check_weights(trunk, model_cfg, net)
+  except ValueError as e:
+    raise ValueError(f"{source}: {e}") from None
 
 
 def check_variables(variables, model_cfg, parts=None, source="checkpoint", layout="sce_jax"):
@@ -478,7 +402,7 @@ def check_variables(variables, model_cfg, parts=None, source="checkpoint", layou
   for net, part in parts:
     params = variables.get(NETS[net][0], {})
     if part == "trunk":
-      problems += _check_trunk(params.get("trunk", {}), model_cfg, net, source)
+      problems += _trunk_problems(params.get("trunk", {}), model_cfg, net, source)
     probe = variables.get("params", {}).get("probe", {}).get("kernel")
     classes = int(probe.shape[1]) if net == "online" and probe is not None else 0
     expected = _model_shapes(model_cfg.to_json() if hasattr(model_cfg, "to_json")

@@ -15,7 +15,7 @@ import safetensors.numpy
 
 from sce_jax import config as sce_config
 from sce_jax import convert, weights
-from sce_jax.models import resnet, sce
+from sce_jax.models import resnet, sce, trunks
 from tests.helpers import np_vit
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -295,7 +295,7 @@ def test_timm_vit_small_in_matches_numpy_forward(tmp_path):
   trunk = weights.load_trunk(dst, cfg)
   assert trunk["batch_stats"] == {} and "head" not in trunk["params"]
   x = rng.normal(size=(1, 224, 224, 3)).astype(np.float32)
-  got = np.asarray(jax.jit(lambda v, x: sce.make_trunk(cfg).apply(v, x, train=False))(trunk, x))
+  got = np.asarray(jax.jit(lambda v, x: trunks.make_trunk(cfg).apply(v, x, train=False))(trunk, x))
   want = np_vit(sd, x, num_heads=6)
   assert got.shape == want.shape == (1, 384) and np.abs(want).max() > 0.5
   # float32 against float64 through 12 blocks (the bound of test_vit's tiny model, 6 x the

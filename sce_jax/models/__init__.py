@@ -1,9 +1,10 @@
-"""Networks: torchvision-layout ResNets, timm-layout ViTs, MLP heads and the SCE model."""
+"""Networks: trunk families (torchvision-layout ResNets, timm-layout ViTs), MLP heads and the
+SCE model."""
 from sce_jax.models.heads import MLP
 from sce_jax.models.resnet import ResNet
-from sce_jax.models.sce import (DTYPES, TRUNKS, SCENet, feature_dim, is_vit, make_models,
-                                make_trunk)
+from sce_jax.models.sce import DTYPES, SCENet, make_models
+from sce_jax.models.trunks import TRUNKS, feature_dim, make_trunk
 from sce_jax.models.vit import ViT
 
-__all__ = ["DTYPES", "MLP", "ResNet", "SCENet", "TRUNKS", "ViT", "feature_dim", "is_vit",
-           "make_models", "make_trunk"]
+__all__ = ["DTYPES", "MLP", "ResNet", "SCENet", "TRUNKS", "ViT", "feature_dim", "make_models",
+           "make_trunk"]

@@ -3,16 +3,19 @@
 Module names follow torchvision's state-dict keys (`layer1_0/conv1` is `layer1.0.conv1`,
 `downsample_0/1` is `downsample.0/1`), padding is symmetric like PyTorch's, and BatchNorm uses
 PyTorch's eps and momentum, so weights convert one to one in both directions.
+The end of the file is the ResNet family's side of models/trunks.py.
 BatchNorm statistics are those of the global batch: under `jax.jit` a batch sharded over the
 mesh's `data` axis is reduced across devices by the compiler (synchronised BN, docs/SCE.md 3);
 with `bn_splits` > 0 they are those of groups of it (`SplitBatchNorm`, the CIFAR target).
 """
 import functools
+import re
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sce_jax.models import inits
 from sce_jax.models import precision
@@ -179,3 +182,104 @@ def resnet(name: str, **kwargs) -> ResNet:
 def feature_dim(name: str, width: int = 64) -> int:
   stages, block = ARCHS[name]
   return width * 8 * block.expansion
+
+
+# ---------------------------------------------------------------------------------------------
+# The trunk family (models/trunks.py): what the rest of sce_jax asks of a ResNet.
+
+NAME = "ResNet"
+HAS_BATCH_STATS = True        # shuffle-BN (sce.target_bn_splits) splits them
+TORCH_LAYOUT = "torchvision"  # the weights' torch layout (weights.py)
+MARK = "conv1"                # a top-level name of its weights, flax or torch
+NO_DECAY = ()                 # parameters without weight decay besides norms and biases
+TINY = dict(width=8)          # the benchmarks' CPU stand-in
+
+
+def build(model_cfg, bn_splits=0) -> ResNet:
+  """The trunk of config.model; bn_splits > 0: BatchNorm statistics of that many groups of the
+  batch (`SplitBatchNorm`), the same variables."""
+  return resnet(model_cfg.trunk, width=model_cfg.width or WIDTH,
+                small_stem=model_cfg.small_stem, dtype=jnp.dtype(model_cfg.dtype),
+                bn_splits=bn_splits, f32_weight_grads=model_cfg.get("f32_weight_grads", True))
+
+
+def feature_width(model_cfg) -> int:
+  return feature_dim(model_cfg.trunk, model_cfg.width or WIDTH)
+
+
+def frozen(model_cfg):
+  """Names of trunk parameters that never change: none."""
+  del model_cfg
+  return ()
+
+
+def config_problem(model_cfg, crop_sizes) -> str:
+  """The one-line problem of config.model for a ResNet, or ''."""
+  del crop_sizes
+  if model_cfg.freeze_patch_embed or model_cfg.drop_path:
+    return (f"model.freeze_patch_embed and model.drop_path apply to ViT trunks, not "
+            f"{model_cfg.trunk}; leave them at False and 0.")
+  return ""
+
+
+def describe(model_cfg) -> str:
+  """'resnet50 (Bottleneck blocks (3, 4, 6, 3)), width 64, small_stem=False', for messages."""
+  return (f"{_arch_desc(model_cfg.trunk)}, width {model_cfg.width or WIDTH}, "
+          f"small_stem={model_cfg.small_stem}")
+
+
+def _block_counts(trunk_params):
+  """{stage: number of blocks} and whether the blocks are bottlenecks, from module names."""
+  counts = {}
+  for name in trunk_params:
+    m = re.fullmatch(r"layer(\d+)_(\d+)", name)
+    if m:
+      counts[int(m[1])] = max(counts.get(int(m[1]), 0), int(m[2]) + 1)
+  stages = tuple(counts.get(i, 0) for i in range(1, max(counts, default=0) + 1))
+  return stages, "conv3" in trunk_params.get("layer1_0", {})
+
+
+def _arch_of(trunk_params):
+  """(ARCHS name or None, a description) of a trunk, from its module names."""
+  stages, bottleneck = _block_counts(trunk_params)
+  for name, (sizes, block) in ARCHS.items():
+    if tuple(sizes) == stages and (block is Bottleneck) == bottleneck:
+      return name, _arch_desc(name)
+  kind = "Bottleneck" if bottleneck else "BasicBlock"
+  return None, (f"a ResNet with {kind} blocks {stages}, which no config builds (known: "
+                + ", ".join(_arch_desc(n) for n in ARCHS) + ")")
+
+
+def _arch_desc(name):
+  sizes, block = ARCHS[name]
+  return f"{name} ({block.__name__} blocks {tuple(sizes)})"
+
+
+def describe_weights(trunk_params) -> str:
+  return _arch_of(trunk_params)[1]
+
+
+def check_weights(trunk_params, model_cfg, net) -> list[str]:
+  """A trunk's depth against config.model's: ValueError naming both; its width and stem:
+  problem lines."""
+  arch, got = _arch_of(trunk_params)
+  if arch != model_cfg.trunk:
+    raise ValueError(f"its {net} trunk is {got}, but the config asks for "
+                     f"{_arch_desc(model_cfg.trunk)}: a depth mismatch.")
+  stem = np.shape(trunk_params.get("conv1", {}).get("kernel", ()))
+  want = (3 if model_cfg.small_stem else 7, model_cfg.width or WIDTH)
+  if len(stem) == 4 and (stem[0], stem[3]) != want:
+    return [f"the {net} trunk has width {stem[3]} and a {stem[0]}x{stem[0]} stem; the config "
+            f"has width {want[1]} and a {want[0]}x{want[0]} stem"]
+  return []
+
+
+def infer_config(trunk_params, num_heads=0) -> dict:
+  """The config.model keys that a trunk's shapes imply (its depth, width, stem)."""
+  del num_heads
+  arch, desc = _arch_of(trunk_params)
+  if arch is None:
+    raise ValueError(f"Unsupported trunk: {desc}.")
+  stem = np.shape(trunk_params.get("conv1", {}).get("kernel", ()))
+  width, small_stem = (int(stem[3]), stem[0] == 3) if len(stem) == 4 else (64, False)
+  return dict(trunk=arch, width=width, small_stem=bool(small_stem))

@@ -1,7 +1,7 @@
 """The SCE network: trunk -> projector -> predictor, plus the online linear probe.
 
-The trunk is a ResNet (`resnet.ARCHS`) or a ViT (`vit.ARCHS`, docs/SCE.md 10), chosen by
-config.model.trunk in `make_trunk`.
+The trunk is one of a family's (a ResNet, a ViT: docs/SCE.md 4, 10), built by
+`trunks.make_trunk` from config.model.trunk.
 
 The online network has all four parts; the target (EMA) network is the same module built with
 `with_predictor=False, num_classes=0`, so its parameters are the online `trunk` and `projector`
@@ -15,39 +15,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sce_jax.models import heads, inits, resnet, vit
+from sce_jax.models import heads, inits, trunks
 
 # model.dtype: the computation's; parameters stay float32.
 DTYPES = ("float32", "bfloat16", "float16")
-# model.trunk values.
-TRUNKS = (*resnet.ARCHS, *vit.ARCHS)
-
-
-def is_vit(model_cfg) -> bool:
-  return model_cfg.trunk in vit.ARCHS
-
-
-def make_trunk(model_cfg, bn_splits=0) -> nn.Module:
-  """The trunk of config.model; SCENet and the evaluation build it here, so that a
-  TrainState's trunk variables fit both. bn_splits > 0: BatchNorm statistics of that many
-  groups of the batch (`resnet.SplitBatchNorm`), the same variables (ResNets only)."""
-  dtype = jnp.dtype(model_cfg.dtype)
-  if is_vit(model_cfg):
-    return vit.vit(model_cfg.trunk, width=model_cfg.width, depth=model_cfg.depth,
-                   num_heads=model_cfg.num_heads, patch_size=model_cfg.patch_size,
-                   pos_embed=model_cfg.pos_embed, pool=model_cfg.pool,
-                   drop_path=model_cfg.drop_path, dtype=dtype,
-                   f32_weight_grads=model_cfg.get("f32_weight_grads", True))
-  return resnet.resnet(model_cfg.trunk, width=model_cfg.width or resnet.WIDTH,
-                       small_stem=model_cfg.small_stem, dtype=dtype, bn_splits=bn_splits,
-                       f32_weight_grads=model_cfg.get("f32_weight_grads", True))
-
-
-def feature_dim(model_cfg) -> int:
-  """The width of the trunk's features (what evaluation and the probe read)."""
-  if is_vit(model_cfg):
-    return vit.dims(model_cfg.trunk, model_cfg.width)[0]
-  return resnet.feature_dim(model_cfg.trunk, model_cfg.width or resnet.WIDTH)
 
 
 class SCENet(nn.Module):
@@ -59,7 +30,7 @@ class SCENet(nn.Module):
   def setup(self):
     cfg = self.model
     dtype = jnp.dtype(cfg.dtype)
-    self.trunk = make_trunk(cfg, self.trunk_bn_splits)
+    self.trunk = trunks.make_trunk(cfg, self.trunk_bn_splits)
     f32_grads = cfg.get("f32_weight_grads", True)
     self.projector = heads.MLP(**cfg.projector, dtype=dtype, f32_weight_grads=f32_grads)
     if self.with_predictor and cfg.predictor.num_layers > 0:

@@ -14,8 +14,10 @@ cuDNN's fused one); the dense layers and the patch projection take
 `models/precision.py`'s float32 weight gradients like the ResNet's.
 
 No BatchNorm: nothing depends on the batch, so there are no batch statistics and no shuffle-BN.
+The end of the file is the ViT family's side of models/trunks.py.
 """
 import functools
+import re
 from typing import Any
 
 import flax.linen as nn
@@ -185,7 +187,7 @@ class ViT(nn.Module):
         x.astype(self.dtype))
     b, h, w, _ = x.shape
     # timm's init of a learned table (a normal of std 0.02); the sin-cos one stays fixed
-    # (optim.frozen), as MoCo v3's requires_grad=False parameter.
+    # (`frozen`), as MoCo v3's requires_grad=False parameter.
     pos_init = (nn.initializers.normal(0.02) if self.pos_embed == "learned"
                 else lambda key, shape: jnp.asarray(sincos_table(h, self.width)))
     # Declared through self.variable: self.param would require this call's grid, not the one
@@ -208,3 +210,94 @@ def vit(name, *, width=0, depth=0, num_heads=0, **kwargs) -> ViT:
   """ViT `name` of ARCHS, with `dims`' overrides (0: the standard value)."""
   width, depth, num_heads = dims(name, width, depth, num_heads)
   return ViT(width, depth, num_heads, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# The trunk family (models/trunks.py): what the rest of sce_jax asks of a ViT.
+
+NAME = "ViT"
+HAS_BATCH_STATS = False  # no BatchNorm, so no shuffle-BN
+TORCH_LAYOUT = "timm"    # the weights' torch layout (weights.py)
+MARK = "cls_token"       # a top-level name of its weights, flax or torch
+# Parameters without weight decay besides norms and biases (ndim <= 1): the position embedding
+# and class token (eztorch's keys_without_decay, docs/SCE.md 10).
+NO_DECAY = ("pos_embed", "cls_token")
+TINY = dict(width=16, depth=2, num_heads=2, patch_size=4)  # the benchmarks' CPU stand-in
+
+
+def build(model_cfg, bn_splits=0) -> ViT:
+  """The trunk of config.model; a ViT has no BatchNorm to split (bn_splits is 0)."""
+  del bn_splits
+  return vit(model_cfg.trunk, width=model_cfg.width, depth=model_cfg.depth,
+             num_heads=model_cfg.num_heads, patch_size=model_cfg.patch_size,
+             pos_embed=model_cfg.pos_embed, pool=model_cfg.pool, drop_path=model_cfg.drop_path,
+             dtype=jnp.dtype(model_cfg.dtype),
+             f32_weight_grads=model_cfg.get("f32_weight_grads", True))
+
+
+def feature_width(model_cfg) -> int:
+  return dims(model_cfg.trunk, model_cfg.width)[0]
+
+
+def frozen(model_cfg):
+  """Names of trunk parameters that never change (docs/SCE.md 10), as MoCo v3's parameters with
+  requires_grad=False: the sin-cos position table and, with model.freeze_patch_embed, the
+  random patch projection."""
+  return (("pos_embed",) if model_cfg.pos_embed == "sincos" else ()) + (
+      ("patch_embed",) if model_cfg.freeze_patch_embed else ())
+
+
+def config_problem(model_cfg, crop_sizes) -> str:
+  """The one-line problem of config.model for a ViT on crops of `crop_sizes`, or ''."""
+  m = model_cfg
+  width, _, heads = dims(m.trunk, m.width, m.depth, m.num_heads)
+  if width % heads:
+    return (f"model.width={width} does not split into model.num_heads={heads} attention "
+            "heads; set --config.model.num_heads to a divisor of the width.")
+  if m.pos_embed == "sincos" and width % 4:
+    return (f"model.pos_embed='sincos' needs a width divisible by 4, not {width}; set "
+            "--config.model.width or --config.model.pos_embed=learned.")
+  sizes = sorted(crop_sizes)
+  if m.patch_size < 1 or any(s % m.patch_size for s in sizes):
+    return (f"model.patch_size={m.patch_size} does not divide the crop sizes {sizes}; set "
+            "--config.model.patch_size to a divisor of each (16 for ImageNet, 4 for 32-px "
+            "images).")
+  return ""
+
+
+def describe(model_cfg) -> str:
+  """'vit_small (width 384, 12 blocks, 6 heads, patch 16)', for messages."""
+  width, depth, heads = dims(model_cfg.trunk, model_cfg.width, model_cfg.depth,
+                             model_cfg.num_heads)
+  return (f"{model_cfg.trunk} (width {width}, {depth} blocks, {heads} heads, patch "
+          f"{model_cfg.patch_size})")
+
+
+def _weight_dims(trunk_params):
+  """(width, blocks, patch size) of a ViT trunk, from its shapes and module names."""
+  kernel = np.shape(trunk_params.get("patch_embed", {}).get("proj", {}).get("kernel", ()))
+  return (int(np.shape(trunk_params["cls_token"])[-1]),
+          sum(bool(re.fullmatch(r"blocks_\d+", k)) for k in trunk_params),
+          int(kernel[0]) if len(kernel) == 4 else 0)
+
+
+def describe_weights(trunk_params) -> str:
+  return "a ViT of width {}, {} blocks, patch {}".format(*_weight_dims(trunk_params))
+
+
+def check_weights(trunk_params, model_cfg, net) -> list[str]:
+  """A trunk's width, depth and patch against config.model's: ValueError naming both."""
+  want = (*dims(model_cfg.trunk, model_cfg.width, model_cfg.depth)[:2], model_cfg.patch_size)
+  if _weight_dims(trunk_params) != want:
+    raise ValueError(f"its {net} trunk is {describe_weights(trunk_params)}, but the config "
+                     f"asks for {describe(model_cfg)}.")
+  return []
+
+
+def infer_config(trunk_params, num_heads=0) -> dict:
+  """The config.model keys that a trunk's shapes imply. Its attention heads are not in its
+  weights: num_heads, or 0 for width / 64 (the ViT-Ti/S/B table)."""
+  width, depth, patch = _weight_dims(trunk_params)
+  name = min(ARCHS, key=lambda n: abs(ARCHS[n][0] - width))  # a label: the dims below rule
+  return dict(trunk=name, width=width, depth=depth, patch_size=patch,
+              num_heads=dims(name, width, depth, num_heads)[2])
