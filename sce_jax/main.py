@@ -123,7 +123,8 @@ def _run(config, workdir, mode):
     if splits is not None:  # OWN_DATA evaluators open their own sets
       splits.open_eval()
       preemption.check()
-    _evaluate(config, workdir, mode, mesh, splits, source, trunk)
+    with workdir_lib.lock(workdir, mode):
+      _evaluate(config, workdir, mode, mesh, splits, source, trunk)
 
 
 def main(argv):

@@ -10,7 +10,10 @@ stopping is safe:
 * before the first step, between the start-up stages (`check`): the run stops at once with one
   line (`Stopped`; the command line exits 130 for Ctrl-C, 75 for SIGTERM so that a requeued job
   starts again), nothing saved, the workdir lock released;
-* after each step (`Preemption`, in loop.Run): it saves a checkpoint, then stops (`Preempted`).
+* after each step (`Preemption`, in loop.Run): it saves a checkpoint, then stops (`Preempted`);
+* in the evaluations that save as they go (transfer, VOC07 SVMs: features of each split,
+  results of each set), after each saved stage (`kept`, `Preempted`); where nothing is saved
+  (kNN), between stages (`Stopped`).
 
 After the first Ctrl-C a second one stops the process at once (SIGINT's default action: the
 steps since the last checkpoint are lost). Python runs the handler between bytecodes, so a signal
@@ -30,12 +33,13 @@ _REASONS = {signal.SIGINT: "Interrupted (Ctrl-C)", signal.SIGTERM: "Preempted (S
 
 
 class Stopped(Exception):
-  """A stop requested before this process's first step: nothing new was saved. `signum` is the
-  signal (main.py turns it into the exit status)."""
+  """A stop requested before this process's first step (or, `where`, an evaluation's first
+  saved stage): nothing new was saved. `signum` is the signal (main.py turns it into the exit
+  status)."""
 
-  def __init__(self, signum):
-    super().__init__(f"{_REASONS[signum]} before the first step: stopped at once, nothing new "
-                     "was saved; rerun the same command to start again.")
+  def __init__(self, signum, where="before the first step"):
+    super().__init__(f"{_REASONS[signum]} {where}: stopped at once, nothing new was saved; "
+                     "rerun the same command to start again.")
     self.signum = signum
 
 
@@ -103,6 +107,24 @@ def check():
   """At a safe point before the first step: `Stopped` if a stop was requested."""
   if _state.signum is not None:
     raise Stopped(_state.signum)
+
+
+def requested() -> bool:
+  """Whether this process was asked to stop (an evaluation's safe points,
+  evaluators.common.safe_point, agree on it across processes)."""
+  return _state.signum is not None
+
+
+def stopped(where) -> Stopped:
+  """What an evaluation raises at a safe point before it saved anything (exit 130 / 75)."""
+  return Stopped(_state.received or signal.SIGTERM, where)
+
+
+def kept(what) -> Preempted:
+  """What an evaluation raises at a safe point after `what` was saved (exit 75, as a loop
+  that saved a checkpoint)."""
+  return Preempted(f"{_REASONS[_state.received or signal.SIGTERM]}: stopped after {what}; "
+                   "rerun the same command to resume from there.")
 
 
 class Preemption:

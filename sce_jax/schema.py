@@ -68,14 +68,25 @@ POSITIVE = ("batch_size", "epochs", "eval.batch_size", "eval.linear.batch_size",
 
 
 # Numeric keys that must lie in a range: key -> (whether a value does, the range in words); of
-# a tuple, each item. Counts of at least 1 that every config sets are POSITIVE's.
+# a tuple, each item. Counts of at least 1 that every config sets are POSITIVE's; every other
+# numeric key of base() is here (tests/test_config.py walks them), model.predictor.out_dim
+# through the projector's, which it refers to.
 _COUNT = (lambda v: v >= 1, ">= 1")
 _SOME = (lambda v: v >= 0, ">= 0")
+_ANY = (lambda v: True, "any integer")  # max_steps, every_epochs: their comments say how
 _RATE = (lambda v: v > 0, "> 0")  # temperatures, learning rates: a divisor, or a step size
 _FRACTION = (lambda v: 0 <= v <= 1, "in [0, 1]")
 _MOMENTUM = (lambda v: 0 <= v < 1, "in [0, 1)")  # 1 would never forget the first gradient
 _DECAY = (lambda v: 0 < v <= 1, "in (0, 1]")
+_HOLDOUT = (lambda v: 0 < v < 1, "in (0, 1)")
 RANGES = {
+    "seed": _SOME,  # NumPy's generators refuse negative seeds
+    "max_steps": _ANY,
+    "model.width": _SOME,  # 0: the trunk's
+    "model.depth": _SOME,
+    "model.num_heads": _SOME,
+    "model.patch_size": _COUNT,
+    "model.drop_path": _MOMENTUM,  # a probability of dropping a block (0.1 in the authors' ViTs)
     "model.projector.hidden_dim": _COUNT,
     "model.projector.out_dim": _COUNT,
     "model.projector.num_layers": _COUNT,
@@ -86,10 +97,15 @@ RANGES = {
     "sce.coeff": _FRACTION,
     "sce.m0": _FRACTION,
     "sce.num_global": _COUNT,
+    "sce.queue": _SOME,  # and a multiple of the keys written each step, where it is used
+    "sce.target_bn_splits": _SOME,  # and a divisor of the batch; 0: off
     "optim.base_lr": _RATE,
     "optim.weight_decay": _SOME,
     "optim.momentum": _MOMENTUM,
     "optim.trust_coefficient": _RATE,
+    "optim.betas": _MOMENTUM,
+    "optim.eps": _RATE,
+    "optim.clip_norm": _SOME,
     "optim.warmup_epochs": _SOME,
     "probe.lr": _RATE,
     "data.image_size": _COUNT,
@@ -98,13 +114,27 @@ RANGES = {
     "data.prefetch": _SOME,
     "data.mean": _FRACTION,
     "data.std": _RATE,
+    "data.eval_resize": _SOME,
+    "eval.knn.every_epochs": _ANY,
     "eval.knn.k": _COUNT,
     "eval.knn.temp": _RATE,
+    "eval.probe.every_epochs": _ANY,
     "eval.linear.base_lr": _RATE,
     "eval.linear.milestones": _SOME,
     "eval.linear.decay_factor": _DECAY,
     "eval.linear.weight_decay": _SOME,
     "eval.linear.momentum": _MOMENTUM,
+    "eval.linear.max_steps": _ANY,
+    "eval.transfer.image_size": _SOME,  # 0: data.image_size
+    "eval.transfer.wd_range": _RATE,  # and low <= high
+    "eval.transfer.val_fraction": _HOLDOUT,
+    "eval.voc07.shots": _COUNT,
+    "eval.voc07.costs": _RATE,  # and at least one
+    "eval.voc07.folds": (lambda v: v >= 2, ">= 2"),  # cross-validation folds
+    "eval.finetune.fraction": _DECAY,
+    "eval.finetune.base_lr": _RATE,
+    "eval.finetune.momentum": _MOMENTUM,
+    "eval.finetune.max_steps": _ANY,
 }
 
 
@@ -142,7 +172,7 @@ def validate(config, num_devices, num_processes, workdir=None):
             f"--config.{key} to a multiple of {count}, e.g. {_multiple(config[key], count)}.")
   _check_model(config)
   splits = config.sce.target_bn_splits
-  if splits < 0 or (splits and config.batch_size % splits):
+  if splits and config.batch_size % splits:
     raise ConfigError(
         f"sce.target_bn_splits={splits} does not divide batch_size={config.batch_size} into "
         "shuffle-BN groups; set --config.sce.target_bn_splits to a divisor of the batch (8 in "
@@ -161,22 +191,16 @@ def validate(config, num_devices, num_processes, workdir=None):
 
 
 def _validate_evaluations(config):
-  """The ranges of the transfer, VOC07 and fine-tuning keys (docs/SCE.md 9)."""
+  """The transfer data sets and the relations RANGES cannot state (docs/SCE.md 9)."""
   ev = config.eval
   try:
     transfer.parse_datasets(ev.transfer.datasets)
   except ValueError as e:
     raise ConfigError(f"{e}; fix --config.eval.transfer.datasets.") from e
-  checks = (
-      ("eval.transfer.wd_range", 0 < ev.transfer.wd_range[0] <= ev.transfer.wd_range[1],
+  checks = (  # Beyond RANGES' checks of each value.
+      ("eval.transfer.wd_range", ev.transfer.wd_range[0] <= ev.transfer.wd_range[1],
        "(low, high) with 0 < low <= high, e.g. (1e-6, 1e5)"),
-      ("eval.transfer.val_fraction", 0 < ev.transfer.val_fraction < 1, "in (0, 1), e.g. 0.2"),
-      ("eval.voc07.shots", all(k >= 1 for k in ev.voc07.shots), "images per class >= 1"),
-      ("eval.voc07.costs", len(ev.voc07.costs) > 0 and min(ev.voc07.costs) > 0,
-       "positive SVM costs"),
-      ("eval.voc07.folds", ev.voc07.folds >= 2, "at least 2 cross-validation folds"),
-      ("eval.finetune.fraction", 0 < ev.finetune.fraction <= 1,
-       "a fraction of the labels in (0, 1], e.g. 0.01"),
+      ("eval.voc07.costs", len(ev.voc07.costs) > 0, "positive SVM costs, at least one"),
   )
   for key, ok, fix in checks:
     if not ok:
@@ -186,14 +210,6 @@ def _validate_evaluations(config):
 def _check_model(config):
   """The trunk's and heads' sizes, and what its family asks (a ViT's: docs/SCE.md 10)."""
   m = config.model
-  for key in ("width", "depth", "num_heads", "optim.clip_norm"):
-    key = key if "." in key else f"model.{key}"
-    if config[key] < 0:
-      raise ConfigError(f"{key}={config[key]} is negative; set --config.{key} to 0 (the "
-                        "default) or a positive value.")
-  if not 0 <= m.drop_path < 1:
-    raise ConfigError(f"model.drop_path={m.drop_path} is a probability of dropping a block; set "
-                      "--config.model.drop_path in [0, 1) (0.1 in the authors' ViT runs).")
   for head in ("projector", "predictor"):
     if m[head].last_bn and m[head].norm != "batch":
       raise ConfigError(f"model.{head}.last_bn=True needs model.{head}.norm='batch'; set one "

@@ -1,5 +1,6 @@
 """A run's own files in its workdir, beside checkpoints/ (checkpoint.py) and metrics.jsonl
-(metrics.py): the lock held while a run trains there, and the config it was started with.
+(metrics.py): the lock held while a run trains or evaluates there, and the config it was
+started with.
 
 Two runs on one workdir would delete each other's checkpoints and interleave their metrics: the
 lock (`lock.json`: host, process id, SLURM job) makes the second one stop with an error naming
@@ -87,10 +88,12 @@ def _acquire(path):
 
 
 @contextlib.contextmanager
-def lock(workdir):
-  """Holds <workdir>/lock.json while the block runs (process 0 takes it for all processes);
-  WorkdirError if another run holds it."""
-  path = epath.Path(workdir) / LOCK
+def lock(workdir, mode="train"):
+  """Holds <workdir>/lock.json (pretraining) or lock_<mode>.json (an evaluation, which writes
+  its own files: two of one mode collide, an evaluation beside the pretraining does not) while
+  the block runs (process 0 takes it for all processes); WorkdirError if another run holds
+  it."""
+  path = epath.Path(workdir) / (LOCK if mode == "train" else f"lock_{mode}.json")
   error = None
   if jax.process_index() == 0:
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ import sys
 import urllib.request
 
 import flax.traverse_util
+import ml_collections
 import pytest
 
 from sce_jax import config as sce_config
@@ -102,10 +103,11 @@ def test_cifar10_vit_values():
      r"heads"),
     ({"model.width": 30, "model.num_heads": 1, "model.pos_embed": "sincos"},
      r"model.pos_embed='sincos' needs a width divisible by 4, not 30"),
-    ({"model.drop_path": 1.0}, r"model.drop_path=1.0 is a probability of dropping a block; set "
-     r"--config.model.drop_path in \[0, 1\)"),
-    ({"model.depth": -1}, r"model.depth=-1 is negative"),
-    ({"optim.clip_norm": -1.0}, r"optim.clip_norm=-1.0 is negative"),
+    ({"model.drop_path": 1.0}, r"model.drop_path=1.0 is out of range; set "
+     r"--config.model.drop_path to a value in \[0, 1\)"),
+    ({"model.depth": -1}, r"model.depth=-1 is out of range; set --config.model.depth to a "
+     r"value >= 0"),
+    ({"optim.clip_norm": -1.0}, r"optim.clip_norm=-1.0 is out of range"),
     ({"model.projector.last_bn": True}, r"model.projector.last_bn=True needs "
      r"model.projector.norm='batch'"),
     ({"model.trunk": "resnet18", "model.freeze_patch_embed": True, "sce.target_bn_splits": 0},
@@ -364,10 +366,13 @@ def test_counts_below_one(good, key):
      r"protocol \(food101, .*\); name a local copy as imagenet=PATH"),
     ("eval.transfer.wd_range", (1e5, 1e-6), r"\(low, high\) with 0 < low <= high"),
     ("eval.transfer.val_fraction", 1.0, r"in \(0, 1\)"),
-    ("eval.voc07.shots", (16, 0), r"images per class >= 1"),
-    ("eval.voc07.costs", (0.0, 1.0), r"positive SVM costs"),
-    ("eval.voc07.folds", 1, r"at least 2 cross-validation folds"),
-    ("eval.finetune.fraction", 1.5, r"a fraction of the labels in \(0, 1\]"),
+    ("eval.voc07.shots", (16, 0), r">= 1 \(each\)"),
+    ("eval.voc07.costs", (0.0, 1.0), r"> 0 \(each\)"),
+    ("eval.voc07.costs", (), r"positive SVM costs, at least one"),
+    ("eval.voc07.folds", 1, r">= 2"),
+    ("eval.finetune.fraction", 1.5, r"in \(0, 1\]"),
+    ("eval.finetune.base_lr", -0.5, r"> 0"),  # trained uphill to a loss of 19,458
+    ("eval.finetune.momentum", 2.0, r"in \[0, 1\)"),
 ])
 def test_evaluation_keys_out_of_range(good, key, value, fix):
   """docs/SCE.md 9: one line naming the key and the fix."""
@@ -381,7 +386,11 @@ def test_evaluation_keys_out_of_range(good, key, value, fix):
 # For each range of schema.RANGES, in its words: values just outside it, and values at its
 # edges inside it (ints, so that they fit integer keys too).
 EDGES = {">= 1": ([0, -1], [1]), ">= 0": ([-1], [0]), "> 0": ([0, -1], [1]),
-         "in [0, 1]": ([-1, 2], [0, 1]), "in [0, 1)": ([-1, 1], [0]), "in (0, 1]": ([0, 2], [1])}
+         "in [0, 1]": ([-1, 2], [0, 1]), "in [0, 1)": ([-1, 1], [0]), "in (0, 1]": ([0, 2], [1]),
+         "in (0, 1)": ([0, 1], [0.5]), ">= 2": ([1], [2]), "any integer": ([], [-1, 0, 1])}
+# Keys whose every value in range is not valid alone: the config's own value is its inside edge
+# (sce.queue: a multiple of the keys written each step).
+OWN_EDGE = ("sce.queue",)
 
 
 @pytest.mark.parametrize("key", sorted(schema.RANGES))
@@ -394,6 +403,7 @@ def test_values_out_of_range(good, key):
   node = functools.reduce(lambda c, s: c[s], sections, good)
   words = schema.RANGES[key][1]
   outside, edges = EDGES[words]
+  edges = [node[name]] if key in OWN_EDGE else edges
   as_value = lambda v: (v,) * len(node[name]) if isinstance(node[name], tuple) else v
   for value in edges:
     node[name] = as_value(value)
@@ -405,6 +415,25 @@ def test_values_out_of_range(good, key):
       schema.validate(good, 1, 1)
     assert str(e.value) == (f"{key}={node[name]} is out of range; set --config.{key} to a "
                             f"value {words}{each}.")
+
+
+def test_every_numeric_key_has_a_range():
+  """Every numeric key of base() (a number, or a tuple of numbers; not a boolean) is in
+  config.RANGES or POSITIVE, so that no setting escapes the checks (eval.finetune.base_lr=-0.5
+  once trained uphill, reporting chance accuracy); a key that refers to another (the
+  predictor's out_dim, the projector's) is checked through it."""
+  config = sce_config.base()
+  numeric = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+  ranged = set(sce_config.RANGES) | set(sce_config.POSITIVE)
+  field_of = lambda key: functools.reduce(lambda c, s: c[s], key.split(".")[:-1], config)._fields[  # pylint: disable=protected-access
+      key.split(".")[-1]]
+  flat = flax.traverse_util.flatten_dict(config.to_dict(), sep=".")
+  checked = {id(field_of(k)) for k in ranged
+             if isinstance(field_of(k), ml_collections.FieldReference)}
+  keys = [k for k, v in flat.items()
+          if numeric(v) or (isinstance(v, tuple) and v and all(map(numeric, v)))]
+  missing = [k for k in keys if k not in ranged and id(field_of(k)) not in checked]
+  assert len(keys) > 60 and not missing
 
 
 def test_every_config_is_in_range():

@@ -1,5 +1,6 @@
 """Host input pipelines (tf.data, grain), sources, the trainer's entry points (docs/SCE.md 6-7)."""
 import importlib
+import gzip
 import io
 import math
 import os
@@ -657,6 +658,30 @@ def test_damaged_archive_is_named(archives, tmp_path):
   cifar.write_bytes(cifar.read_bytes()[:-200])
   with pytest.raises(images.DataError, match=rf"^{cifar} is damaged or incomplete \(EOFError"):
     sources.Splits(_cfg(path=str(cifar), cache_dir=str(tmp_path / "c")))
+
+
+@pytest.mark.parametrize("name", ["slice_train.tar.gz", "slice_train.tar"])
+def test_archive_with_flipped_bytes_is_named(archives, tmp_path, name):
+  """64 bytes flipped in the middle of an archive (its size unchanged): tarfile stops at the
+  first unreadable header without a word, and a .tar.gz's CRC is only checked at its end, so
+  the archive is read to its end before its contents are trusted. The error names the damaged
+  training archive, not the intact test archive opened after it; nothing is cached."""
+  whole = (archives / "slice_train.tar.gz").read_bytes()
+  if name.endswith(".tar"):
+    whole = gzip.decompress(whole)
+  middle = len(whole) // 2
+  damaged = tmp_path / name
+  damaged.write_bytes(whole[:middle] + bytes(b ^ 0xFF for b in whole[middle:middle + 64])
+                      + whole[middle + 64:])
+  cfg = _cfg(path=str(damaged), eval_path=str(archives / "slice_test.tar.gz"),
+             cache_dir=str(tmp_path / "cache"))
+  for open_split in (lambda: sources.Splits(cfg).open_eval(),
+                     lambda: sources.ImageFolder(damaged)):  # Cached, unpacked.
+    with pytest.raises(images.DataError,
+                       match=rf"^{damaged} is damaged or incomplete \(.*\); download or copy it "
+                       r"again \(its size should match the original's\)\.$"):
+      open_split()
+  assert not [p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")]
 
 
 @pytest.mark.parametrize("fine", [False, True])

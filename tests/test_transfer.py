@@ -2,8 +2,11 @@
 import io
 import json
 import logging
+import os
+import signal
 import socket
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -12,9 +15,9 @@ import pytest
 from PIL import Image
 
 from sce_jax import config as sce_config
-from sce_jax import models
+from sce_jax import models, preemption
 from sce_jax.data import sources
-from sce_jax.evaluators import common, transfer, voc07
+from sce_jax.evaluators import common, knn, transfer, voc07
 from sce_jax.sharding import make_mesh
 from tests.conftest import make_image_folder
 from tests.helpers import load_config
@@ -200,6 +203,61 @@ def test_transfer_folders_resume_between_sets(cifar_root, tmp_path, trunk_variab
   assert sorted(p.name for p in (work / "transfer" / "aircraft").iterdir()) == [
       "features_test_32px.npz", "features_train_32px.npz", "features_val_32px.npz"]
   assert record["aircraft"]["image_size"] == 32
+
+
+@pytest.mark.slow  # 4 extractions and 2 solves, ~50 s on 2 loaded cores
+def test_transfer_and_knn_stop_at_a_safe_point(cifar_root, tmp_path, trunk_variables,
+                                               monkeypatch):
+  """A SIGTERM while the first set's train features are extracted stops the run once they are
+  saved (Preempted: exit 75, as pretraining after its checkpoint); a Ctrl-C while the first set
+  is solved stops it once that set is recorded; each rerun goes on from there. kNN, which
+  saves nothing, stops between its two splits (Stopped: exit 130 for a Ctrl-C)."""
+  config = _config(tmp_path, f"cifar10={cifar_root},again={cifar_root}")
+  mesh, work = make_mesh(), tmp_path / "work"
+  extracted, solved, signals = [], [], {}
+  real_extract, real_solve = common.extract_features, transfer._solve
+
+  def extract(trunk, variables, source, *args, **kwargs):
+    extracted.append(source.num_examples)
+    os.kill(os.getpid(), signals.pop("extract", 0))
+    return real_extract(trunk, variables, source, *args, **kwargs)
+
+  def solve(*args):
+    solved.append(args[0])
+    os.kill(os.getpid(), signals.pop("solve", 0))
+    return real_solve(*args)
+
+  monkeypatch.setattr(common, "extract_features", extract)
+  monkeypatch.setattr(transfer, "_solve", solve)
+  runs = [("extract", signal.SIGTERM, "Preempted \\(SIGTERM\\): stopped after saving the train "
+           "features of cifar10 to .*features_train_32px.npz; rerun", [200], []),
+          ("solve", signal.SIGINT, "Interrupted \\(Ctrl-C\\): stopped after transfer to "
+           "cifar10, recorded in .*results.json; rerun", [100], ["cifar10"])]
+  for stage, signum, message, extracted_now, solved_now in runs:
+    assert preemption.install()
+    try:
+      signals[stage], extracted[:], solved[:] = signum, [], []
+      with pytest.raises(preemption.Preempted, match=f"^{message}"):
+        transfer.evaluate(config, trunk_variables, mesh, None, work)
+    finally:
+      preemption.uninstall()
+    assert extracted == extracted_now and solved == solved_now
+  extracted[:] = []
+  results = transfer.evaluate(config, trunk_variables, mesh, None, work)
+  assert extracted == [200, 100] and solved == ["cifar10", "again"]
+  assert results["transfer_cifar10"] == results["transfer_again"]  # the same images
+
+  splits = types.SimpleNamespace(train="train", eval="eval", num_classes=3)
+  monkeypatch.setattr(common, "extract_features", lambda *a, **k: os.kill(
+      os.getpid(), signal.SIGINT) or (np.eye(4, 8, dtype=np.float32), np.arange(4) % 3))
+  assert preemption.install()
+  try:
+    with pytest.raises(preemption.Stopped, match=r"^Interrupted \(Ctrl-C\) during the kNN "
+                       "evaluation: stopped at once") as e:
+      knn.evaluate(config, trunk_variables, mesh, splits)
+  finally:
+    preemption.uninstall()
+  assert e.value.signum == signal.SIGINT
 
 
 def _jpeg(rng):

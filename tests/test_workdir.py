@@ -3,10 +3,13 @@ import json
 import os
 import socket
 import subprocess
+import types
 
 import pytest
 
+from sce_jax import evaluators, main
 from sce_jax import workdir as workdir_lib
+from sce_jax.data import sources
 from tests.helpers import load_config
 
 
@@ -71,3 +74,27 @@ def test_config_json_and_a_differing_restart(tmp_path, caplog):
       f"({tmp_path / workdir_lib.CONFIG}): max_steps 24 -> 100; model.width 4 -> 8. The run "
       "goes on with the new values.")
   assert json.loads((tmp_path / workdir_lib.CONFIG).read_text()) == saved
+
+
+@pytest.mark.parametrize("mode", sorted(evaluators.MODES))
+def test_every_evaluation_mode_locks_the_workdir(tmp_path, monkeypatch, mode):
+  """The command line holds lock_<mode>.json while it evaluates (main._run): a second run of
+  the same mode on the workdir is refused (two --mode=finetune runs would write one
+  finetune_<subset>/checkpoints), pretraining beside it is not; the lock is gone after."""
+  seen = []
+
+  def evaluate(config, trunk, mesh, splits, workdir):
+    with pytest.raises(workdir_lib.WorkdirError, match=f"lock_{mode}.json"):
+      with workdir_lib.lock(workdir, mode):
+        pass
+    with workdir_lib.lock(workdir):  # pretraining's
+      seen.append(sorted(p.name for p in tmp_path.iterdir()))
+    return {}
+
+  monkeypatch.setitem(evaluators.MODES, mode, evaluate)
+  monkeypatch.setattr(main, "_load_trunk", lambda config, workdir, mode: ("weights", {}))
+  monkeypatch.setattr(sources, "Splits", lambda data: types.SimpleNamespace(
+      open_eval=lambda: None))
+  main._run(load_config("cifar10_r18", "smoke"), str(tmp_path), mode)
+  assert seen == [[workdir_lib.LOCK, f"lock_{mode}.json"]]
+  assert sorted(p.name for p in tmp_path.iterdir()) == [f"eval_{mode}.json"]

@@ -85,6 +85,7 @@ def _decode_cifar(archive, split, dest, classes):
     names = [n.decode() if isinstance(n, bytes) else n
              for n in load(tar, top, layout.meta)[layout.names]]
     batches = [load(tar, top, name) for name in layout.batches[split]]
+    folders.read_to_end(tar)
   if classes is not None and list(classes) != names:
     raise DataError(f"{archive}'s classes are not those of the training split; set "
                     "--config.data.eval_path to the archive the training split came from.")
@@ -100,7 +101,8 @@ def _scan_archive(archive):
   """(listing, {path: bytes}) of every image in a class-folder archive, read in one pass;
   listing maps a folder to its (subfolder names, file names). None as soon as two images
   differ in size or one has no readable header (ImageNet, a damaged file): such an archive is
-  not cached but unpacked, and not read beyond that point."""
+  not cached but unpacked, and not read beyond that point. Else read to its end
+  (`folders.read_to_end`), a damaged archive a DataError."""
   listing, images, size = {}, {}, None
   entry = lambda folder: listing.setdefault(folder, (set(), []))
   with folders.open_archive(archive) as tar:
@@ -122,6 +124,7 @@ def _scan_archive(archive):
       if size not in (None, image_size):
         return None
       size, images[path] = image_size, data
+    folders.read_to_end(tar)
   return listing, images
 
 

@@ -34,14 +34,32 @@ def is_archive(path) -> bool:
 @contextlib.contextmanager
 def open_archive(archive):
   """The tarfile of `archive`; a damaged one (cut short, a bad gzip stream, not a tar) is a
-  DataError naming it, wherever it is found while the block reads it. tarfile's own errors
-  (EOFError, tarfile.ReadError, zlib.error) do not name the file."""
+  DataError naming it, wherever it is found while the block reads it (a block that trusts the
+  contents ends with `read_to_end`). tarfile's own errors (EOFError, tarfile.ReadError,
+  zlib.error, gzip's CRC check) do not name the file."""
   try:
     with tarfile.open(archive) as tar:
       yield tar
   except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
     raise DataError(f"{archive} is damaged or incomplete ({logs.brief(e, 200)}); download or "
                     "copy it again (its size should match the original's).") from e
+
+
+class _Damaged(tarfile.TarError):
+  """Bytes after the last entry tarfile could read: a damaged header, where tarfile stops
+  without a word."""
+
+
+def read_to_end(tar):
+  """Reads the rest of `tar` (inside `open_archive`): every header, then the bytes after the
+  last one, which must be the end-of-archive zeros, to the end of the file, where gzip checks
+  its CRC. Before an archive's contents are trusted: tarfile stops silently at a damaged header
+  and never reaches the CRC, so a damaged archive would read as a smaller data set."""
+  tar.getmembers()
+  tar.fileobj.seek(tar.offset)
+  while chunk := tar.fileobj.read(1 << 20):
+    if chunk.strip(b"\0"):
+      raise _Damaged(f"unreadable entry at byte {tar.offset} of its tar stream")
 
 
 @functools.cache
@@ -51,6 +69,7 @@ def extract(archive: str) -> pathlib.Path:
   atexit.register(shutil.rmtree, dest, ignore_errors=True)
   with open_archive(archive) as tar:
     tar.extractall(dest, filter="data")
+    read_to_end(tar)
   return dest
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from sce_jax import checkpoint, sharding
+from sce_jax import checkpoint, preemption, sharding
 from sce_jax.data import augment, pipeline
 
 
@@ -80,6 +80,16 @@ def decided_by_process_0(flag: bool) -> bool:
   if jax.process_count() == 1:
     return flag
   return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
+
+
+def safe_point(what=None, where=None):
+  """Where an evaluation may stop at a SIGTERM or Ctrl-C (preemption.py), as process 0 decides:
+  preemption.Preempted after `what` was saved (a rerun resumes after it), else
+  preemption.Stopped (nothing saved; `where` says where it stopped)."""
+  if decided_by_process_0(preemption.requested()):
+    if what is None:
+      raise preemption.stopped(where)
+    raise preemption.kept(what)
 
 
 def cached_features(path, extract):

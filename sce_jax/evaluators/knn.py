@@ -81,6 +81,7 @@ def evaluate(config, trunk_variables, mesh, splits, workdir=None):
   extract = lambda source: common.extract_features(
       trunk, trunk_variables, source, config.data, batch_size=config.eval.batch_size, mesh=mesh)
   train_feats, train_labels = extract(splits.train)
+  common.safe_point(where="during the kNN evaluation")
   test_feats, test_labels = extract(splits.eval)
   scores = knn_scores(train_feats, train_labels, test_feats, k=config.eval.knn.k,
                       temp=config.eval.knn.temp, num_classes=splits.num_classes,

@@ -9,7 +9,8 @@ refitted on train + validation and scored on test, by the set's metric (`PROTOCO
 
 Features are extracted once per set and split, sharded over the mesh, and cached in
 <workdir>/transfer/<set>/; <workdir>/transfer/results.json holds the finished sets, so a run
-stopped between sets resumes at the next one.
+stopped between sets resumes at the next one. A SIGTERM or Ctrl-C stops the run after the split
+or set in progress is saved (evaluators.common.safe_point).
 """
 import dataclasses
 import functools
@@ -136,9 +137,13 @@ def _features(name, path, config, trunk, variables, mesh, outdir):
                                             batch_size=config.eval.batch_size, mesh=mesh)
     return feats, (labels if multi_label is None else multi_label[labels])
 
-  out = {split: common.cached_features(outdir / f"features_{split}_{size}px.npz",
-                                       functools.partial(extract, opener))
-         for split, opener in _openers(name, path, config.data).items()}
+  out = {}
+  for split, opener in _openers(name, path, config.data).items():
+    file = outdir / f"features_{split}_{size}px.npz"
+    logging.info("Transfer to %s: %s the %s features (%d px).", name,
+                 "reading" if file.exists() else "extracting", split, size)
+    out[split] = common.cached_features(file, functools.partial(extract, opener))
+    common.safe_point(f"saving the {split} features of {name} to {file}")
   return out if jax.process_index() == 0 else None
 
 
@@ -243,21 +248,24 @@ def evaluate(config, trunk_variables, mesh, splits, workdir):
   record = outdir / "results.json"
   results = json.loads(record.read_text()) if record.exists() else {}
   trunk = models.make_trunk(config.model)
-  for name, path in datasets:
+  for i, (name, path) in enumerate(datasets, 1):
     if common.decided_by_process_0(name in results):
       logging.info("Transfer to %s: done before (%s).", name, record)
       continue
     features = _features(name, path, config, trunk, trunk_variables, mesh,
                          outdir / name.replace("/", "_"))
-    if jax.process_index() > 0:
-      continue
-    results[name] = _solve(name, features, config)
-    logging.info("Transfer to %s: %s %.4f (weight decay %.3g).", name,
-                 METRICS[results[name]["metric"]], results[name]["value"],
-                 results[name]["weight_decay"])
-    tmp = outdir / ".results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1))
-    tmp.replace(record)
+    if jax.process_index() == 0:
+      logging.info("Transfer to %s: fitting %d weight decays.", name,
+                   config.eval.transfer.wd_values)
+      results[name] = _solve(name, features, config)
+      logging.info("Transfer to %s (set %d of %d): %s %.4f (weight decay %.3g).", name, i,
+                   len(datasets), METRICS[results[name]["metric"]], results[name]["value"],
+                   results[name]["weight_decay"])
+      tmp = outdir / ".results.json.tmp"
+      tmp.write_text(json.dumps(results, indent=1))
+      tmp.replace(record)
+    if i < len(datasets):
+      common.safe_point(f"transfer to {name}, recorded in {record}")
   if jax.process_index() > 0:
     return {}
   names = [name for name, _ in datasets]

@@ -94,9 +94,13 @@ def evaluate(config, trunk_variables, mesh, splits, workdir):
     return feats, multi_label[rows]
 
   size = config.data.image_size
-  features = {split: common.cached_features(outdir / f"features_{split}_{size}px.npz",
-                                            lambda split=split: extract(split))
-              for split in ("train", "validation", "test")}
+  features = {}
+  for split in ("train", "validation", "test"):
+    file = outdir / f"features_{split}_{size}px.npz"
+    logging.info("VOC07 SVMs: %s the %s features.", "reading" if file.exists() else "extracting",
+                 split)
+    features[split] = common.cached_features(file, lambda split=split: extract(split))
+    common.safe_point(f"saving the VOC07 {split} features to {file}")
   if jax.process_index() > 0:
     return {}
   trainval = [np.concatenate(a) for a in zip(features["train"], features["validation"])]

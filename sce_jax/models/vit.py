@@ -258,7 +258,7 @@ def config_problem(model_cfg, crop_sizes) -> str:
     return (f"model.pos_embed='sincos' needs a width divisible by 4, not {width}; set "
             "--config.model.width or --config.model.pos_embed=learned.")
   sizes = sorted(crop_sizes)
-  if m.patch_size < 1 or any(s % m.patch_size for s in sizes):
+  if any(s % m.patch_size for s in sizes):
     return (f"model.patch_size={m.patch_size} does not divide the crop sizes {sizes}; set "
             "--config.model.patch_size to a divisor of each (16 for ImageNet, 4 for 32-px "
             "images).")
