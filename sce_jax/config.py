@@ -131,10 +131,11 @@ def base() -> ml_collections.ConfigDict:
   # e.g. aircraft=PATH). image_size: the crop of the bicubic resize + centre crop (0:
   # data.image_size; ssl-transfer: 224). L2 weight decays: wd_values log-spaced over wd_range
   # (C = 1 / wd); max_iter: L-BFGS iterations (scikit-learn's default, as ssl-transfer);
-  # val_fraction: of train held out where a set has no validation split.
+  # val_fraction: of train held out where a set has no validation split. caltech101_split:
+  # "ssl_transfer" (the split behind SCE's row) or "tfds" (transfer.CALTECH101_SPLITS).
   c.eval.transfer = ml_collections.ConfigDict(dict(
       datasets=transfer.DEFAULT_DATASETS, image_size=0, wd_range=(1e-6, 1e5), wd_values=45,
-      max_iter=100, val_fraction=0.2))
+      max_iter=100, val_fraction=0.2, caltech101_split="ssl_transfer"))
   # --mode=voc07_svm, PCL's VOC07 linear SVMs (docs/SCE.md 9): images per class of the
   # low-shot runs, independent draws of each, SVM costs chosen per class by `folds`-fold
   # cross-validation.
@@ -260,6 +261,7 @@ ENUMS = {
     "optim.name": optim.OPTIMIZERS,
     "eval.linear.schedule": optim.LINEAR_SCHEDULES,
     "eval.finetune.subset": finetune.SUBSETS,
+    "eval.transfer.caltech101_split": transfer.CALTECH101_SPLITS,
     "data.source": tuple(sources.SOURCES),
     "data.loader": pipeline.LOADERS,
     "data.views": tuple(presets.PRESETS),
