@@ -45,6 +45,9 @@ def base() -> ml_collections.ConfigDict:
   c.model.patch_size = 16      # 16 for ImageNet; 4 (or 8) for 32-px images
   c.model.pos_embed = "learned"  # or "sincos": MoCo v3's fixed 2-D sin-cos table
   c.model.pool = "cls"         # the feature: the class token's output, or "mean" of patches
+  # The position table at other crop sizes (vit.POS_RESAMPLES): "timm" (antialiased bicubic)
+  # or "dino" (DINO's and eztorch's bicubic without antialiasing).
+  c.model.pos_resample = "timm"
   c.model.drop_path = 0.0      # stochastic depth of the last block (block i: i / (depth - 1))
   c.model.freeze_patch_embed = False  # MoCo v3's frozen random patch projection
   # Heads (docs/SCE.md 4, 10): norm "batch" (BN after each hidden layer) or "none" (a bias
@@ -252,6 +255,7 @@ ENUMS = {
     "model.dtype": sce.DTYPES,
     "model.pos_embed": vit.POS_EMBEDS,
     "model.pool": vit.POOLS,
+    "model.pos_resample": vit.POS_RESAMPLES,
     "model.projector.norm": heads.NORMS,
     "model.projector.activation": tuple(heads.ACTIVATIONS),
     "model.predictor.norm": heads.NORMS,

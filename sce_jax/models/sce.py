@@ -36,6 +36,7 @@ def make_trunk(model_cfg, bn_splits=0) -> nn.Module:
     return vit.vit(model_cfg.trunk, width=model_cfg.width, depth=model_cfg.depth,
                    num_heads=model_cfg.num_heads, patch_size=model_cfg.patch_size,
                    pos_embed=model_cfg.pos_embed, pool=model_cfg.pool,
+                   pos_resample=model_cfg.get("pos_resample", "timm"),
                    drop_path=model_cfg.drop_path, dtype=dtype,
                    f32_weight_grads=model_cfg.get("f32_weight_grads", True))
   return resnet.resnet(model_cfg.trunk, width=model_cfg.width or resnet.WIDTH,
