@@ -22,6 +22,7 @@ def get_config(arg=None):
   c.model.trunk = "vit_tiny"     # width 192, 12 blocks, 3 heads
   c.model.patch_size = 4
   c.model.drop_path = 0.1        # eztorch vit_tiny.yaml
+  c.model.pos_resample = "dino"  # eztorch's ViT: DINO's interpolate_pos_encoding
   c.model.concat_views = True    # no BatchNorm: the same as a pass per view, faster
   c.model.projector.update(hidden_dim=1024, out_dim=256, num_layers=3, last_bias=True,
                            norm="none", activation="gelu")  # eztorch projector_tiny_vit_mlp3

@@ -25,6 +25,7 @@ def get_config(arg=None):
   c.model.trunk = "vit_base" if arg.vit_b16 else "vit_small"  # 6 heads (DeiT, eztorch)
   c.model.patch_size = 16
   c.model.pos_embed = "sincos"   # MoCo v3
+  c.model.pos_resample = "dino"  # eztorch's ViT: DINO's interpolate_pos_encoding
   c.model.freeze_patch_embed = True  # MoCo v3 --stop-grad-conv1
   c.model.drop_path = 0.1        # eztorch vit_small.yaml
   c.model.dtype = "bfloat16"

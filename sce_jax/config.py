@@ -42,6 +42,9 @@ def base() -> ml_collections.ConfigDict:
   c.model.patch_size = 16      # 16 for ImageNet; 4 (or 8) for 32-px images
   c.model.pos_embed = "learned"  # or "sincos": MoCo v3's fixed 2-D sin-cos table
   c.model.pool = "cls"         # the feature: the class token's output, or "mean" of patches
+  # The position table at other crop sizes (vit.POS_RESAMPLES): "timm" (antialiased bicubic)
+  # or "dino" (DINO's and eztorch's bicubic without antialiasing).
+  c.model.pos_resample = "timm"
   c.model.drop_path = 0.0      # stochastic depth of the last block (block i: i / (depth - 1))
   c.model.freeze_patch_embed = False  # MoCo v3's frozen random patch projection
   # Heads (docs/SCE.md 4, 10): norm "batch" (BN after each hidden layer) or "none" (a bias
@@ -128,15 +131,18 @@ def base() -> ml_collections.ConfigDict:
   # e.g. aircraft=PATH). image_size: the crop of the bicubic resize + centre crop (0:
   # data.image_size; ssl-transfer: 224). L2 weight decays: wd_values log-spaced over wd_range
   # (C = 1 / wd); max_iter: L-BFGS iterations (scikit-learn's default, as ssl-transfer);
-  # val_fraction: of train held out where a set has no validation split.
+  # val_fraction: of train held out where a set has no validation split. caltech101_split:
+  # "ssl_transfer" (the split behind SCE's row) or "tfds" (transfer.CALTECH101_SPLITS).
   c.eval.transfer = ml_collections.ConfigDict(dict(
       datasets=TRANSFER_DATASETS, image_size=0, wd_range=(1e-6, 1e5), wd_values=45,
-      max_iter=100, val_fraction=0.2))
+      max_iter=100, val_fraction=0.2, caltech101_split="ssl_transfer"))
   # --mode=voc07_svm, PCL's VOC07 linear SVMs (docs/SCE.md 9): images per class of the
-  # low-shot runs, independent draws of each, SVM costs chosen per class by `folds`-fold
-  # cross-validation.
+  # low-shot runs, independent draws of each, the SVM costs; cost_rule (voc07.COST_RULES):
+  # "cv" chooses each class's cost by `folds`-fold cross-validation, "best_on_test" reports
+  # for each K the cost of best test mAP, as PCL's script (which produced SCE's row).
   c.eval.voc07 = ml_collections.ConfigDict(dict(
-      shots=(16, 32, 64), samples=5, costs=(0.01, 0.1, 0.5, 1.0, 10.0, 100.0), folds=3))
+      shots=(16, 32, 64), samples=5, costs=(0.01, 0.1, 0.5, 1.0, 10.0, 100.0), folds=3,
+      cost_rule="cv"))
   # --mode=finetune, SimCLR's semi-supervised protocol (docs/SCE.md 9): Nesterov SGD, lr
   # base_lr x batch / 256 (0.8 at SimCLR's 4096), cosine, no warmup, no weight decay; 60
   # epochs on 1 % of the labels, 30 on 10 %. subset: one of finetune.SUBSETS (SimCLR's ImageNet

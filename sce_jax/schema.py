@@ -19,7 +19,7 @@ from sce_jax import config as config_lib
 from sce_jax import losses, optim, state
 from sce_jax.config import ConfigError
 from sce_jax.data import crop, pipeline, presets, sources
-from sce_jax.evaluators import finetune, transfer
+from sce_jax.evaluators import finetune, transfer, voc07
 from sce_jax.models import heads, sce, trunks, vit
 
 
@@ -41,6 +41,9 @@ ENUMS = {
     "optim.name": optim.OPTIMIZERS,
     "eval.linear.schedule": optim.LINEAR_SCHEDULES,
     "eval.finetune.subset": finetune.SUBSETS,
+    "model.pos_resample": vit.POS_RESAMPLES,
+    "eval.transfer.caltech101_split": transfer.CALTECH101_SPLITS,
+    "eval.voc07.cost_rule": voc07.COST_RULES,
     "data.source": tuple(sources.SOURCES),
     "data.loader": pipeline.LOADERS,
     "data.views": tuple(presets.PRESETS),

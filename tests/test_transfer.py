@@ -10,6 +10,7 @@ import types
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
@@ -130,6 +131,154 @@ def test_parse_datasets():
       transfer.parse_datasets(bad)
 
 
+# --- The splits and fits of the published row (issue 30).
+
+
+def _reference_caltech101_split(paths, num_train_per_class=30):
+  """ssl-transfer's `create_caltech101_splits` (datasets/caltech101.py) as its statement
+  reads, on 'folder/file' paths instead of a directory: torchvision's ImageFolder lists the
+  class folders sorted, then each folder's files sorted; np.random.seed(0); each class draws
+  np.random.choice(its indices, 30) (with replacement), sorted; test is the rest. Its
+  train.txt (since commit 416913f) lists each drawn image once, in that order."""
+  classes = sorted({p.split("/")[0] for p in paths})
+  image_ids = sorted(paths, key=lambda p: (classes.index(p.split("/")[0]), p.split("/")[1]))
+  labels = [classes.index(p.split("/")[0]) for p in image_ids]
+  class_idxs = {label: [] for label in range(len(classes))}
+  for i, label in enumerate(labels):
+    class_idxs[label].append(i)
+  state = np.random.get_state()
+  np.random.seed(0)
+  train_idxs = []
+  for i in class_idxs:
+    train_idxs.extend(np.sort(np.random.choice(class_idxs[i], num_train_per_class)))
+  np.random.set_state(state)
+  test_idxs = set(range(len(labels))) - set(train_idxs)
+  train = list(dict.fromkeys(image_ids[i] for i in train_idxs))
+  return train, {image_ids[i] for i in test_idxs}
+
+
+def test_ssl_transfer_split_follows_the_reference_script():
+  """Classes of 5 to 60 images (capitalised names sort first, as in Caltech-101's folders),
+  given in a shuffled order: the same train images, in the same order, and test images as the
+  reference script; classes smaller than 30 images keep none for test."""
+  rng = np.random.default_rng(0)
+  sizes = {"Faces": 41, "BACKGROUND_Google": 60, "accordion": 5, "ant": 33, "zebra": 47}
+  paths = [f"{c}/image_{j:04d}.jpg" for c, n in sizes.items() for j in range(1, n + 1)]
+  paths = [paths[i] for i in rng.permutation(len(paths))]
+  folders, files = zip(*(p.split("/") for p in paths))
+  train, test = transfer.ssl_transfer_split(folders, files)
+  ref_train, ref_test = _reference_caltech101_split(paths)
+  assert [paths[i] for i in train] == ref_train
+  assert {paths[i] for i in test} == ref_test and len(test) == len(ref_test)
+  assert not any(paths[i].startswith("accordion/") for i in test)
+  assert len(train) < 30 * len(sizes)  # with replacement: fewer distinct than drawn
+
+
+# Caltech-101's images per class folder, in ImageFolder's order (BACKGROUND_Google, Faces,
+# Faces_easy, Leopards, Motorbikes, accordion, ...): ssl-transfer's train.txt + test.txt.
+CALTECH101_SIZES = (
+    467, 435, 435, 200, 798, 55, 800, 42, 42, 47, 54, 46, 33, 128, 98, 43, 85, 91, 50, 43, 123,
+    47, 59, 62, 107, 47, 69, 73, 70, 50, 51, 57, 67, 52, 65, 68, 75, 64, 53, 64, 85, 67, 67, 45,
+    34, 34, 51, 99, 100, 42, 54, 88, 80, 31, 64, 86, 114, 61, 81, 78, 41, 66, 43, 40, 87, 32,
+    76, 55, 35, 39, 47, 38, 45, 53, 34, 57, 82, 59, 49, 40, 63, 39, 84, 57, 35, 64, 45, 86, 59,
+    64, 35, 85, 49, 86, 75, 239, 37, 59, 34, 56, 39, 60)
+
+
+def test_ssl_transfer_split_of_caltech101_sizes():
+  """On Caltech-101's class sizes the law gives ssl-transfer's 2,416 train / 6,728 test images,
+  17 to 30 distinct training images a class (TFDS's split: 3,060 / 6,084)."""
+  assert len(CALTECH101_SIZES) == 102 and sum(CALTECH101_SIZES) == 9144
+  folders = np.repeat([f"c{i:03d}" for i in range(102)], CALTECH101_SIZES)
+  files = np.concatenate([[f"image_{j:04d}.jpg" for j in range(1, n + 1)]
+                          for n in CALTECH101_SIZES])
+  train, test = transfer.ssl_transfer_split(folders, files)
+  assert (len(train), len(test)) == (2416, 6728)
+  per_class = np.unique(folders[train], return_counts=True)[1]
+  assert (per_class.min(), per_class.max()) == (17, 30)
+
+
+def test_protocol_of_each_set():
+  """What results.json and the table record beside a number: Caltech-101's split by
+  eval.transfer.caltech101_split (TFDS's sets and folders their own), VOC2007's C x 2."""
+  cfg = load_config("cifar10_r18").eval.transfer
+  assert cfg.caltech101_split == "ssl_transfer"
+  entry = lambda name, path="": {"protocol": transfer.protocol(name, path, cfg)}
+  assert transfer.protocol_words(entry("caltech101")) == "ssl-transfer's split"
+  assert transfer.protocol_words(entry("caltech101", "/data/caltech")) == "folders"
+  assert transfer.protocol_words(entry("voc/2007")) == "TFDS split, C x 2"
+  cfg.caltech101_split = "tfds"
+  assert transfer.protocol_words(entry("caltech101")) == "TFDS split"
+
+
+def test_caltech101_from_tfds_in_ssl_transfer_split(monkeypatch):
+  """TFDS's Caltech-101 (mocked: three classes, lower-cased labels as TFDS names them) re-split:
+  the train and test sources hold the images of the reference script run on the original
+  folder names (BACKGROUND_Google and Faces sort before accordion), each image in one."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  tf = pytest.importorskip("tensorflow")
+  monkeypatch.setattr(socket, "create_connection", lambda address, timeout: io.BytesIO())
+  sizes = {"background_google": 34, "faces": 31, "accordion": 36}
+  rng = np.random.default_rng(0)
+  jpegs = {}
+
+  def as_dataset(self, split, **kwargs):
+    assert split == "train+test"
+    names = self.info.features["label"].names
+    examples = [{"image": jpegs.setdefault((c, j), _jpeg(rng)), "label": names.index(c),
+                 "image/file_name": f"image_{j:04d}.jpg"}
+                for c, n in sizes.items() for j in range(n, 0, -1)]
+    return tf.data.Dataset.from_generator(lambda: iter(examples), output_signature={
+        "image": tf.TensorSpec([], tf.string), "label": tf.TensorSpec([], tf.int64),
+        "image/file_name": tf.TensorSpec([], tf.string)})
+
+  with tfds.testing.mock_data(as_dataset_fn=as_dataset):
+    train, test = transfer.caltech101_ssl_transfer("")
+  paths = [f"{transfer.CALTECH101_FOLDERS.get(c, c)}/image_{j:04d}.jpg"
+           for c, n in sizes.items() for j in range(1, n + 1)]
+  ref_train, ref_test = _reference_caltech101_split(paths)
+  key = {jpegs[c, j]: f"{transfer.CALTECH101_FOLDERS.get(c, c)}/image_{j:04d}.jpg"
+         for c, j in jpegs}
+  assert [key[image] for image in train.images] == ref_train
+  assert {key[image] for image in test.images} == ref_test
+  assert len(train) + len(test) == sum(sizes.values())
+  assert train.classes == test.classes and len(train.classes) == 102
+
+
+def test_binary_fit_at_twice_c_is_ssl_transfers_multinomial_fit():
+  """ssl-transfer's LogisticRegression(multi_class='multinomial') on a binary target minimises
+  C sum_i -log softmax(W x_i + b)[y_i] + |W|^2 / 2 over two rows w0, w1; its optimum has
+  w0 = -w1, so w1 - w0 and b1 - b0 are the binary fit's at 2C (`transfer.c_of`). Stated here
+  by minimising the multinomial objective with SciPy's L-BFGS against scikit-learn's binary fit
+  (scikit-learn >= 1.7 has no multinomial two-class fit). Tolerance: both solvers stop at
+  gradients of 1e-10 (gtol, tol); the curvature is >= 1 along the weights (the L2 term) and
+  C sum_i p_i (1 - p_i) (about 1 on these overlapping clusters) along the intercept, so each
+  is within ~1e-9 of the optimum; 1e-5 leaves room for the solvers' stopping rules."""
+  from scipy import optimize, special  # pylint: disable=g-import-not-at-top
+  from sklearn.linear_model import LogisticRegression  # pylint: disable=g-import-not-at-top
+  x, y = _clusters(80, num_classes=2, dim=5, spread=2.0)
+  c = 0.3
+
+  def multinomial(theta):
+    w, b = theta[:10].reshape(2, 5), theta[10:]
+    logits = x.astype(np.float64) @ w.T + b
+    loss = -np.sum(special.log_softmax(logits, axis=1)[np.arange(len(y)), y])
+    p = special.softmax(logits, axis=1) - np.eye(2)[y]
+    return c * loss + 0.5 * np.sum(w ** 2), np.concatenate([(c * p.T @ x + w).ravel(),
+                                                            c * p.sum(0)])
+
+  theta = optimize.minimize(multinomial, np.zeros(12), jac=True, method="L-BFGS-B",
+                            options={"gtol": 1e-10, "ftol": 0, "maxiter": 10_000}).x
+  w, b = theta[:10].reshape(2, 5), theta[10:]
+  binary = LogisticRegression(C=transfer.c_of("map11", 1 / c), tol=1e-10,
+                              max_iter=10_000).fit(x.astype(np.float64), y)
+  np.testing.assert_allclose(w[1], -w[0], atol=1e-5)
+  np.testing.assert_allclose(w[1] - w[0], binary.coef_[0], atol=1e-5)
+  np.testing.assert_allclose(b[1] - b[0], binary.intercept_[0], atol=1e-5)
+  assert transfer.c_of("top1", 1 / c) == pytest.approx(c)  # multi-class sets: C itself
+  binary_at_c = LogisticRegression(C=c, tol=1e-10, max_iter=10_000).fit(x, y)
+  assert np.abs(binary_at_c.coef_[0] - binary.coef_[0]).max() > 1e-2  # the factor matters
+
+
 # --- End to end on a tiny random trunk.
 
 
@@ -195,7 +344,8 @@ def test_transfer_folders_resume_between_sets(cifar_root, tmp_path, trunk_variab
     assert entry["C"] == pytest.approx(1 / entry["weight_decay"])
   assert results["transfer_mean"] == pytest.approx(
       (record["cifar10"]["value"] + record["aircraft"]["value"]) / 2)
-  assert "| cifar10 | top-1 |" in caplog.text and "| 94.8 |" in caplog.text
+  assert "| cifar10 | top-1 | folders |" in caplog.text and "| 94.8 |" in caplog.text
+  assert record["aircraft"]["protocol"] == {"split": "folder", "C": "1 / weight decay"}
 
   extracted[:], solved[:] = [], []
   assert transfer.evaluate(config, trunk_variables, mesh, None, work) == results
@@ -301,6 +451,9 @@ def test_transfer_tfds_sets(tmp_path, trunk_variables, monkeypatch):
   assert record["cifar10"]["sizes"] == {"train": 32, "val": 8, "trainval": 40, "test": 40}
   assert results["transfer_cifar10"] == first["transfer_cifar10"]
   assert record["voc/2007"]["metric"] == "map11"
+  assert record["voc/2007"]["protocol"] == {"split": "tfds", "C": "2 / weight decay"}
+  assert record["voc/2007"]["C"] == pytest.approx(2 / record["voc/2007"]["weight_decay"])
+  assert record["cifar10"]["protocol"] == {"split": "tfds", "C": "1 / weight decay"}
   assert record["voc/2007"]["sizes"] == {"train": 40, "val": 40, "trainval": 80, "test": 40}
   assert 0 < results["transfer_voc/2007"] <= 1
   targets = np.load(work / "transfer" / "voc_2007" / "features_test_32px.npz")["targets"]
@@ -331,6 +484,65 @@ def test_svm_map_separable():
   assert value == 1.0 and set(costs) <= {0.1, 1.0} and len(costs) == 3
 
 
+def _pcl_ap(targets, preds):
+  """PCL's get_precision_recall + calculate_ap (eval_svm_voc.py), as written there."""
+  targets = np.array(targets > 0, dtype=np.float32)
+  ind = np.argsort(preds)[::-1]
+  tp = targets[ind].astype(np.float64)
+  fp = 1.0 - tp
+  precision = np.cumsum(tp) / (np.cumsum(tp) + np.cumsum(fp))
+  recall = np.cumsum(tp) / np.sum(targets)
+  mrec = np.concatenate([[0.0], recall, [1.0]])
+  mpre = np.concatenate([[0.0], precision, [0.0]])
+  for i in range(len(mpre) - 2, -1, -1):
+    mpre[i] = max(mpre[i], mpre[i + 1])
+  indices = np.where(mrec[1:] != mrec[:-1])[0] + 1
+  return sum((mrec[i] - mrec[i - 1]) * mpre[i] for i in indices)
+
+
+def test_best_on_test_is_pcls_reporting():
+  """PCL's main(), on 3 draws of overlapping multi-label clusters: for each cost of its list,
+  20 (here 4) LinearSVCs per draw, mAP in percent, averaged over the draws; result[k] is the
+  best of those means. The "best_on_test" rule gives that mean, its cost, and the draws' mAPs
+  at it. (PCL redraws the K-shot set for each cost, its RNG running on; here both rules see
+  the same draws.) The "cv" rule is `svm_map` on each draw. Tolerance: the same float64 SVMs
+  and two computations of one AP (sums of <= 60 terms in [0, 1]): ~1e-14."""
+  from sklearn.svm import LinearSVC  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  test_x, test_y = _clusters(120, num_classes=4, spread=2.0, seed=9)
+  test = voc07.normalize(test_x), np.eye(4, dtype=bool)[test_y] | (rng.random((120, 4)) < 0.1)
+  draws = []
+  for seed in range(3):
+    x, y = _clusters(40, num_classes=4, spread=2.0, seed=seed)
+    draws.append((voc07.normalize(x), np.eye(4, dtype=bool)[y]))
+  costs = (0.001, 0.1, 10.0)
+  result_k = []
+  for cost in costs:
+    avg_map = []
+    for train_feats, train_targets in draws:
+      train_labels = np.where(train_targets, 1, -1)
+      test_labels = np.where(test[1], 1, -1)
+      cls_ap = [100 * _pcl_ap(test_labels[:, cls], LinearSVC(
+          C=cost, class_weight={1: 2, -1: 1}, intercept_scaling=1.0, penalty="l2",
+          loss="squared_hinge", tol=1e-4, dual=True, max_iter=2000, random_state=0).fit(
+              train_feats, train_labels[:, cls]).decision_function(test[0]))
+                for cls in range(4)]
+      avg_map.append(np.mean(cls_ap))
+    result_k.append(np.mean(avg_map))
+  assert len(set(np.round(result_k, 6))) == 3  # the cost matters here
+
+  cfg = ml_collections.ConfigDict(dict(cost_rule="best_on_test", costs=costs, folds=3))
+  maps, cost = voc07.draw_maps(draws, test, cfg)
+  assert cost == costs[int(np.argmax(result_k))]
+  assert 100 * np.mean(maps) == pytest.approx(max(result_k), abs=1e-10)
+  assert len(maps) == 3
+
+  cfg.cost_rule = "cv"
+  maps, chosen = voc07.draw_maps(draws, test, cfg)
+  assert maps == [voc07.svm_map(d, test, costs, 3)[0] for d in draws]
+  assert len(chosen) == 3 and all(len(c) == 4 and set(c) <= set(costs) for c in chosen)
+
+
 def test_voc07_svm_end_to_end(tmp_path, trunk_variables, caplog, monkeypatch):
   """PCL's protocol on mocked VOC2007: 2 draws of 2 images a class and all trainval images
   (train + validation), features cached; the table names the published row."""
@@ -349,3 +561,18 @@ def test_voc07_svm_end_to_end(tmp_path, trunk_variables, caplog, monkeypatch):
   assert sorted(p.name for p in (tmp_path / "work" / "voc07_svm").glob("*.npz")) == [
       "features_test_32px.npz", "features_train_32px.npz", "features_validation_32px.npz"]
   assert "| all |" in caplog.text and "88.24" in caplog.text
+  assert "sce_jax, costs cross-validated |" in caplog.text
+
+  caplog.clear()  # PCL's rule on the cached features: both columns in the table
+  config.eval.voc07.cost_rule = "best_on_test"
+  with _mock_voc(tfds, tf):
+    best = voc07.evaluate(config, trunk_variables, make_mesh(), None, tmp_path / "work")
+  assert set(best) == {"voc07_map_k2_best_on_test", "voc07_map_k2_std_best_on_test",
+                       "voc07_map_full_best_on_test"}
+  record = json.loads((tmp_path / "work" / "voc07_svm" / "results.json").read_text())
+  assert set(record) == {"cv", "best_on_test"} and record["cv"]["voc07_map_k2"] == (
+      results["voc07_map_k2"])
+  assert record["best_on_test"]["costs"]["full"] in (0.1, 1.0)
+  assert record["cv"]["sizes"] == {"trainval": 80, "test": 40}
+  assert ("| images per class | sce_jax, costs cross-validated | sce_jax, cost best on test "
+          "(PCL's rule) | SCE, published (PCL's rule) |") in caplog.text

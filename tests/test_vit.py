@@ -97,6 +97,75 @@ def test_pos_embed_resampling_is_torch_antialiased_bicubic(old, new):
   assert vit.resample_pos_embed(table, (old, old)) is table
 
 
+def _torch_bicubic(grid, scale_factor):
+  """torch.nn.functional.interpolate(mode='bicubic', scale_factor=scale_factor,
+  align_corners=False) of an (H, W, C) grid, as ATen's upsample_bicubic2d kernel states it,
+  one output pixel at a time: floor(H x s) x floor(W x s) outputs; output (i, j) reads the
+  source point ((i + 0.5) / s - 0.5, (j + 0.5) / s - 0.5) (the scale factor given, as with
+  recompute_scale_factor=None); 4 x 4 taps around it with indices clamped into the grid,
+  weighted by the cubic convolution coefficients with A = -0.75 of each axis."""
+  a = -0.75
+
+  def coefficients(t):
+    x1, x2 = t, 1 - t
+    return [((a * (x1 + 1) - 5 * a) * (x1 + 1) + 8 * a) * (x1 + 1) - 4 * a,
+            ((a + 2) * x1 - (a + 3)) * x1 * x1 + 1,
+            ((a + 2) * x2 - (a + 3)) * x2 * x2 + 1,
+            ((a * (x2 + 1) - 5 * a) * (x2 + 1) + 8 * a) * (x2 + 1) - 4 * a]
+
+  h, w = grid.shape[:2]
+  out = np.zeros((int(np.floor(h * scale_factor)), int(np.floor(w * scale_factor)),
+                  grid.shape[2]))
+  for i in range(out.shape[0]):
+    for j in range(out.shape[1]):
+      y, x = (i + 0.5) / scale_factor - 0.5, (j + 0.5) / scale_factor - 0.5
+      wy, wx = coefficients(y - np.floor(y)), coefficients(x - np.floor(x))
+      for m in range(4):
+        for n in range(4):
+          row = min(max(int(np.floor(y)) - 1 + m, 0), h - 1)
+          col = min(max(int(np.floor(x)) - 1 + n, 0), w - 1)
+          out[i, j] += wy[m] * wx[n] * grid[row, col]
+  return out
+
+
+@pytest.mark.parametrize("old,new", [(14, 6), (14, 12), (14, 24), (4, 2), (2, 4), (7, 3)])
+def test_pos_embed_resampling_dino(old, new):
+  """pos_resample='dino': DINO's interpolate_pos_encoding (vision_transformer.py, copied by
+  eztorch's trunks/vit.py): the class token's row kept; the grid through torch's bicubic at
+  scale factor (new + 0.1) / old, without antialiasing. Not timm's: the samples move by the
+  offset and nothing widens the kernel when shrinking."""
+  rng = np.random.default_rng(old * new)
+  table = rng.normal(size=(1, 1 + old * old, 8)).astype(np.float32)
+  got = np.asarray(vit.resample_pos_embed(jnp.asarray(table), (new, new), "dino"))
+  grid = _torch_bicubic(table[0, 1:].astype(np.float64).reshape(old, old, 8), (new + 0.1) / old)
+  want = np.concatenate([table[0, :1], grid.reshape(-1, 8)])[None]
+  # float32 sums of 4 x 4 taps of |v| < 5 with weights of absolute sum < 1.3 a side (A =
+  # -0.75 overshoots): well under 16 x 6e-8 x 5 x 1.7 = 8e-6; 5e-5 as the timm test.
+  np.testing.assert_allclose(got, want, atol=5e-5)
+  timm = np.asarray(vit.resample_pos_embed(jnp.asarray(table), (new, new), "timm"))
+  assert np.abs(timm - want).max() > 1e-3  # the two rules differ
+  assert vit.resample_pos_embed(table, (old, old), "dino") is table
+
+
+def test_pos_resample_reaches_the_trunk():
+  """model.pos_resample selects the rule in the ViT built from a config; the configs that
+  cite eztorch use DINO's."""
+  from sce_jax import models  # pylint: disable=g-import-not-at-top
+  from tests.helpers import load_config  # pylint: disable=g-import-not-at-top
+  config = load_config("cifar10_vit", "smoke")
+  assert config.model.pos_resample == "dino"
+  assert load_config("imagenet_vit_s16").model.pos_resample == "dino"
+  assert load_config("cifar10_r18").model.pos_resample == "timm"  # base()'s
+  assert models.make_trunk(config.model).pos_resample == "dino"
+  trunk = vit.ViT(16, 1, 2, patch_size=8)  # a 4 x 4 table, applied to a 2 x 2 grid
+  variables = _perturbed(trunk.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
+                                    train=False), 0)
+  x = np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype(np.float32)
+  out = {rule: np.asarray(jax.jit(trunk.clone(pos_resample=rule).apply, static_argnames="train")(
+      variables, x, train=False)) for rule in vit.POS_RESAMPLES}
+  assert np.abs(out["dino"] - out["timm"]).max() > 1e-3
+
+
 @needs_timm
 @pytest.mark.parametrize("old,new", [(14, 6), (14, 24), (14, 10)])
 def test_pos_embed_resampling_matches_timm(old, new):

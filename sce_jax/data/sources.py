@@ -190,21 +190,25 @@ class Tfds:
     self.__init__(**state)
 
 
+def tfds_examples(name, split, data_dir=None):
+  """(builder, the examples of a TFDS split as dicts of NumPy values, in the split's order,
+  images still encoded): for the protocols that read other features than image and label
+  (VOC's objects, Caltech-101's file names). The encoded images stay in host memory."""
+  tfds = import_tfds()
+  builder = Tfds(name, split, data_dir).builder
+  return builder, list(tfds.as_numpy(builder.as_dataset(
+      split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()})))
+
+
 def multi_label_tfds(name, split, data_dir=None, key="labels_no_difficult"):
   """A multi-label TFDS split (VOC2007) as (an `InMemory` of its encoded images, each labelled
   by its row, (N, C) bool targets): an image's classes are those of its `key` feature, for
   VOC the objects not marked difficult, as the label files of ssl-transfer and PCL count them
   (docs/SCE.md 9). The encoded images stay in host memory (VOC2007: ~0.5 GB a split)."""
-  tfds = import_tfds()
-  builder = Tfds(name, split, data_dir).builder
+  builder, examples = tfds_examples(name, split, data_dir)
   num_classes = builder.info.features[key].feature.num_classes
-  examples = tfds.as_numpy(builder.as_dataset(
-      split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()}))
-  images, targets = [], []
-  for example in examples:
-    images.append(example["image"])
-    targets.append(np.isin(np.arange(num_classes), example[key]))
-  return InMemory(images, np.arange(len(images))), np.stack(targets)
+  targets = np.stack([np.isin(np.arange(num_classes), e[key]) for e in examples])
+  return InMemory([e["image"] for e in examples], np.arange(len(examples))), targets
 
 
 def subset(source, indices):

@@ -56,6 +56,14 @@ PROTOCOLS = {
     "caltech101": Protocol("mean_per_class", "caltech101"),
     "oxford_flowers102": Protocol("mean_per_class", "oxford_flowers102", val="validation"),
 }
+# eval.transfer.caltech101_split: Caltech-101's train and test images. "ssl_transfer": the split
+# of ssl-transfer's create_caltech101_splits, behind SCE's 92.7 (`ssl_transfer_split`: 2,416 /
+# 6,728 images); "tfds": TFDS's own (30 a class without replacement: 3,060 / 6,084).
+CALTECH101_SPLITS = ("ssl_transfer", "tfds")
+# Caltech-101's class folders with capitals, by TFDS's lower-cased label: torchvision's
+# ImageFolder, whose order the ssl-transfer split's draws follow, sorts the folders' own names.
+CALTECH101_FOLDERS = {n.lower(): n for n in (
+    "BACKGROUND_Google", "Faces", "Faces_easy", "Leopards", "Motorbikes")}
 # SCE's published row (multi-crop ResNet-50; CEA-LIST/SCE README), percent; mean of the 11.
 PUBLISHED = {"food101": 77.7, "cifar10": 94.8, "cifar100": 80.4, "sun397": 65.3,
              "cars196": 65.7, "aircraft": 59.6, "voc/2007": 84.0, "dtd": 77.1,
@@ -88,6 +96,52 @@ def parse_datasets(spec):
   return out
 
 
+def protocol(name, path, transfer_cfg):
+  """The choices behind a set's number besides its metric, recorded in results.json and the
+  table: its train/test split ('folder' for NAME=PATH, Caltech-101's of
+  eval.transfer.caltech101_split, else TFDS's) and the C of a fit per weight decay (`c_of`)."""
+  split = "folder" if path else ("tfds" if name != "caltech101" else transfer_cfg.caltech101_split)
+  binary = PROTOCOLS.get(name, Protocol("top1")).metric == "map11"
+  return {"split": split, "C": "2 / weight decay" if binary else "1 / weight decay"}
+
+
+def c_of(metric, weight_decay):
+  """scikit-learn's C for a weight decay: 1 / weight decay, and twice that for VOC2007's binary
+  fits. ssl-transfer fits each binary target with LogisticRegression(multi_class=
+  'multinomial'): two weight vectors, w1 = -w0 at the L2 optimum, whose penalty
+  (|w0|^2 + |w1|^2) / 2 is half the binary fit's |w1 - w0|^2 / 2: the binary fit at 2C
+  (scikit-learn >= 1.7 has no multinomial fit of two classes)."""
+  return (2.0 if metric == "map11" else 1.0) / weight_decay
+
+
+def ssl_transfer_split(folders, files, per_class=30, seed=0):
+  """(train rows, test rows) of ssl-transfer's `create_caltech101_splits` for images named by
+  class folder and file name: in torchvision ImageFolder's order (folders sorted, then files),
+  after np.random.seed(seed), each class in turn draws np.random.choice(its images, per_class),
+  WITH replacement; train is the images drawn (each once, in that order), test all others.
+  Caltech-101: 2,416 / 6,728 (17-30 distinct training images a class), its train.txt."""
+  order = np.lexsort((files, folders))  # rows in ImageFolder's order
+  labels = np.unique(np.asarray(folders)[order], return_inverse=True)[1]
+  rng = np.random.RandomState(seed)  # the legacy generator that np.random.seed seeds
+  drawn = np.concatenate([rng.choice(np.flatnonzero(labels == c), per_class)
+                          for c in range(labels.max() + 1)])
+  train = np.unique(drawn)
+  return order[train], order[np.setdiff1d(np.arange(len(order)), train)]
+
+
+def caltech101_ssl_transfer(data_dir):
+  """(train, test) sources of TFDS caltech101's images (its train and test together) split by
+  `ssl_transfer_split`, labelled by TFDS's classes."""
+  builder, examples = sources.tfds_examples("caltech101", "train+test", data_dir)
+  names = builder.info.features["label"].names
+  labels = np.array([e["label"] for e in examples])
+  every = sources.InMemory([e["image"] for e in examples], labels, names)
+  train, test = ssl_transfer_split(
+      [CALTECH101_FOLDERS.get(names[i], names[i]) for i in labels],
+      [e["image/file_name"].decode() for e in examples])
+  return sources.subset(every, train), sources.subset(every, test)
+
+
 def weight_decays(transfer_cfg):
   """The regularisation grid: wd_values weight decays log-spaced over wd_range (ssl-transfer:
   torch.logspace(-6, 5, 45)); scikit-learn's C is 1 / weight decay."""
@@ -95,9 +149,11 @@ def weight_decays(transfer_cfg):
   return np.logspace(np.log10(lo), np.log10(hi), transfer_cfg.wd_values)
 
 
-def _openers(name, path, data_cfg):
+def _openers(name, path, config):
   """{split: () -> (source, (N, C) multi-label targets or None)}: train, test, and val where
-  the set has its own (a TFDS split of `PROTOCOLS`; beside PATH, a val/validation split)."""
+  the set has its own (a TFDS split of `PROTOCOLS`; beside PATH, a val/validation split);
+  Caltech-101's train and test by eval.transfer.caltech101_split."""
+  data_cfg = config.data
   if path:
     cfg = common.data_config(data_cfg, source="folder", path=path, eval_path="",
                              train_split="train", eval_split="test")
@@ -109,12 +165,15 @@ def _openers(name, path, data_cfg):
       val_cfg = common.data_config(cfg, eval_path=str(val))
       openers["val"] = lambda: (sources.SOURCES["folder"](val_cfg, "val", train()), None)
     return openers
-  protocol = PROTOCOLS[name]
-  if protocol.metric == "map11":
-    open_split = lambda split: sources.multi_label_tfds(protocol.tfds, split, data_cfg.data_dir)
+  if protocol(name, path, config.eval.transfer)["split"] == "ssl_transfer":
+    both = functools.cache(lambda: caltech101_ssl_transfer(data_cfg.data_dir))
+    return {"train": lambda: (both()[0], None), "test": lambda: (both()[1], None)}
+  spec = PROTOCOLS[name]
+  if spec.metric == "map11":
+    open_split = lambda split: sources.multi_label_tfds(spec.tfds, split, data_cfg.data_dir)
   else:
-    open_split = lambda split: (sources.Tfds(protocol.tfds, split, data_cfg.data_dir), None)
-  splits = {"train": protocol.train, "test": protocol.test, "val": protocol.val}
+    open_split = lambda split: (sources.Tfds(spec.tfds, split, data_cfg.data_dir), None)
+  splits = {"train": spec.train, "test": spec.test, "val": spec.val}
   return {k: functools.partial(open_split, split) for k, split in splits.items() if split}
 
 
@@ -125,9 +184,12 @@ def image_size(config):
 
 def _features(name, path, config, trunk, variables, mesh, outdir):
   """{split: (features, targets)} of a set (process 0; None elsewhere), each split extracted
-  once into outdir/features_<split>_<s>px.npz: ssl-transfer's Resize(s, bicubic) +
-  CenterCrop(s), at s = `image_size`."""
+  once into outdir/features_<split>_<s>px.npz (features_<split>_ssl_transfer_<s>px.npz for
+  Caltech-101's ssl-transfer split): ssl-transfer's Resize(s, bicubic) + CenterCrop(s), at
+  s = `image_size`."""
   size = image_size(config)
+  rule = protocol(name, path, config.eval.transfer)["split"]
+  tag = "" if rule in ("tfds", "folder") else f"_{rule}"
   data = common.data_config(config.data, image_size=size, eval_resize=size,
                             eval_interpolation="bicubic", cache=False)
 
@@ -138,8 +200,8 @@ def _features(name, path, config, trunk, variables, mesh, outdir):
     return feats, (labels if multi_label is None else multi_label[labels])
 
   out = {}
-  for split, opener in _openers(name, path, config.data).items():
-    file = outdir / f"features_{split}_{size}px.npz"
+  for split, opener in _openers(name, path, config).items():
+    file = outdir / f"features_{split}{tag}_{size}px.npz"
     logging.info("Transfer to %s: %s the %s features (%d px).", name,
                  "reading" if file.exists() else "extracting", split, size)
     out[split] = common.cached_features(file, functools.partial(extract, opener))
@@ -165,7 +227,7 @@ def mean_per_class_accuracy(labels, predictions):
 
 def logistic_regression(metric, max_iter):
   """fit_score(weight_decay, (x, y) train, (x, y) test) -> the test score of scikit-learn's
-  L-BFGS multinomial logistic regression with C = 1 / weight_decay fitted on train.
+  L-BFGS multinomial logistic regression with C = `c_of`(metric, weight_decay) fitted on train.
 
   One estimator, warm-started from its previous fit, as ssl-transfer's LinearTester; VOC2007's
   20 classes are 20 binary fits scored by 11-point AP on their decision function.
@@ -176,7 +238,7 @@ def logistic_regression(metric, max_iter):
 
   def fit_score(weight_decay, train, test):
     (x, y), (x_test, y_test) = train, test
-    clf.set_params(C=1.0 / weight_decay)
+    clf.set_params(C=c_of(metric, weight_decay))
     with warnings.catch_warnings():  # max_iter is the protocol's budget; ssl-transfer too.
       warnings.simplefilter("ignore", ConvergenceWarning)
       if metric == "map11":
@@ -203,7 +265,7 @@ def select_and_test(sets, grid, fit_score):
   return fit_score(best, sets["trainval"], sets["test"]), float(best), best_score
 
 
-def _solve(name, features, config):
+def _solve(name, path, features, config):
   """The protocol on one set's features: its results.json entry."""
   cfg = config.eval.transfer
   metric = PROTOCOLS.get(name, Protocol("top1")).metric
@@ -216,20 +278,28 @@ def _solve(name, features, config):
   value, weight_decay, val_value = select_and_test(
       sets, weight_decays(cfg), logistic_regression(metric, cfg.max_iter))
   return {"metric": metric, "value": value, "weight_decay": weight_decay,
-          "C": 1.0 / weight_decay, "val_value": val_value, "image_size": image_size(config),
-          "sizes": {k: len(v[1]) for k, v in sets.items()}}
+          "C": c_of(metric, weight_decay), "val_value": val_value,
+          "image_size": image_size(config), "sizes": {k: len(v[1]) for k, v in sets.items()},
+          "protocol": protocol(name, path, cfg)}
+
+
+def protocol_words(entry):
+  """A results.json entry's `protocol`, as the table's protocol column says it."""
+  split = {"ssl_transfer": "ssl-transfer's split", "tfds": "TFDS split",
+           "folder": "folders"}[entry["protocol"]["split"]]
+  return split + (", C x 2" if entry["protocol"]["C"].startswith("2") else "")
 
 
 def table(results, names):
   """Markdown: our value of each set beside SCE's published one (percent), and their means."""
-  rows = ["| data set | metric | sce_jax | SCE, published |", "|---|---|---|---|"]
+  rows = ["| data set | metric | protocol | sce_jax | SCE, published |", "|---|---|---|---|---|"]
   for name in names:
     r = results[name]
     published = PUBLISHED.get(name)
-    rows.append(f"| {name} | {METRICS[r['metric']]} | {100 * r['value']:.1f} | "
-                f"{'-' if published is None else published} |")
+    rows.append(f"| {name} | {METRICS[r['metric']]} | {protocol_words(r)} | "
+                f"{100 * r['value']:.1f} | {'-' if published is None else published} |")
   ours = np.mean([results[n]["value"] for n in names]) * 100
-  rows.append(f"| mean | | {ours:.1f} ({len(names)} sets) | {PUBLISHED_MEAN} (11 sets) |")
+  rows.append(f"| mean | | | {ours:.1f} ({len(names)} sets) | {PUBLISHED_MEAN} (11 sets) |")
   return "\n".join(rows)
 
 
@@ -238,8 +308,9 @@ def evaluate(config, trunk_variables, mesh, splits, workdir):
   eval.transfer.datasets; returns {'transfer_<set>': value, 'transfer_mean': mean}, values in
   [0, 1]. `splits` (the pretraining data) is not read. Writes <workdir>/transfer/results.json
   after each set and logs the table beside the published row; a set already in results.json
-  (a run stopped between sets) is not evaluated again: delete its entry to evaluate it with
-  other solver settings (its features, cached by image size, are read back)."""
+  with the same `protocol` (a run stopped between sets) is not evaluated again: delete its
+  entry to evaluate it with other solver settings (its features, cached by image size, are
+  read back)."""
   del splits
   common.import_sklearn()
   datasets = parse_datasets(config.eval.transfer.datasets)
@@ -249,7 +320,8 @@ def evaluate(config, trunk_variables, mesh, splits, workdir):
   results = json.loads(record.read_text()) if record.exists() else {}
   trunk = models.make_trunk(config.model)
   for i, (name, path) in enumerate(datasets, 1):
-    if common.decided_by_process_0(name in results):
+    done = results.get(name, {}).get("protocol") == protocol(name, path, config.eval.transfer)
+    if common.decided_by_process_0(done):
       logging.info("Transfer to %s: done before (%s).", name, record)
       continue
     features = _features(name, path, config, trunk, trunk_variables, mesh,
@@ -257,7 +329,7 @@ def evaluate(config, trunk_variables, mesh, splits, workdir):
     if jax.process_index() == 0:
       logging.info("Transfer to %s: fitting %d weight decays.", name,
                    config.eval.transfer.wd_values)
-      results[name] = _solve(name, features, config)
+      results[name] = _solve(name, path, features, config)
       logging.info("Transfer to %s (set %d of %d): %s %.4f (weight decay %.3g).", name, i,
                    len(datasets), METRICS[results[name]["metric"]], results[name]["value"],
                    results[name]["weight_decay"])

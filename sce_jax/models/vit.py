@@ -37,6 +37,11 @@ HEAD_DIM = 64  # every standard ViT's width / heads; the heads of another width 
 # model.pos_embed: learned, or MoCo v3's fixed 2-D sin-cos table; model.pool: the feature.
 POS_EMBEDS = ("learned", "sincos")
 POOLS = ("cls", "mean")
+# model.pos_resample: how the position table is resampled for another grid of patches
+# (`resample_pos_embed`). "timm": timm's resample_abs_pos_embed, antialiased bicubic; "dino":
+# DINO's interpolate_pos_encoding, which eztorch's ViT (the authors' SCE ViT runs) copies:
+# torch's bicubic without antialiasing, at scale factor (grid + 0.1) / old grid.
+POS_RESAMPLES = ("timm", "dino")
 
 # MoCo v3's initialisation (vits.py): xavier-uniform linear layers, the qkv projection as three
 # separate D x D matrices (variance 1 / D, which fan_avg of the fused D x 3D kernel gives at
@@ -68,11 +73,30 @@ def sincos_table(grid, width, temperature=10_000.0):
   return np.concatenate([np.zeros((1, width)), table])[None].astype(np.float32)
 
 
-def resample_pos_embed(pos_embed, grid):
+def dino_weights(old, new):
+  """(new, old) interpolation matrix of DINO's resampling along one axis: torch's
+  interpolate(mode='bicubic', scale_factor=s, align_corners=False) with s = (new + 0.1) / old
+  (DINO's offset against rounding, facebookresearch/dino issue 8), whose output has
+  floor(old x s) = new points. Torch maps output i to source (i + 0.5) / s - 0.5 (the given
+  s, not old / new: the offset moves the samples) and sums the four taps around it of the
+  cubic convolution with A = -0.75, indices clamped to the border; no antialiasing."""
+  a, src = -0.75, (np.arange(new) + 0.5) / ((new + 0.1) / old) - 0.5
+  base = np.floor(src)
+  m = np.zeros((new, old))
+  for k in range(-1, 3):
+    x = np.abs(src - base - k)  # distance of the tap, in [0, 2)
+    w = np.where(x < 1, ((a + 2) * x - (a + 3)) * x * x + 1,
+                 ((a * x - 5 * a) * x + 8 * a) * x - 4 * a)
+    np.add.at(m, (np.arange(new), np.clip(base + k, 0, old - 1).astype(int)), w)
+  return m
+
+
+def resample_pos_embed(pos_embed, grid, method="timm"):
   """A (1, 1 + g^2, D) table for a (h, w) `grid` of patches: the class token's row as is, the
-  patch rows resized bicubically. jax.image's antialiased cubic (Keys a = -0.5, taps clipped
-  at the border and renormalised) is torch's `interpolate(mode='bicubic', antialias=True)`,
-  which timm's `resample_abs_pos_embed` uses by default."""
+  patch rows resized bicubically by `method` (POS_RESAMPLES). timm: jax.image's antialiased
+  cubic (Keys a = -0.5, taps clipped at the border and renormalised) is torch's
+  `interpolate(mode='bicubic', antialias=True)`, which timm's `resample_abs_pos_embed` uses by
+  default; dino: `dino_weights` along each axis."""
   n, width = pos_embed.shape[1] - 1, pos_embed.shape[2]
   old = int(round(n ** 0.5))
   if (old, old) == tuple(grid):
@@ -80,7 +104,12 @@ def resample_pos_embed(pos_embed, grid):
   if old * old != n:
     raise ValueError(f"pos_embed has {n} patch rows, not a square grid")
   patches = pos_embed[0, 1:].astype(jnp.float32).reshape(old, old, width)
-  patches = jax.image.resize(patches, (*grid, width), method="cubic", antialias=True)
+  if method == "dino":
+    rows, cols = (jnp.asarray(dino_weights(old, g), jnp.float32) for g in grid)
+    patches = jnp.einsum("ij,kl,jlc->ikc", rows, cols, patches,
+                         precision=jax.lax.Precision.HIGHEST)
+  else:
+    patches = jax.image.resize(patches, (*grid, width), method="cubic", antialias=True)
   return jnp.concatenate([pos_embed[:, :1], patches.reshape(1, -1, width).astype(
       pos_embed.dtype)], axis=1)
 
@@ -166,8 +195,9 @@ class ViT(nn.Module):
   """Trunk without a classifier; returns (N, width) features.
 
   The position table is laid out for the grid of the images it is initialised with (timm's
-  img_size); images of another size use it resampled (`resample_pos_embed`), so one set of
-  weights serves the 224-px global crops, the 96-px local ones and any evaluation size.
+  img_size); images of another size use it resampled (`resample_pos_embed` by
+  `pos_resample`), so one set of weights serves the 224-px global crops, the 96-px local ones
+  and any evaluation size.
   """
   width: int
   depth: int
@@ -176,6 +206,7 @@ class ViT(nn.Module):
   mlp_ratio: int = 4
   pos_embed: str = "learned"   # POS_EMBEDS
   pool: str = "cls"            # POOLS
+  pos_resample: str = "timm"   # POS_RESAMPLES
   drop_path: float = 0.0       # the last block's rate; block i gets i / (depth - 1) of it
   dtype: Any = jnp.float32
   f32_weight_grads: bool = True  # of bfloat16/float16 layers (models/precision.py)
@@ -197,7 +228,7 @@ class ViT(nn.Module):
     cls = self.param("cls_token", nn.initializers.normal(1e-6), (1, 1, self.width))
     x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, self.width)),
                          x.reshape(b, h * w, self.width)], axis=1)
-    x = x + resample_pos_embed(pos, (h, w)).astype(self.dtype)
+    x = x + resample_pos_embed(pos, (h, w), self.pos_resample).astype(self.dtype)
     rates = np.linspace(0.0, self.drop_path, self.depth)  # timm's and eztorch's rule
     for i in range(self.depth):
       x = Block(self.num_heads, self.mlp_ratio, float(rates[i]), self.dtype,
@@ -230,7 +261,8 @@ def build(model_cfg, bn_splits=0) -> ViT:
   del bn_splits
   return vit(model_cfg.trunk, width=model_cfg.width, depth=model_cfg.depth,
              num_heads=model_cfg.num_heads, patch_size=model_cfg.patch_size,
-             pos_embed=model_cfg.pos_embed, pool=model_cfg.pool, drop_path=model_cfg.drop_path,
+             pos_embed=model_cfg.pos_embed, pool=model_cfg.pool,
+             pos_resample=model_cfg.get("pos_resample", "timm"), drop_path=model_cfg.drop_path,
              dtype=jnp.dtype(model_cfg.dtype),
              f32_weight_grads=model_cfg.get("f32_weight_grads", True))
 
