@@ -419,12 +419,12 @@ def test_values_out_of_range(good, key):
 
 def test_every_numeric_key_has_a_range():
   """Every numeric key of base() (a number, or a tuple of numbers; not a boolean) is in
-  config.RANGES or POSITIVE, so that no setting escapes the checks (eval.finetune.base_lr=-0.5
+  schema.RANGES or POSITIVE, so that no setting escapes the checks (eval.finetune.base_lr=-0.5
   once trained uphill, reporting chance accuracy); a key that refers to another (the
   predictor's out_dim, the projector's) is checked through it."""
   config = sce_config.base()
   numeric = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-  ranged = set(sce_config.RANGES) | set(sce_config.POSITIVE)
+  ranged = set(schema.RANGES) | set(schema.POSITIVE)
   field_of = lambda key: functools.reduce(lambda c, s: c[s], key.split(".")[:-1], config)._fields[  # pylint: disable=protected-access
       key.split(".")[-1]]
   flat = flax.traverse_util.flatten_dict(config.to_dict(), sep=".")
