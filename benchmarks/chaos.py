@@ -36,17 +36,17 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from sce_jax import checkpoint, logs, main  # noqa: E402
+from sce_jax import checkpoint, exits, logs  # noqa: E402
 from tests.conftest import make_cifar_archive  # noqa: E402
 
 SIGNALS = ("SIGTERM", "SIGINT", "SIGINT x2", "SIGKILL")
 MOMENTS = ("start-up", "training", "save")
-# The exit statuses each signal may give (main.EXIT_*; negative: killed by that signal): SIGINT
+# The exit statuses each signal may give (exits.py; negative: killed by that signal): SIGINT
 # before the first step stops at once (130), after it saves and stops (75); a second Ctrl-C
 # finds SIGINT's default action (-2), unless the run had already stopped after the first.
-EXPECTED = {"SIGTERM": {main.EXIT_PREEMPTED},
-            "SIGINT": {main.EXIT_PREEMPTED, main.EXIT_INTERRUPTED},
-            "SIGINT x2": {main.EXIT_PREEMPTED, main.EXIT_INTERRUPTED, -signal.SIGINT},
+EXPECTED = {"SIGTERM": {exits.PREEMPTED},
+            "SIGINT": {exits.PREEMPTED, exits.INTERRUPTED},
+            "SIGINT x2": {exits.PREEMPTED, exits.INTERRUPTED, -signal.SIGINT},
             "SIGKILL": {-signal.SIGKILL}}
 EXIT_TIMEOUT_S = 600  # after the signal: a run stopping at a safe point waits for a compile
 

@@ -6,9 +6,10 @@
 #
 # Usage (from a checkout, with sce_jax's environment active; sbatch passes it on):
 #   launch/slurm_gpu.sh [--dry-run] --config CONFIG --workdir DIR [--nodes N] [--gpus-per-node G]
-#     [--per-node] [--mode train|knn|linear] [--partition P] [--account A] [--time HH:MM:SS]
+#     [--per-node] [--mode MODE] [--partition P] [--account A] [--time HH:MM:SS]
 #     [--cpus-per-task C] [-- EXTRA_MAIN_FLAGS...]
 #
+# MODE (sce_jax.main --mode): train (default) | knn | linear | transfer | voc07_svm | finetune
 # Processes: one per GPU by default (SLURM_LOCALID picks the GPU; every task sees all of its
 # node's GPUs, so do not bind GPUs per task), or --per-node: one per node owning all G GPUs
 # (JAX_LOCAL_DEVICE_IDS, since JAX would otherwise give the single local process GPU 0 only).

@@ -5,10 +5,11 @@
 #
 # Usage:
 #   launch/tpu_pod.sh [--dry-run] --name NAME --zone ZONE --type ACCELERATOR_TYPE \
-#     --config CONFIG --workdir gs://BUCKET/DIR [--mode train|knn|linear] [--project PROJECT] \
+#     --config CONFIG --workdir gs://BUCKET/DIR [--mode MODE] [--project PROJECT] \
 #     [--version RUNTIME] [--spot] [--skip-create] [--source DIR|GIT_URL] [--detach] [--check] \
 #     [-- EXTRA_MAIN_FLAGS...]
 #
+# MODE (sce_jax.main --mode): train (default) | knn | linear | transfer | voc07_svm | finetune
 # Example (ImageNet from TFDS on GCS):
 #   launch/tpu_pod.sh --name sce --zone us-central2-b --type v4-64 \
 #     --config configs/imagenet_r50.py --workdir gs://my-bucket/sce/r50 \

@@ -1,14 +1,14 @@
 """Checkpoints of the TrainState: orbax CheckpointManager, one item 'state'.
 
-Layout: <workdir>/checkpoints/<step>/state; `read_numpy` reads it back without a model (for
-evaluation and weight conversion). Each step's metadata also holds a checksum of every array,
-verified when the step is restored, and no state with a NaN or inf is ever saved. Saves are
-asynchronous and atomic: orbax writes into a temporary directory and renames it when complete,
-so a step directory that exists is whole, and a run killed mid-save leaves the previous one as
-the latest. A failed save is reported at once: one that cannot start (a read-only or missing
-directory) by `save` itself, since orbax creates the step's directory before it returns; one that
-fails while writing (a full disk) by `check` as soon as it is known. Preemption (SIGTERM) and
-Ctrl-C are preemption.py's.
+Layout: <workdir>/checkpoints/<step>/state (`checkpoints_dir`, `step_dir`, `find_state`);
+`read_numpy` reads it back without a model (for evaluation and weight conversion). Each step's
+metadata also holds a checksum of every array, verified when the step is restored, and no state
+with a NaN or inf is ever saved. Saves are asynchronous and atomic: orbax writes into a temporary
+directory and renames it when complete, so a step directory that exists is whole, and a run killed
+mid-save leaves the previous one as the latest. A failed save is reported at once: one that cannot
+start (a read-only or missing directory) by `save` itself, since orbax creates the step's directory
+before it returns; one that fails while writing (a full disk) by `check` as soon as it is known.
+Preemption (SIGTERM) and Ctrl-C are preemption.py's.
 """
 import contextlib
 import hashlib
@@ -25,6 +25,7 @@ from sce_jax import logs
 from sce_jax import workdir as workdir_lib
 
 ITEM = "state"
+DIRECTORY = "checkpoints"  # under the workdir; one subdirectory per saved step
 CHECKSUMS = "sce_jax_checksums"  # key of each step's custom metadata: {array name: hex digest}
 
 
@@ -33,8 +34,9 @@ class CheckpointError(RuntimeError):
   fix."""
 
 
-def directory(workdir) -> epath.Path:
-  return epath.Path(workdir) / "checkpoints"
+def checkpoints_dir(workdir) -> epath.Path:
+  """<workdir>/checkpoints, the manager's directory."""
+  return epath.Path(workdir) / DIRECTORY
 
 
 def manager(workdir, ckpt_cfg) -> ocp.CheckpointManager:
@@ -50,7 +52,7 @@ def manager(workdir, ckpt_cfg) -> ocp.CheckpointManager:
           policies.FixedIntervalPolicy(ckpt_cfg.every_steps),
           policies.PreemptionCheckpointingPolicy()]))
   # The handler named up front lets a fresh manager read a step's array metadata.
-  return ocp.CheckpointManager(directory(workdir), options=options,
+  return ocp.CheckpointManager(checkpoints_dir(workdir), options=options,
                                item_handlers={ITEM: ocp.StandardCheckpointHandler()})
 
 
@@ -84,7 +86,7 @@ def checksums(tree) -> dict[str, str]:
 def last_saved(mngr) -> str:
   """The latest complete checkpoint, for messages."""
   step = mngr.latest_step()
-  return (f"{directory_of(mngr, step)} (step {step})" if step is not None
+  return (f"{step_dir(mngr, step)} (step {step})" if step is not None
           else "none (no checkpoint was saved)")
 
 
@@ -122,7 +124,7 @@ def save(mngr, step, state):
   with _save_errors(mngr):
     mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True,
               custom_metadata={CHECKSUMS: checksums(state)})
-  logging.info("Saving step %d to %s.", step, directory_of(mngr, step))
+  logging.info("Saving step %d to %s.", step, step_dir(mngr, step))
 
 
 def check(mngr):
@@ -143,7 +145,7 @@ def _bad_latest(mngr, step, problem) -> CheckpointError:
   older = [s for s in mngr.all_steps() if s < step]
   fallback = (f"delete it to resume from step {max(older)}" if older
               else "delete it (or the whole workdir) to start afresh")
-  return CheckpointError(f"The latest checkpoint, {directory_of(mngr, step)}, {problem}; "
+  return CheckpointError(f"The latest checkpoint, {step_dir(mngr, step)}, {problem}; "
                          f"{fallback}.")
 
 
@@ -162,7 +164,7 @@ def _check_shapes(mngr, step, abstract_state):
             for n in sorted(set(saved) | set(wanted)) if saved.get(n) != wanted.get(n)]
   if differ:
     raise CheckpointError(
-        f"The latest checkpoint, {directory_of(mngr, step)}, was saved with another config: "
+        f"The latest checkpoint, {step_dir(mngr, step)}, was saved with another config: "
         f"{differ[0]} (and {len(differ) - 1} more arrays differ). Run with the config it was "
         f"saved with ({mngr.directory.parent / workdir_lib.CONFIG}), or use another --workdir; "
         "the checkpoint is fine, do not delete it.")
@@ -187,7 +189,7 @@ def restore(mngr, abstract_state):
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))).state
   except Exception as e:  # orbax raises many types (ValueError, OSError, tensorstore errors).
     raise _bad_latest(mngr, step, f"cannot be restored ({logs.brief(e)})") from e
-  where = directory_of(mngr, step)
+  where = step_dir(mngr, step)
   stored = (mngr.metadata(step).custom_metadata or {}).get(CHECKSUMS)
   if stored is None:
     logging.warning("%s holds no checksums (saved by an older sce_jax): restored unverified.",
@@ -203,16 +205,17 @@ def restore(mngr, abstract_state):
   return state
 
 
-def directory_of(mngr, step) -> epath.Path:
+def step_dir(mngr, step) -> epath.Path:
+  """The directory of `mngr`'s saved step `step`."""
   return mngr.directory / str(step)
 
 
-def item_directory(path) -> pathlib.Path:
-  """The saved state under a workdir, a checkpoints dir (its latest step), a step dir, or the
-  item dir itself."""
+def find_state(path) -> pathlib.Path:
+  """The saved state's (orbax item's) directory under a workdir, a checkpoints dir (its latest
+  step), a step dir, or that directory itself; ValueError if there is none."""
   path = pathlib.Path(path)
-  if (path / "checkpoints").is_dir():
-    path = path / "checkpoints"
+  if (path / DIRECTORY).is_dir():
+    path = path / DIRECTORY
   if (path / ITEM).is_dir():
     return path / ITEM
   if (path / "_METADATA").exists():
@@ -232,7 +235,7 @@ def read_numpy(path, select):
   select(metadata) -> the subtree of the saved tree's metadata to read (e.g. the weights
   without the optimiser state and the queue); what it leaves out is not read.
   """
-  item = item_directory(path)
+  item = find_state(path)
   checkpointer = ocp.PyTreeCheckpointer()
   metadata = checkpointer.metadata(item)
   wanted = select(getattr(metadata, "item_metadata", metadata))

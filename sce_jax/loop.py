@@ -159,7 +159,7 @@ class Run:
       if save:
         checkpoint.save(self.mngr, step, state)
       if preempted:
-        raise signals.stop(step, checkpoint.directory_of(self.mngr, step))
+        raise signals.stop(step, checkpoint.step_dir(self.mngr, step))
       for ev in evaluators:
         if itstime(step, ev.every, self.num_steps):
           _evaluate(ev, state, writer, step)

@@ -20,7 +20,7 @@ Output (logs.py): a short account by default; --verbosity=1 prints everything;
 --config_help lists the config keys. From the moment the process starts, a SIGTERM (preemption)
 or a first Ctrl-C is a request to stop (preemption.py): before the first step it stops at once,
 after it saves a checkpoint and stops; a second Ctrl-C stops at once. The exit status says how
-the run ended (EXIT_*, README "Exit codes").
+the run ended (exits.py, README "Exit codes").
 """
 import json
 import os
@@ -37,17 +37,10 @@ import jax
 from absl import app, flags, logging
 from etils import epath
 
-from sce_jax import checkpoint, cli, evaluators, logs, schema, sharding, train, weights
+from sce_jax import checkpoint, cli, evaluators, exits, logs, schema, sharding, train, weights
 from sce_jax import config as sce_config
 from sce_jax import workdir as workdir_lib
 from sce_jax.data import images, sources
-
-# Exit statuses, for job scripts and launchers (README, "Exit codes"). 75 is EX_TEMPFAIL of
-# sysexits.h ("try again later"); 130 is what a shell reports for a process ended by SIGINT.
-EXIT_DONE = 0         # finished
-EXIT_ERROR = 1        # stopped by an error, reported in one line
-EXIT_PREEMPTED = 75   # a SIGTERM (preemption), or a Ctrl-C after a checkpoint was saved: rerun
-EXIT_INTERRUPTED = 130  # a Ctrl-C before the first step, or a second one: stopped at once
 
 _CONFIG = cli.CONFIG
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and results go here.")
@@ -87,11 +80,11 @@ def _load_trunk(config, workdir, mode):
   source = config.eval.checkpoint or workdir
   if not config.eval.checkpoint:
     try:
-      checkpoint.item_directory(workdir)
+      checkpoint.find_state(workdir)
     except ValueError as e:
       raise checkpoint.CheckpointError(
-          f"--mode={mode} evaluates a checkpoint, and {checkpoint.directory(workdir)} has "
-          "none; train first with this --workdir, or pass --config.eval.checkpoint=PATH (a "
+          f"--mode={mode} evaluates a checkpoint, and {checkpoint.checkpoints_dir(workdir)} "
+          "has none; train first with this --workdir, or pass --config.eval.checkpoint=PATH (a "
           "workdir or weights to evaluate).") from e
   try:
     return source, weights.load_trunk(source, config.model)
@@ -142,16 +135,16 @@ def main(argv):
     _run(config, workdir, _MODE.value)
   except preemption.Preempted as e:
     logging.warning("%s", e)
-    sys.exit(EXIT_PREEMPTED)
+    sys.exit(exits.PREEMPTED)
   except preemption.Stopped as e:
     logging.warning("%s", e)
-    sys.exit(EXIT_INTERRUPTED if e.signum == signal.SIGINT else EXIT_PREEMPTED)
+    sys.exit(exits.INTERRUPTED if e.signum == signal.SIGINT else exits.PREEMPTED)
   except (sce_config.ConfigError, images.DataError, checkpoint.CheckpointError,
           workdir_lib.WorkdirError, FloatingPointError, evaluators.common.MissingPackage) as e:
     logging.debug("Traceback of the error below:", exc_info=True)  # --verbosity=1
     print(f"Error: {e}", file=sys.stderr)
-    sys.exit(EXIT_ERROR)
-  return EXIT_DONE  # app.run exits with it.
+    sys.exit(exits.ERROR)
+  return exits.DONE  # app.run exits with it.
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ class Stopped(Exception):
 
 class Preempted(Exception):
   """Raised by a loop after it saved at a preemption or a Ctrl-C (`Preemption.stop`); the
-  command line then exits with main.EXIT_PREEMPTED."""
+  command line then exits with exits.PREEMPTED."""
 
 
 class _State:

@@ -119,6 +119,7 @@ def test_linear_probe_learns_separable_features():
   assert metrics["loss"] < 0.5
 
 
+@pytest.mark.slow  # kNN and a linear probe end to end: 156 s on the shared 2-core box
 def test_knn_and_linear_eval_on_cifar_slice(cifar_root, tmp_path, monkeypatch):
   """Both evaluations end to end on a tiny random trunk: 200 train / 100 test images. A probe
   preempted at step 2 (it saves and raises Preempted) and run again resumes to the same losses,
@@ -155,6 +156,7 @@ def test_knn_and_linear_eval_on_cifar_slice(cifar_root, tmp_path, monkeypatch):
     linear.evaluate(config, other, mesh, splits, tmp_path / "whole")
 
 
+@pytest.mark.slow  # kNN and a probe of a ViT end to end: 56 s on the shared 2-core box
 def test_knn_and_linear_eval_of_a_vit(cifar_root, tmp_path):
   """The ViT feature (the class token's output, 32-d here) through kNN and 2 probe steps; the
   trunk's variables have no batch statistics."""

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from nbclient import NotebookClient
 
+from sce_jax import evaluators
 from tests.helpers import load_config
 
 
@@ -30,6 +31,15 @@ def _dry_run(script, *args, env=None):
 def test_shellcheck(script):
   out = subprocess.run(["shellcheck", "-x", script], capture_output=True, text=True, cwd=ROOT)
   assert out.returncode == 0, out.stdout
+
+
+@pytest.mark.parametrize("script", ["slurm_gpu.sh", "tpu_pod.sh"])
+def test_usage_lists_every_mode(script):
+  """Each launcher's usage names the modes sce_jax.main has: train and the evaluators' MODES."""
+  line = next(line for line in (LAUNCH / script).read_text().splitlines()
+              if line.startswith("# MODE (sce_jax.main --mode):"))
+  modes = [m.split()[0] for m in line.partition(":")[2].split("|")]
+  assert modes == ["train", *evaluators.MODES]
 
 
 def test_tpu_pod_dry_run():

@@ -17,7 +17,7 @@ import time
 import jax
 import pytest
 
-from sce_jax import checkpoint, main, metrics, sharding, train
+from sce_jax import checkpoint, exits, metrics, sharding, train
 from sce_jax import workdir as workdir_lib
 from tests.helpers import load_config
 
@@ -147,7 +147,7 @@ def messages(stderr):
 
 def test_command_line_interrupt_resume_evaluate(cifar_root, no_tf, tmp_path):
   """Smoke pretraining: a second run on its workdir is refused, naming the first; Ctrl-C saves
-  and exits with EXIT_PREEMPTED; a rerun resumes from that step, printing a few lines; its
+  and exits with exits.PREEMPTED; a rerun resumes from that step, printing a few lines; its
   final checkpoint is evaluated by kNN and by a linear probe."""
   workdir = tmp_path / "work"
   # 6 million steps: the run cannot end before the signal, however fast the machine.
@@ -160,13 +160,13 @@ def test_command_line_interrupt_resume_evaluate(cifar_root, no_tf, tmp_path):
     while not (log.exists() and log.read_text()) and proc.poll() is None:
       assert time.time() < deadline, "no step logged in time"
       time.sleep(0.2)
-    second = run(command(cifar_root, workdir, *long_run), no_tf, main.EXIT_ERROR)
+    second = run(command(cifar_root, workdir, *long_run), no_tf, exits.ERROR)
     assert messages(second)[-1].startswith(
         f"Error: {workdir} is in use by process {proc.pid} on {socket.gethostname()} (since ")
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=120)
   stderr = (tmp_path / "train.log").read_text()
-  assert proc.returncode == main.EXIT_PREEMPTED, stderr[-3000:]
+  assert proc.returncode == exits.PREEMPTED, stderr[-3000:]
   mngr = checkpoint.manager(workdir, smoke_config(cifar_root).checkpoint)
   stopped = mngr.latest_step()
   assert 4 <= stopped < 6_000_000

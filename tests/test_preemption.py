@@ -11,7 +11,7 @@ import time
 import ml_collections
 import pytest
 
-from sce_jax import checkpoint, main, preemption
+from sce_jax import checkpoint, exits, preemption
 from tests.conftest import make_cifar_archive
 
 CFG = ml_collections.ConfigDict(dict(every_steps=2, keep=2))
@@ -46,7 +46,7 @@ def test_sigint_saves_then_a_second_stops_at_once(tmp_path):
     os.kill(os.getpid(), signal.SIGINT)
     assert signals.reached(mngr, 1)
     assert signal.getsignal(signal.SIGINT) is signal.SIG_DFL
-    assert str(signals.stop(1, checkpoint.directory_of(mngr, 1))) == (
+    assert str(signals.stop(1, checkpoint.step_dir(mngr, 1))) == (
         f"Interrupted (Ctrl-C): saved step 1 to {tmp_path}/checkpoints/1; rerun the same "
         "command to resume from it.")
   finally:
@@ -104,9 +104,9 @@ def _catches_sigterm(pid) -> bool:
 @pytest.mark.slow  # end to end, 10-20 s each
 @pytest.mark.skipif(not pathlib.Path("/proc/self/status").exists(), reason="needs Linux /proc")
 @pytest.mark.parametrize("moment, signum, status", [
-    ("import", signal.SIGINT, main.EXIT_INTERRUPTED),
-    ("lock", signal.SIGINT, main.EXIT_INTERRUPTED),
-    ("lock", signal.SIGTERM, main.EXIT_PREEMPTED)])
+    ("import", signal.SIGINT, exits.INTERRUPTED),
+    ("lock", signal.SIGINT, exits.INTERRUPTED),
+    ("lock", signal.SIGTERM, exits.PREEMPTED)])
 def test_signal_before_the_first_step(archive, tmp_path, moment, signum, status):
   """A Ctrl-C or SIGTERM while the command line imports JAX, or once it holds the workdir's lock
   (data opened, the network being built and compiled): the run stops at the next stage's end

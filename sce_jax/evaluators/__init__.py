@@ -7,7 +7,7 @@
   (run(state) -> (name, value) pairs); each cadence is config.eval.<name>.every_epochs.
 """
 from sce_jax import loop
-from sce_jax.evaluators import common, finetune, knn, linear, probe, transfer, voc07
+from sce_jax.evaluators import common, finetune, knn, linear, online_probe, transfer, voc07
 
 MODES = {"knn": knn.evaluate, "linear": linear.evaluate, "transfer": transfer.evaluate,
          "voc07_svm": voc07.evaluate, "finetune": finetune.evaluate}
@@ -28,6 +28,6 @@ def periodic(config, mesh, splits, steps_per_epoch) -> list[loop.Evaluator]:
   if config.probe.enabled:
     evaluators.append(loop.Evaluator(
         "online probe", _every(config.eval.probe.every_epochs, steps_per_epoch),
-        lambda state: probe.evaluate(config, trunk(state), state.params["probe"], mesh,
-                                     splits).items()))
+        lambda state: online_probe.evaluate(config, trunk(state), state.params["probe"],
+                                            mesh, splits).items()))
   return evaluators

@@ -1,5 +1,5 @@
 """What the evaluators of a trunk share (docs/SCE.md sections 7, 9): its features (cached in the
-workdir), top-k and average precision, the trunk a run resumes on, scikit-learn.
+workdir), top-k and average precision, the trunk a run is pinned to, scikit-learn.
 
 Everything runs sharded over the `data` mesh: batches are split over devices, the trunk is
 replicated and always in inference mode (BatchNorm running statistics). Trunk variables are
@@ -119,9 +119,9 @@ def cached_features(path, extract):
   return features, targets
 
 
-def check_trunk(rundir, trunk_variables, what):
-  """An evaluation resumes only on the weights it started with: <rundir>/trunk_checksums.json
-  names them (checkpoint.checksums). Evaluating other weights (the workdir's pretraining went
+def pin_trunk(rundir, trunk_variables, what):
+  """Pins run directory `rundir` to the trunk weights it started with, so that an evaluation
+  resumes only on them: <rundir>/trunk_checksums.json names them (checkpoint.checksums). Evaluating other weights (the workdir's pretraining went
   on) needs the old run, `what`, out of the way."""
   rundir = epath.Path(rundir)
   digests = checkpoint.checksums(trunk_variables)

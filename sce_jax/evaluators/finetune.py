@@ -26,7 +26,7 @@ from sce_jax import loop, models, optim, sharding
 from sce_jax.data import augment, pipeline, sources
 from sce_jax.data.images import DataError
 from sce_jax.data.presets import ViewSpec
-from sce_jax.evaluators import common
+from sce_jax.evaluators import common, supervised
 
 # eval.finetune.subset: '' (eval.finetune.fraction of the training set), or SimCLR's ImageNet
 # lists, TFDS imagenet2012_subset/<subset>.
@@ -82,35 +82,22 @@ def train_source(config, splits):
 
 
 def make_finetune_step(model, tx, lr_fn, view, data_cfg, mesh, key):
-  """The jitted step(state, images, labels) -> (state, metrics) of fine-tuning.
+  """The jitted step(state, None, images, labels) -> (state, metrics) of fine-tuning, the
+  supervised step (`supervised.make_step`) of the whole `model` with its BatchNorm training.
 
   state: {'step', 'params': {'trunk', 'head'}, 'batch_stats': {'trunk'}, 'opt_state'}. The
-  uint8 crops are flipped and normalised here with a key folded from `key` and the step, so a
-  resumed run draws what an uninterrupted one does. Metrics: loss, top1 (of the batch), lr.
+  uint8 crops are flipped and normalised in the step.
   """
 
-  def step(state, images, labels):
-    count = state["step"] + 1
-    x = augment.augment_view(jax.random.fold_in(key, count), images, view, data_cfg.mean,
-                             data_cfg.std)
+  def apply_fn(params, batch_stats, x):
+    logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, x,
+                                  train=True, mutable=["batch_stats"])
+    return logits, updates["batch_stats"]
 
-    def loss_fn(params):
-      logits, updates = model.apply({"params": params, "batch_stats": state["batch_stats"]},
-                                    x, train=True, mutable=["batch_stats"])
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-      return loss, (logits, updates["batch_stats"])
+  def inputs_fn(_, key, images):
+    return augment.augment_view(key, images, view, data_cfg.mean, data_cfg.std)
 
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    state = {"step": count, "params": optax.apply_updates(state["params"], updates),
-             "batch_stats": batch_stats, "opt_state": opt_state}
-    top1 = jnp.mean(jnp.argmax(logits, -1) == labels)
-    return state, {"loss": loss, "top1": top1, "lr": lr_fn(count - 1)}
-
-  replicated, rows = sharding.replicated(mesh), sharding.rows(mesh)
-  return jax.jit(step, in_shardings=(replicated, rows, rows), out_shardings=replicated,
-                 donate_argnums=0)
+  return supervised.make_step(apply_fn, tx, lr_fn, inputs_fn, mesh, key)
 
 
 def init(tx, dim, num_classes):
@@ -142,7 +129,7 @@ def evaluate(config, trunk_variables, mesh, splits, workdir):
   dim = models.feature_dim(config.model)
   key = jax.random.key(config.seed)
   rundir = epath.Path(workdir) / f"finetune_{name}"
-  common.check_trunk(rundir, trunk_variables, "a fine-tuning run")
+  common.pin_trunk(rundir, trunk_variables, "a fine-tuning run")
   step = make_finetune_step(model, tx, lr_fn, view, data, mesh, key)
   fresh = jax.jit(init(tx, dim, splits.num_classes), out_shardings=sharding.replicated(mesh))
   num_steps = loop.last_step(total_steps, ft.max_steps)
@@ -153,11 +140,11 @@ def evaluate(config, trunk_variables, mesh, splits, workdir):
     batches = pipeline.train_iterator(train, data, global_batch_size=ft.batch_size,
                                       views=(view,), seed=config.seed, start_step=start,
                                       sharding=sharding.rows(mesh))
-    state = run.train(state, start, lambda s, b: step(s, b["views"][0], b["label"]), batches)
+    state = run.train(state, start, lambda s, b: step(s, None, b["views"][0], b["label"]),
+                      batches)
 
   tuned = {"params": state["params"]["trunk"], "batch_stats": state["batch_stats"]["trunk"]}
   feats, labels = common.extract_features(models.make_trunk(config.model), tuned, splits.eval,
                                           data, batch_size=config.eval.batch_size, mesh=mesh)
-  head = jax.device_get(state["params"]["head"])
-  top1, top5 = common.topk_accuracy(feats @ head["kernel"] + head["bias"], labels)
+  top1, top5 = supervised.head_accuracy(state["params"]["head"], feats, labels)
   return {"finetune_top1": top1, "finetune_top5": top5}

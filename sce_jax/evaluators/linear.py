@@ -9,13 +9,12 @@ like pretraining.
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 from etils import epath
 
 from sce_jax import loop, models, optim, sharding
 from sce_jax.data import augment, crop, pipeline
 from sce_jax.data.presets import ViewSpec
-from sce_jax.evaluators import common
+from sce_jax.evaluators import common, supervised
 from sce_jax.models import inits
 
 
@@ -25,34 +24,13 @@ def linear_head(num_classes):
 
 
 def make_linear_step(head, tx, lr_fn, features_fn, mesh, key):
-  """The jitted probe step: step(state, frozen, inputs, labels) -> (state, metrics).
-
-  state: {'step', 'params', 'opt_state'} (`init`). features_fn(frozen, key, inputs) -> (B, D)
-  features, under stop-gradient, with a key derived from `key` and the step, so a resumed probe
-  draws what an uninterrupted one does; `frozen` (the trunk variables) is an argument, not a
-  closure, so the weights are not baked into the program. With features_fn = lambda frozen,
-  key, x: x the step trains on given features. Metrics: loss, top1 (of the batch), lr.
-  """
-
-  def step(state, frozen, inputs, labels):
-    count = state["step"] + 1
-    feats = features_fn(frozen, jax.random.fold_in(key, count), inputs)
-    feats = jax.lax.stop_gradient(feats).astype(jnp.float32)
-
-    def loss_fn(params):
-      logits = head.apply({"params": params}, feats)
-      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), logits
-
-    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    top1 = jnp.mean(jnp.argmax(logits, -1) == labels)
-    state = {"step": count, "params": optax.apply_updates(state["params"], updates),
-             "opt_state": opt_state}
-    return state, {"loss": loss, "top1": top1, "lr": lr_fn(count - 1)}
-
-  replicated, rows = sharding.replicated(mesh), sharding.rows(mesh)
-  return jax.jit(step, in_shardings=(replicated, replicated, rows, rows),
-                 out_shardings=replicated, donate_argnums=0)
+  """The jitted probe step: step(state, frozen, inputs, labels) -> (state, metrics), the
+  supervised step (`supervised.make_step`) of `head` on features_fn(frozen, key, inputs), the
+  frozen trunk's features. With features_fn = lambda frozen, key, x: x the step trains on given
+  features."""
+  return supervised.make_step(
+      lambda params, _, feats: (head.apply({"params": params}, feats), None), tx, lr_fn,
+      lambda frozen, key, x: features_fn(frozen, key, x).astype(jnp.float32), mesh, key)
 
 
 def init(head, tx, dim):
@@ -97,7 +75,7 @@ def evaluate(config, trunk_variables, mesh, splits, workdir):
   dim = models.feature_dim(config.model)
   init_key, key = jax.random.split(jax.random.key(config.seed))
   rundir = epath.Path(workdir) / "linear"
-  common.check_trunk(rundir, trunk_variables, "a linear probe")
+  common.pin_trunk(rundir, trunk_variables, "a linear probe")
   frozen = jax.device_put(trunk_variables, sharding.replicated(mesh))
   step = make_linear_step(head, tx, lr_fn, features_fn, mesh, key)
   num_steps = loop.last_step(total_steps, lin.max_steps)
@@ -114,6 +92,5 @@ def evaluate(config, trunk_variables, mesh, splits, workdir):
 
   feats, labels = common.extract_features(trunk, trunk_variables, splits.eval, data,
                                           batch_size=config.eval.batch_size, mesh=mesh)
-  params = jax.device_get(state["params"])
-  top1, top5 = common.topk_accuracy(feats @ params["kernel"] + params["bias"], labels)
+  top1, top5 = supervised.head_accuracy(state["params"], feats, labels)
   return {"linear_top1": top1, "linear_top5": top5}

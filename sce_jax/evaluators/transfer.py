@@ -315,7 +315,7 @@ def evaluate(config, trunk_variables, mesh, splits, workdir):
   common.import_sklearn()
   datasets = parse_datasets(config.eval.transfer.datasets)
   outdir = epath.Path(workdir) / "transfer"
-  common.check_trunk(outdir, trunk_variables, "transfer features")
+  common.pin_trunk(outdir, trunk_variables, "transfer features")
   record = outdir / "results.json"
   results = json.loads(record.read_text()) if record.exists() else {}
   trunk = models.make_trunk(config.model)

@@ -142,7 +142,7 @@ def evaluate(config, trunk_variables, mesh, splits, workdir):
   common.import_sklearn()
   cfg = config.eval.voc07
   outdir = epath.Path(workdir) / "voc07_svm"
-  common.check_trunk(outdir, trunk_variables, "VOC07 features")
+  common.pin_trunk(outdir, trunk_variables, "VOC07 features")
   trunk = models.make_trunk(config.model)
   data = common.data_config(config.data, cache=False)
 

@@ -4,10 +4,8 @@ The probe head trains inside the pretraining step on stop-gradient features of t
 trunk (models/sce.py); its training accuracy is a step metric, this is its held-out one: the
 trunk in inference mode (BatchNorm running statistics), the head applied to its features.
 """
-import jax
-
 from sce_jax import models
-from sce_jax.evaluators import common
+from sce_jax.evaluators import common, supervised
 
 
 def evaluate(config, trunk_variables, probe_params, mesh, splits):
@@ -15,6 +13,5 @@ def evaluate(config, trunk_variables, probe_params, mesh, splits):
   trunk = models.make_trunk(config.model)
   feats, labels = common.extract_features(trunk, trunk_variables, splits.eval, config.data,
                                           batch_size=config.eval.batch_size, mesh=mesh)
-  params = jax.device_get(probe_params)
-  top1, top5 = common.topk_accuracy(feats @ params["kernel"] + params["bias"], labels)
+  top1, top5 = supervised.head_accuracy(probe_params, feats, labels)
   return {"probe_top1": top1, "probe_top5": top5}
