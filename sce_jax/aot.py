@@ -266,7 +266,8 @@ def collectives(hlo):
 
 def forward_flops(model, variables, size):
   """FLOPs of `model`'s forward pass on one size x size image: 2 x the multiply-adds of its
-  convolutions and dense layers (docs/SCE.md 11), counted from their shapes."""
+  convolutions and dense layers (docs/SCE.md 11), counted from their shapes, in training mode
+  (with a dropout key for a ViT's drop_path, as the step has)."""
   flops = []
 
   def count(next_fun, args, kwargs, context):
@@ -278,7 +279,8 @@ def forward_flops(model, variables, size):
 
   with nn.intercept_methods(count):
     jax.eval_shape(lambda v: model.apply(v, jax.numpy.zeros((1, size, size, 3)), train=True,
-                                         mutable=["batch_stats"]), variables)
+                                         mutable=["batch_stats"],
+                                         rngs={"dropout": jax.random.key(0)}), variables)
   return sum(flops)
 
 

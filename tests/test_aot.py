@@ -8,9 +8,11 @@ import subprocess
 import sys
 import types
 
+import jax
 import pytest
 
-from sce_jax import aot
+from sce_jax import aot, sharding, train
+from sce_jax import config as sce_config
 from tests.helpers import load_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -127,3 +129,47 @@ def test_command_on_a_multi_process_slice(tmp_path):
   assert set(KEYS) <= set(result) and result["max_batch_per_chip"] is None
   assert (result["topology"], result["chips"], result["processes"]) == ("v4:2x2x2", 8, 2)
   _check_smoke(result)
+
+
+def _shipped():
+  """Every config file: its smoke variant where it has one, else itself; and ViT-B/16."""
+  for path in sorted((ROOT / "configs").glob("*.py")):
+    try:
+      sce_config.load(f"{path}:smoke")
+      yield path.stem, "smoke"
+    except sce_config.ConfigError:  # A file without a smoke variant.
+      yield path.stem, ""
+  yield "imagenet_vit_s16", "vit_b16"
+
+
+@pytest.mark.parametrize("name, arg", [  # The full ViTs trace in 25-35 s on 2 loaded cores.
+    pytest.param(n, a, marks=pytest.mark.slow) if n == "imagenet_vit_s16" else (n, a)
+    for n, a in _shipped()])
+def test_analytic_count_of_every_shipped_config(name, arg):
+  """aot.step_flops on each shipped config, the analytic count of the table (a compile of the
+  big ones is too slow for the suite: benchmarks/RESULTS.md). A ViT's drop_path runs its
+  forward in training mode with a dropout key (it once stopped every ViT row with
+  InvalidRngError); dropping blocks changes no shape, so the count is that of drop_path 0."""
+  config = sce_config.load(f"{ROOT / 'configs' / name}.py" + (f":{arg}" if arg else ""))
+  config.unlock()
+  mesh = sharding.make_mesh()
+
+  def count(config):
+    parts = train.build(config, mesh, num_classes=10, steps_per_epoch=10)
+    return aot.step_flops(config, parts, jax.eval_shape(parts.init, jax.random.key(0)))
+
+  flops = count(config)
+  assert flops > 0
+  if config.model.drop_path:
+    config.model.drop_path = 0.0
+    assert count(config) == flops
+
+
+@needs_libtpu
+@pytest.mark.slow  # the ViT step compiled for a v5e slice: ~2 min on 2 loaded cores
+def test_vit_smoke_step_on_a_v5e_slice():
+  config = load_config("cifar10_vit", "smoke")
+  assert config.model.drop_path > 0
+  result = aot.check(config, "v5e:2x2", log=lambda *_: None)
+  assert result["fits"] and result["tflop_per_chip"] > 0
+  assert result["grad_allreduce_float32"]
