@@ -93,12 +93,14 @@ def _load_trunk(config, workdir, mode):
 
 
 def _evaluate(config, workdir, mode, mesh, splits, source, trunk):
-  """The evaluator `mode` of `trunk` (read from `source`); results to eval_<mode>.json."""
+  """The evaluator `mode` of `trunk` (read from `source`); results to eval_<mode>.json, with
+  what they depend on (`evaluators.provenance`)."""
   results = evaluators.MODES[mode](config, trunk, mesh, splits, workdir)
   logging.info("%s evaluation of %s: %s", mode, source, results)
   if jax.process_index() == 0:
-    (epath.Path(workdir) / f"eval_{mode}.json").write_text(
-        json.dumps({"checkpoint": str(source), **results}))
+    (epath.Path(workdir) / f"eval_{mode}.json").write_text(json.dumps(
+        {"checkpoint": str(source), **results,
+         "provenance": evaluators.provenance(config, mode, trunk, splits, workdir)}, indent=1))
 
 
 def _run(config, workdir, mode):

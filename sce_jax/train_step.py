@@ -34,22 +34,32 @@ def _passes(views, indices, concat):
   return passes
 
 
-def _forward(model, params, batch_stats, views, indices, concat, key=None, order=None):
+def shuffle_orders(key, target_views, batch_size):
+  """Shuffle-BN (docs/SCE.md 3): {target view: (B,) each image's place in a random permutation
+  of the batch}, one permutation per target view, as the authors draw them."""
+  keys = jax.random.split(key, len(target_views))
+  return {i: jnp.argsort(jax.random.permutation(k, batch_size))
+          for i, k in zip(target_views, keys)}
+
+
+def _forward(model, params, batch_stats, views, indices, concat, key=None, orders=None):
   """Runs `model` on the views `indices`; returns outputs per view and the new BN statistics.
 
   The statistics are threaded through the passes in view order, so they end as after the
   authors' sequential per-view passes. A concatenated pass stacks its views image-major,
   (B, V, ...) -> (B * V, ...): a batch-sharded view then stays on its devices (view-major
   concatenation would move images between devices). key: the ViT's stochastic depth draws
-  (one stream a pass), or None without it. order: (B,) each image's place in a shuffled batch,
-  whose groups the target trunk's split BatchNorms normalise (shuffle-BN, docs/SCE.md 3): the
-  images stay where they are, only their groups are shuffled.
+  (one stream a pass), or None without it. orders: {view: (B,) each image's place in a
+  shuffled batch} (`shuffle_orders`), whose groups the target trunk's split BatchNorms
+  normalise (shuffle-BN, docs/SCE.md 3): the images stay where they are, only their groups
+  are shuffled.
   """
   outs = {}
   for n, group in enumerate(_passes(views, indices, concat)):
     x = jnp.stack([views[i] for i in group], axis=1)
-    positions = None if order is None else (
-        order[:, None] * len(group) + jnp.arange(len(group))).reshape(-1)
+    positions = None if orders is None else (  # row (b, k) of the image-major stack
+        jnp.stack([orders[i] for i in group], axis=1) * len(group) +
+        jnp.arange(len(group))).reshape(-1)
     rngs = {} if key is None else {"dropout": jax.random.fold_in(key, n)}
     out, upd = model.apply({"params": params, "batch_stats": batch_stats},
                            x.reshape(-1, *x.shape[2:]), train=True, bn_positions=positions,
@@ -143,12 +153,12 @@ def make_train_step(config, mesh, online, target, tx, lr_fn, ema_fn, pairs, prep
     if config.model.drop_path > 0:
       rng, t_key, o_key = jax.random.split(rng, 3)
 
-    order = None  # shuffle-BN: the place of each image in a random permutation of the batch
+    orders = None  # shuffle-BN
     if config.sce.target_bn_splits:
       rng, shuffle_key = jax.random.split(rng)
-      order = jnp.argsort(jax.random.permutation(shuffle_key, views[0].shape[0]))
+      orders = shuffle_orders(shuffle_key, target_views, views[0].shape[0])
     t_out, t_stats = _forward(target, state.target_params, state.target_batch_stats, views,
-                              target_views, concat, t_key, order)
+                              target_views, concat, t_key, orders)
     zs = {i: jax.lax.stop_gradient(losses.l2_normalize(t_out[i]["proj"]))
           for i in target_views}
 

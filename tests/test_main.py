@@ -1,5 +1,6 @@
 """The training program: exact resume, divergence, a failed save, and the command line end to
 end (Ctrl-C, exit codes, the workdir lock, what it prints)."""
+import hashlib
 import json
 import logging
 import math
@@ -219,13 +220,23 @@ def test_command_line_transfer_and_finetune(cifar_root, no_tf, tmp_path):
   assert entry["metric"] == "top1" and 0 <= entry["value"] <= 1 and entry["weight_decay"] > 0
   assert entry["sizes"] == {"train": 160, "val": 40, "trainval": 200, "test": 100}
   assert "| cifar10 | top-1 |" in stderr and "| 94.8 |" in stderr
-  assert json.loads((workdir / "eval_transfer.json").read_text())["transfer_cifar10"] == (
-      entry["value"])
+  evaluated = json.loads((workdir / "eval_transfer.json").read_text())
+  assert evaluated["transfer_cifar10"] == entry["value"]
+  provenance = evaluated["provenance"]  # what the number depends on (README, Results)
+  assert provenance["protocol"]["sets"]["cifar10"] == {"split": "folder", "C": "1 / weight decay"}
+  assert provenance["split_sizes"]["cifar10"] == entry["sizes"]
+  digests = json.loads((workdir / "transfer" / "trunk_checksums.json").read_text())
+  assert provenance["trunk_sha256"] == hashlib.sha256(
+      json.dumps(digests, sort_keys=True).encode()).hexdigest()[:16]
+  assert "jax" in provenance["versions"]
 
   run(command(archive, workdir, cache, "--mode=finetune",
               "--config.eval.finetune.fraction=0.01"), no_tf)
   tuned = json.loads((workdir / "eval_finetune.json").read_text())
   assert 0 <= tuned["finetune_top1"] <= tuned["finetune_top5"] <= 1
+  assert tuned["provenance"]["protocol"]["eval.finetune"]["fraction"] == 0.01
+  sizes = tuned["provenance"]["split_sizes"]
+  assert sizes["train"] == 200 and sizes["eval"] == 100 and 1 <= sizes["labelled"] < 20
   assert max(metrics.read(workdir / "finetune_1pct")) == 8  # the smoke config's max_steps
 
 

@@ -205,6 +205,35 @@ def test_shuffle_bn_moves_no_image():
   assert not moved, moved[:3]
 
 
+@pytest.mark.parametrize("concat", [False, True])
+def test_shuffle_bn_draws_one_permutation_per_target_view(concat):
+  """Two target views (symmetric pairing): each gets its own permutation of the batch, and the
+  target's split BatchNorm sees each view's rows at that view's places: in a concatenated
+  pass of views (0, 1) stacked image-major, row (b, k) at place orders[k][b] x 2 + k."""
+  orders = train_step.shuffle_orders(jax.random.key(0), [0, 1], BATCH)
+  assert sorted(orders) == [0, 1]
+  for order in orders.values():
+    assert sorted(np.asarray(order).tolist()) == list(range(BATCH))
+  assert not np.array_equal(orders[0], orders[1])
+  seen = []
+
+  class Recorder:  # the target network's apply, recording the BatchNorm places it is given
+    def apply(self, variables, x, *, bn_positions, **kwargs):
+      del kwargs
+      seen.append(np.asarray(bn_positions))
+      return {"proj": x.reshape(x.shape[0], -1)}, {"batch_stats": variables["batch_stats"]}
+
+  views = batch(0)["views"]
+  train_step._forward(Recorder(), {}, {}, views, [0, 1], concat, orders=orders)
+  if concat:
+    want = [(np.stack([orders[0], orders[1]], axis=1) * 2 + np.arange(2)).reshape(-1)]
+  else:
+    want = [np.asarray(orders[0]), np.asarray(orders[1])]
+  assert len(seen) == len(want)
+  for got, expected in zip(seen, want):
+    np.testing.assert_array_equal(got, expected)
+
+
 def test_bfloat16_gradients_are_summed_in_float32(tmp_path):
   """A bfloat16 step on 8 devices all-reduces its gradients in float32 (docs/SCE.md 5): every
   all-reduce of the program right after SPMD partitioning, where XLA puts them, is float32.

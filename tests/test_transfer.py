@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from sce_jax import config as sce_config
-from sce_jax import models, preemption
+from sce_jax import evaluators, models, preemption
 from sce_jax.data import sources
 from sce_jax.evaluators import common, knn, transfer, voc07
 from sce_jax.sharding import make_mesh
@@ -102,6 +102,15 @@ def test_logistic_regression_separable_and_as_scikit_learn():
   direct = LogisticRegression(C=1 / weight_decay, max_iter=1000).fit(*noisy)
   assert value == float(np.mean(direct.predict(test[0]) == test[1]))
   assert 0.4 < value < 1.0  # overlapping: neither chance (1/3) nor perfect
+
+
+def test_trunk_checksum_names_the_weights(trunk_variables):
+  """One digest of the trunk's arrays: the same for a copy, another for other weights."""
+  digest = common.trunk_checksum(trunk_variables)
+  assert len(digest) == 16 and digest == common.trunk_checksum(jax.device_get(trunk_variables))
+  moved = jax.tree.map(np.array, trunk_variables)  # writable host copies
+  jax.tree.leaves(moved)[0].flat[0] += 1
+  assert common.trunk_checksum(moved) != digest
 
 
 def test_missing_scikit_learn_names_the_extra(tmp_path, monkeypatch):
@@ -460,6 +469,17 @@ def test_transfer_tfds_sets(tmp_path, trunk_variables, monkeypatch):
   assert targets.shape == (40, 20) and (targets.sum(axis=1) == 2).all()
   assert targets[3, [3, 10]].all()
 
+  # What eval_transfer.json records beside the numbers (evaluators.provenance).
+  record = evaluators.provenance(_config(tmp_path, "cifar10,voc/2007"), "transfer",
+                                 trunk_variables, None, work)
+  assert record["protocol"]["eval.transfer"]["caltech101_split"] == "ssl_transfer"
+  assert record["protocol"]["sets"]["voc/2007"] == {"split": "tfds", "C": "2 / weight decay"}
+  assert record["protocol"]["data"]["image_size"] == 32
+  assert record["split_sizes"]["voc/2007"] == {"train": 40, "val": 40, "trainval": 80,
+                                               "test": 40}
+  assert record["trunk_sha256"] == common.trunk_checksum(trunk_variables)
+  assert {"python", "jax", "numpy", "scikit-learn"} <= set(record["versions"])
+
 
 # --- VOC07 SVMs.
 
@@ -576,3 +596,6 @@ def test_voc07_svm_end_to_end(tmp_path, trunk_variables, caplog, monkeypatch):
   assert record["cv"]["sizes"] == {"trainval": 80, "test": 40}
   assert ("| images per class | sce_jax, costs cross-validated | sce_jax, cost best on test "
           "(PCL's rule) | SCE, published (PCL's rule) |") in caplog.text
+  record = evaluators.provenance(config, "voc07_svm", trunk_variables, None, tmp_path / "work")
+  assert record["protocol"]["eval.voc07"]["cost_rule"] == "best_on_test"
+  assert record["split_sizes"] == {"trainval": 80, "test": 40}

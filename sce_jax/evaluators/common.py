@@ -8,8 +8,11 @@ replicated and always in inference mode (BatchNorm running statistics). Trunk va
 weights.
 """
 import functools
+import hashlib
+import importlib.metadata
 import io
 import json
+import platform
 
 import jax
 import jax.numpy as jnp
@@ -133,6 +136,29 @@ def pin_trunk(rundir, trunk_variables, what):
   if jax.process_index() == 0:
     rundir.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(digests))
+
+
+def trunk_checksum(trunk_variables) -> str:
+  """One SHA-256 (16 hex digits) of the trunk's weights: of its arrays' `checkpoint.checksums`
+  (what trunk_checksums.json lists), so that a number names the weights it was measured on."""
+  digests = json.dumps(checkpoint.checksums(trunk_variables), sort_keys=True)
+  return hashlib.sha256(digests.encode()).hexdigest()[:16]
+
+
+# The packages whose versions a result records (those absent are left out).
+PACKAGES = ("sce_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy",
+            "scikit-learn", "scipy", "tensorflow-datasets", "tensorflow", "grain")
+
+
+def versions() -> dict[str, str]:
+  """{package: version} of Python and the installed `PACKAGES`."""
+  out = {"python": platform.python_version()}
+  for name in PACKAGES:
+    try:
+      out[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      pass
+  return out
 
 
 def average_precision(positives, scores, eleven_point=False):

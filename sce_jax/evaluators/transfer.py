@@ -303,6 +303,15 @@ def table(results, names):
   return "\n".join(rows)
 
 
+def recorded(config, workdir):
+  """Of each set of eval.transfer.datasets in <workdir>/transfer/results.json: its split sizes
+  and `protocol` (`evaluators.provenance`)."""
+  record = json.loads((epath.Path(workdir) / "transfer" / "results.json").read_text())
+  names = [name for name, _ in parse_datasets(config.eval.transfer.datasets)]
+  return {"split_sizes": {n: record[n]["sizes"] for n in names},
+          "protocol": {"sets": {n: record[n]["protocol"] for n in names}}}
+
+
 def evaluate(config, trunk_variables, mesh, splits, workdir):
   """Linear transfer (docs/SCE.md 9) of the frozen trunk to each set of
   eval.transfer.datasets; returns {'transfer_<set>': value, 'transfer_mean': mean}, values in

@@ -132,6 +132,13 @@ def table(record, shots):
   return "\n".join(rows)
 
 
+def recorded(config, workdir):
+  """The split sizes that eval.voc07.cost_rule's results in <workdir>/voc07_svm/results.json
+  were measured on (`evaluators.provenance`)."""
+  record = json.loads((epath.Path(workdir) / "voc07_svm" / "results.json").read_text())
+  return {"split_sizes": record[config.eval.voc07.cost_rule]["sizes"]}
+
+
 def evaluate(config, trunk_variables, mesh, splits, workdir):
   """VOC07 SVMs (docs/SCE.md 9) on the frozen trunk's features of TFDS voc/2007, cached in
   <workdir>/voc07_svm/; returns, by `metric`, the mAP and its _std (over eval.voc07.samples

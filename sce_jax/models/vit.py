@@ -253,6 +253,8 @@ MARK = "cls_token"       # a top-level name of its weights, flax or torch
 # Parameters without weight decay besides norms and biases (ndim <= 1): the position embedding
 # and class token (eztorch's keys_without_decay, docs/SCE.md 10).
 NO_DECAY = ("pos_embed", "cls_token")
+# model keys the features of an evaluation depend on besides the weights (its provenance).
+EVAL_KEYS = ("pos_resample",)
 TINY = dict(width=16, depth=2, num_heads=2, patch_size=4)  # the benchmarks' CPU stand-in
 
 
