@@ -95,6 +95,17 @@ def host_rate(root, loader, batch, steps, views, **overrides):
   return batch * steps / wall, batch * steps / cpu
 
 
+def decode_rate(root, count):
+  """Images per CPU-second of Pillow's full decode alone, in a loop in this process (this
+  thread's CPU time): the bound the decode stage approaches, measured beside it."""
+  folder = sources.ImageFolder(root)
+  records = [folder[i % len(folder)] for i in range(count)]
+  cpu = time.thread_time()
+  for record in records:
+    images.decode(record)
+  return count / (time.thread_time() - cpu)
+
+
 def _diff(crop_array, image, top, left, h, w):
   """Mean |difference| in grey levels between a crop and the reference: Pillow's bilinear resize
   of the window (top, left, h, w) of the fully decoded `image`."""
@@ -199,7 +210,11 @@ def _measure(root, args, views):
   loaders = {"tf": ("tf", {}), "grain_threads": ("grain", {}),
              "grain_processes": ("grain", {"num_workers": args.workers})}
   runs = {(stage, name): ([], []) for stage in args.host_stage for name in loaders}
+  runs["decode alone", "Pillow, 1 thread"] = ([], [])
   for _ in range(args.repeats):
+    rate = decode_rate(root, args.batch * args.steps)
+    runs["decode alone", "Pillow, 1 thread"][0].append(rate)
+    runs["decode alone", "Pillow, 1 thread"][1].append(rate)
     for stage in args.host_stage:
       for name, (loader, overrides) in loaders.items():
         wall, cpu = host_rate(root, loader, args.batch, args.steps, views, host_stage=stage,
@@ -253,8 +268,8 @@ def main():
     entry[f"{name}_img_per_cpu_s"] = statistics.median(cpu)
     entry[f"{name}_img_per_s"] = statistics.median(wall)
     entry[f"{name}_runs_img_per_cpu_s"] = [round(r, 1) for r in cpu]
-    rows.append((f"host ({stage}): {name}", f"{statistics.median(wall):.0f}",
-                 f"{statistics.median(wall) / cores:.0f}",
+    walls = (f"{statistics.median(wall):.0f}", f"{statistics.median(wall) / cores:.0f}")
+    rows.append((f"host ({stage}): {name}", *(("-", "-") if stage == "decode alone" else walls),
                  f"{statistics.median(cpu):.0f} ({min(cpu):.0f}-{max(cpu):.0f})"))
   for stage, diffs in accuracy.items():
     entry = result[stage]

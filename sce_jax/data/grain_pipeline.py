@@ -15,7 +15,9 @@ p drawn from `crop_rng(seed, process, p)`: a per-example map and stacking cost ~
 (benchmarks/RESULTS.md, Input pipeline).
 """
 import functools
+import math
 import os
+import types
 
 from absl import flags
 import grain
@@ -105,6 +107,12 @@ def _train_batch(step, records, *, views, seed, process_index):
           "skipped": np.array(skipped)}
 
 
+# `crop.reduction` on Python floats: NumPy's scalar ops would cost ~10 % of a decode.
+_SCALAR_OPS = types.SimpleNamespace(
+    sqrt=math.sqrt, round=round, ceil=math.ceil, minimum=min, maximum=max, ones_like=lambda x: 1,
+    where=lambda condition, x, y: x if condition else y)
+
+
 def decode_reduced(record, views, buffer) -> tuple[Image.Image, tuple[int, int], int, str]:
   """host_stage=decode: (the image decoded at its DCT scale and reduced by its integer factor,
   `crop.reduction`; its full (height, width); the total factor; '' or the name of an
@@ -113,7 +121,7 @@ def decode_reduced(record, views, buffer) -> tuple[Image.Image, tuple[int, int],
 
   def draft(width, height):  # Called with the JPEG header's size, before decoding.
     full["size"] = (height, width)
-    s = int(crop.reduction(height, width, views, buffer)[0])
+    s = int(crop.reduction(height, width, views, buffer, xp=_SCALAR_OPS)[0])
     return (width // s, height // s) if s > 1 else None
 
   image, skipped = images.decode_or_placeholder(record, draft)
