@@ -105,6 +105,10 @@ def base() -> ml_collections.ConfigDict:
   c.data.prefetch = 2
   c.data.cache = True
   c.data.cache_dir = "~/.cache/sce_jax"  # decoded arrays of .tar/.tar.gz sets of one image size
+  # "crops": the host decodes and crops; "decode": the host only decodes, into a decode_size
+  # square buffer (larger images reduced), and the step crops (crop.HOST_STAGES).
+  c.data.host_stage = "crops"
+  c.data.decode_size = 512
   c.data.on_device = False       # train set on the accelerator if it fits (data/resident.py)
   c.data.strict = False          # True: an undecodable image stops the run; False: skipped
   # Evaluation crop: the shorter side resized to eval_resize (0: image_size x 256/224 for

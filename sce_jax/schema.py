@@ -46,6 +46,7 @@ ENUMS = {
     "eval.voc07.cost_rule": voc07.COST_RULES,
     "data.source": tuple(sources.SOURCES),
     "data.loader": pipeline.LOADERS,
+    "data.host_stage": crop.HOST_STAGES,
     "data.views": tuple(presets.PRESETS),
     "data.eval_interpolation": crop.INTERPOLATIONS,
 }
@@ -113,6 +114,7 @@ RANGES = {
     "probe.lr": _RATE,
     "data.image_size": _COUNT,
     "data.shuffle_buffer": _COUNT,
+    "data.decode_size": _COUNT,
     "data.num_workers": _SOME,
     "data.prefetch": _SOME,
     "data.mean": _FRACTION,

@@ -36,7 +36,8 @@ def build(config, mesh, *, num_classes, steps_per_epoch, float_views=False, on_d
   """Models, optimiser, schedules, state initialiser and the jitted step for `config`.
 
   The step takes uint8 crops and runs the accelerator augmentations of config.data.views on
-  them; with on_device it takes `resident.train_batches` and crops them itself; with
+  them; with on_device it takes `resident.train_batches`, with data.host_stage='decode' the
+  host's decoded images, and crops them itself; with
   float_views it takes network-ready float views as they are (tests). views: ViewSpecs in place
   of config.data.views' preset (benchmarks).
   """
@@ -61,7 +62,8 @@ def build(config, mesh, *, num_classes, steps_per_epoch, float_views=False, on_d
     prepare = functools.partial(resident.prepare, **stage)
     batch_sharding = resident.batch_sharding(mesh)
   elif not float_views:
-    prepare = functools.partial(augment.augment_batch, **stage)
+    prepare = functools.partial(augment.crop_and_augment if data.host_stage == "decode" else
+                                augment.augment_batch, **stage)
   step = train_step.make_train_step(config, mesh, online, target, tx, lr_fn, ema_fn, pairs,
                                     prepare, batch_sharding)
   return Parts(online, target, views, pairs, steps_per_epoch, total_steps, num_steps, init,

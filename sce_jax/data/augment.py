@@ -1,7 +1,8 @@
 """Accelerator stage of the augmentations (docs/SCE.md section 6), jittable and shardable.
 
-The host only crops (uint8); everything random and per-pixel after the crop runs here, one key
-per image: flip, colour jitter, grayscale, blur, solarize, normalise - the BYOL/SCE order.
+The host only crops (uint8), or only decodes (data.host_stage=decode, data on the device: the
+crops are made here, `crop_and_augment`); everything random and per-pixel after the crop runs
+here, one key per image: flip, colour jitter, grayscale, blur, solarize, normalise - the BYOL/SCE order.
 Colour ops follow torchvision (blends clamped to [0, 1] after each op), not TF: dm-pix's
 brightness/contrast/saturation have TF semantics, so only those are written here; its HSV hue
 rotation, flip, blur kernel and solarize already match torchvision and are used as they are.
@@ -134,30 +135,78 @@ def augment_batch(key, batch, specs, mean, std):
 
 
 def crop_windows(key, n, height, width, scale, ratio):
-  """`random_resized_crop`'s windows (top, left, h, w) for n images: one key per image."""
+  """`random_resized_crop`'s windows (top, left, h, w) for n images of height x width (scalars,
+  or one per image): one key per image."""
   keys = jax.random.split(key, n)
   u = jax.vmap(lambda k: jax.random.uniform(k, (crop.ATTEMPTS, 4)))(keys)
-  return crop.crop_window(u, height, width, scale, ratio, xp=jnp)
+  one = lambda u, height, width: crop.crop_window(u, height, width, scale, ratio, xp=jnp)
+  return jax.vmap(one)(u, jnp.broadcast_to(height, (n,)), jnp.broadcast_to(width, (n,)))
 
 
-def random_resized_crop(key, images, size, scale, ratio):
+def pil_weights(out_size, start, length, extent, in_size):
+  """(out_size, in_size) weights of Pillow's antialiased bilinear resize of the span [start,
+  start + length) of an axis to out_size pixels (Resample.c, precompute_coeffs): output pixel i
+  is centred at start + (i + 0.5) * scale, scale = length / out_size, and takes a triangle of
+  half-width max(scale, 1) over the pixels centred at j + 0.5, normalised over the pixels that
+  exist (j < extent; those of a padded buffer past it do not). Every centre lies inside the
+  image, so its nearest pixel (< 0.5 away, < the half-width) keeps each row's sum positive."""
+  scale = length / out_size
+  support = jnp.maximum(scale, 1.0)
+  centre = start + (jnp.arange(out_size) + 0.5) * scale
+  x = jnp.arange(in_size) + 0.5
+  w = jnp.maximum(0.0, 1.0 - jnp.abs(x[None, :] - centre[:, None]) / support)
+  w = jnp.where(jnp.arange(in_size) < extent, w, 0.0)
+  return w / jnp.sum(w, -1, keepdims=True)
+
+
+def _round_uint8(x):
+  """Pillow's rounding of each pass: half up (its fixed point adds 1 << 21, then shifts), clipped."""
+  return jnp.clip(jnp.floor(x + 0.5), 0, 255)
+
+
+def resize_window(image, window, extent, size):
+  """Pillow's `image.resize((size, size), BILINEAR, box)` of the window (top, left, h, w; float,
+  in pixels of `image`) of an image whose true (height, width) `extent` lies in the top-left
+  corner of the uint8 buffer `image` (H, W, C): the horizontal pass, rounded to uint8, then the
+  vertical one, as Pillow does, with its weights (`pil_weights`) as dense matrices, in float32
+  at full precision (bf16 passes on TPU and TF32 on GPU would cost ~1 grey level)."""
+  top, left, h, w = window
+  wy = pil_weights(size, top, h, extent[0], image.shape[0])
+  wx = pil_weights(size, left, w, extent[1], image.shape[1])
+  highest = jax.lax.Precision.HIGHEST
+  rows = _round_uint8(jnp.einsum("xw,hwc->hxc", wx, image.astype(jnp.float32), precision=highest))
+  return _round_uint8(jnp.einsum("yh,hxc->yxc", wy, rows, precision=highest)).astype(jnp.uint8)
+
+
+def random_resized_crop(key, images, size, scale, ratio, full=None, factor=None):
   """On-device RandomResizedCrop of a uint8 batch (B, H, W, 3) to (B, size, size, 3).
 
-  For data held on the accelerator (the TF-free in-memory case). Windows follow torchvision's
-  rule (`crop.crop_window`, shared with the host path); the resize is bilinear with
-  antialiasing on downscale, as PIL's, via jax.image.scale_and_translate.
+  Windows follow torchvision's rule (`crop.crop_window`, shared with the host paths), drawn on
+  each image's full-resolution (height, width) `full` ((B, 2) int; default the arrays' own);
+  the images may be stored smaller by an integer `factor` ((B,); the host's reduced decode,
+  `crop.reduction`, padded into the buffer), the windows scaled down with them. The resize is
+  Pillow's bilinear with antialiasing (`resize_window`), as the host's crops.
   """
-  _, height, width, _ = images.shape
-  windows = crop_windows(key, images.shape[0], height, width, scale, ratio)
+  b, height, width, _ = images.shape
+  full = jnp.broadcast_to(jnp.asarray((height, width) if full is None else full), (b, 2))
+  factor = jnp.ones((b,)) if factor is None else jnp.asarray(factor)
+  windows = jnp.stack(crop_windows(key, b, full[:, 0], full[:, 1], scale, ratio), -1)
+  windows = windows / factor[:, None].astype(jnp.float32)
+  extent = -(-full // factor[:, None])  # ceil: libjpeg's scaled decode and Pillow's reduce.
+  return jax.vmap(lambda i, wnd, e: resize_window(i, tuple(wnd), e, size))(images, windows,
+                                                                          extent)
 
-  def resize(image, top, left, h, w):
-    factor = jnp.array([size / h, size / w])
-    out = jax.image.scale_and_translate(
-        image.astype(jnp.float32), (size, size, image.shape[-1]), (0, 1), factor,
-        -jnp.array([top, left]) * factor, method="linear", antialias=True)
-    return jnp.clip(jnp.round(out), 0, 255).astype(jnp.uint8)
 
-  return jax.vmap(resize)(images, *windows)
+def crop_and_augment(key, batch, specs, mean, std):
+  """The step's input stage for whole images {'image': uint8 (B, H, W, 3), 'label'} (data on the
+  device, or host_stage=decode with the host's 'full' and 'factor'): one `random_resized_crop`
+  per view, then `augment_batch`. Every draw comes from `key`, one key per image, so the crops
+  do not depend on the host, the sharding or where a run resumed."""
+  crop_key, colour_key = jax.random.split(key)
+  crops = [random_resized_crop(k, batch["image"], s.size, s.scale, s.ratio, batch.get("full"),
+                               batch.get("factor"))
+           for k, s in zip(jax.random.split(crop_key, len(specs)), specs)]
+  return augment_batch(colour_key, {"views": crops, "label": batch["label"]}, specs, mean, std)
 
 
 def random_pad_crop(key, images, padding):

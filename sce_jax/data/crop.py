@@ -4,6 +4,7 @@ One implementation of torchvision's RandomResizedCrop sampling rule, written aga
 namespace `xp` (numpy, jax.numpy, or TF ops) so that the grain path, the tf.data path and the
 on-device crop draw windows the same way from the same uniforms.
 """
+import functools
 import math
 
 import numpy as np
@@ -44,6 +45,46 @@ def crop_window(u, height, width, scale, ratio, xp=np):
   fallback = xp.stack([xp.floor((height - fb_h) / 2), xp.floor((width - fb_w) / 2), fb_h, fb_w])
   window = xp.asarray(xp.where(xp.any(fits, -1)[..., None], picked, fallback), xp.int32)
   return tuple(window[..., i] for i in range(4))
+
+
+# data.host_stage: "crops" (the host decodes and crops, the step gets uint8 crops) or "decode"
+# (the host only decodes, into a buffer; the step crops, `augment.random_resized_crop`).
+HOST_STAGES = ("crops", "decode")
+DCT_SCALES = (1, 2, 4, 8)  # libjpeg's reduced-size decodes (PIL's draft, TF's ratio).
+
+
+def reduction(height, width, views, buffer, xp=np):
+  """(DCT scale, integer factor) by which host_stage=decode stores a height x width image.
+
+  Every window RandomResizedCrop can give (`crop_window`; its smallest side is round(sqrt(
+  scale[0] x area x the extreme ratio))) stays at or above its view's size under any reduction
+  up to `fit`, so each crop stays a downscale, as the host's crops are. An image decoded at DCT
+  scale s (libjpeg) and box-reduced by k (Pillow's reduce) has ceil(side / s) / k pixels a side
+  and must lie within `buffer`. Of DCT_SCALES, the one whose total s x k is smallest, counting
+  any total up to the largest DCT scale within `fit` as free; ties to the larger scale (a faster
+  decode). So an image of ImageNet's usual size is decoded whole; one that needs a reduction of
+  3 is decoded whole and reduced by 3, not decoded at 1/2 and reduced by 2. Written against `xp`
+  (numpy, or TF ops: maximum, minimum, sqrt, round, ceil, where, ones_like) for both host stages.
+  """
+  area = height * width
+  fits = [xp.round(xp.sqrt(v.scale[0] * area * min(v.ratio[0], 1 / v.ratio[1]))) / v.size
+          for v in views]
+  fit = functools.reduce(xp.minimum, fits)
+  one = xp.ones_like(fit)  # Constants in fit's dtype (TF does not promote).
+  free = one
+  for s in DCT_SCALES[1:]:
+    free = xp.where(fit >= s, s * one, free)
+  longest = xp.maximum(height, width)
+  best = None
+  for s in DCT_SCALES:
+    k = xp.ceil(xp.ceil(longest / s) / buffer)
+    cost = xp.maximum(s * k, free)
+    if best is None:
+      best = (cost, s * one, k)
+    else:
+      better = cost <= best[0]
+      best = tuple(xp.where(better, new, old) for new, old in zip((cost, s * one, k), best))
+  return best[1], best[2]
 
 
 def is_small(image_size) -> bool:

@@ -15,7 +15,9 @@ p drawn from `crop_rng(seed, process, p)`: a per-example map and stacking cost ~
 (benchmarks/RESULTS.md, Input pipeline).
 """
 import functools
+import math
 import os
+import types
 
 from absl import flags
 import grain
@@ -105,6 +107,51 @@ def _train_batch(step, records, *, views, seed, process_index):
           "skipped": np.array(skipped)}
 
 
+# `crop.reduction` on Python floats: NumPy's scalar ops would cost ~10 % of a decode.
+_SCALAR_OPS = types.SimpleNamespace(
+    sqrt=math.sqrt, round=round, ceil=math.ceil, minimum=min, maximum=max, ones_like=lambda x: 1,
+    where=lambda condition, x, y: x if condition else y)
+
+
+def decode_reduced(record, views, buffer) -> tuple[Image.Image, tuple[int, int], int, str]:
+  """host_stage=decode: (the image decoded at its DCT scale and reduced by its integer factor,
+  `crop.reduction`; its full (height, width); the total factor; '' or the name of an
+  undecodable image)."""
+  full = {}
+
+  def draft(width, height):  # Called with the JPEG header's size, before decoding.
+    full["size"] = (height, width)
+    s = int(crop.reduction(height, width, views, buffer, xp=_SCALAR_OPS)[0])
+    return (width // s, height // s) if s > 1 else None
+
+  image, skipped = images.decode_or_placeholder(record, draft)
+  if skipped or "size" not in full:  # The placeholder, or a decoded array or another format.
+    full["size"] = (image.height, image.width)
+  height, width = full["size"]
+  s = round(width / image.width)  # 1, or the decode scale: image is ceil(size / s).
+  k = -(-max(image.size) // buffer)
+  if k > 1:
+    image = image.reduce(k)
+  return image, full["size"], s * k, skipped
+
+
+def _decode_batch(step, records, *, views, buffer):
+  """Batch `step` for host_stage=decode: {'image': uint8 (B, buffer, buffer, 3), each record's
+  `decode_reduced` image in its top-left corner on zeros, 'full': int32 (B, 2), 'factor': int32
+  (B,), 'label', 'skipped'}. No randomness: the step draws the windows (exact resume)."""
+  del step
+  batch = np.zeros((len(records), buffer, buffer, 3), np.uint8)
+  full = np.empty((len(records), 2), np.int32)
+  factor = np.empty(len(records), np.int32)
+  skipped = []
+  for i, record in enumerate(records):
+    image, full[i], factor[i], name = decode_reduced(record, views, buffer)
+    batch[i, :image.height, :image.width] = np.asarray(image)
+    skipped.append(name)
+  return {"image": batch, "full": full, "factor": factor,
+          "label": np.array([r["label"] for r in records], np.int32), "skipped": np.array(skipped)}
+
+
 def _eval_example(shard, data_cfg, i):
   """Example i of this process's share, or a masked zero example past its end (padding)."""
   size = data_cfg.image_size
@@ -147,7 +194,8 @@ def _iterate(ds, data_cfg):
 
 def train_batches(source, data_cfg, *, views, batch_size, seed, start_step, process_index,
                   process_count):
-  """Infinite host batches {'views': tuple of uint8 (B, s, s, 3), 'label': int32 (B,)}.
+  """Infinite host batches {'views': tuple of uint8 (B, s, s, 3), 'label': int32 (B,)}, or with
+  data_cfg.host_stage='decode' the decoded images for the step to crop (`_decode_batch`).
 
   Reshuffled every epoch (grain folds the epoch into the shuffle seed); batches run across
   epoch boundaries, so none is ever short.
@@ -155,8 +203,12 @@ def train_batches(source, data_cfg, *, views, batch_size, seed, start_step, proc
   ds = _shard(source, data_cfg, process_index, process_count, equal=True)
   shuffle_seed = np.random.SeedSequence([seed, process_index]).generate_state(1)[0]
   ds = ds.shuffle(int(shuffle_seed)).repeat().batch(batch_size, drop_remainder=True, batch_fn=list)
-  ds = ds.map_with_index(functools.partial(_train_batch, views=views, seed=seed,
-                                           process_index=process_index))
+  if data_cfg.host_stage == "decode":
+    ds = ds.map_with_index(functools.partial(_decode_batch, views=views,
+                                             buffer=data_cfg.decode_size))
+  else:
+    ds = ds.map_with_index(functools.partial(_train_batch, views=views, seed=seed,
+                                             process_index=process_index))
   return _iterate(ds[start_step:], data_cfg)
 
 

@@ -8,9 +8,9 @@ the host path's rules: each epoch is a permutation of the set drawn from (seed, 
 run on across epoch boundaries, so every image is seen exactly once per epoch; the indices of
 step s depend only on (seed, s), so a resumed run reads what an uninterrupted one does and the
 device count changes nothing. Inside the jitted step (`prepare`) each view is cropped by
-torchvision's RandomResizedCrop rule with an antialiased bilinear resize
-(`augment.random_resized_crop`), then flipped and coloured (`augment.augment_batch`), one key
-per image of the global batch (docs/SCE.md section 6).
+torchvision's RandomResizedCrop rule with Pillow's antialiased bilinear resize, then flipped and
+coloured (`augment.crop_and_augment`), one key per image of the global batch (docs/SCE.md
+section 6).
 """
 import functools
 import itertools
@@ -116,11 +116,8 @@ def batch_sharding(mesh):
 
 
 def prepare(key, batch, *, specs, mean, std):
-  """The step's input stage: the batch's images gathered from the resident set, one random
-  resized crop per view (`specs`: size, scale, ratio), then `augment.augment_batch`.
+  """The step's input stage: the batch's images gathered from the resident set, then
+  `augment.crop_and_augment` (one random resized crop per view of `specs`, flips, colours).
   Returns {'views': normalised float views, 'label'}."""
-  images, labels = batch["images"][batch["index"]], batch["labels"][batch["index"]]
-  crop_key, colour_key = jax.random.split(key)
-  crops = [augment.random_resized_crop(k, images, s.size, s.scale, s.ratio)
-           for k, s in zip(jax.random.split(crop_key, len(specs)), specs)]
-  return augment.augment_batch(colour_key, {"views": crops, "label": labels}, specs, mean, std)
+  gathered = {"image": batch["images"][batch["index"]], "label": batch["labels"][batch["index"]]}
+  return augment.crop_and_augment(key, gathered, specs, mean, std)

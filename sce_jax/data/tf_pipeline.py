@@ -20,11 +20,12 @@ from sce_jax.data import images
 from sce_jax.data import sources
 
 tf.config.set_visible_devices([], "GPU")  # The accelerator belongs to JAX.
-# The array functions `crop.crop_window` calls, as TF ops (tf.experimental.numpy's round needs
+# The array functions `crop.crop_window` and `crop.reduction` call, as TF ops (tf.experimental.numpy's round needs
 # NumPy behaviour switched on for the whole process).
 _TF_OPS = types.SimpleNamespace(
-    exp=tf.exp, sqrt=tf.sqrt, round=tf.round, floor=tf.floor, where=tf.where, stack=tf.stack,
-    cumsum=tf.cumsum, sum=tf.reduce_sum, any=tf.reduce_any, asarray=tf.cast, int32=tf.int32)
+    exp=tf.exp, sqrt=tf.sqrt, round=tf.round, floor=tf.floor, ceil=tf.math.ceil, where=tf.where,
+    stack=tf.stack, cumsum=tf.cumsum, sum=tf.reduce_sum, any=tf.reduce_any, asarray=tf.cast,
+    int32=tf.int32, minimum=tf.minimum, maximum=tf.maximum, ones_like=tf.ones_like)
 
 
 def _past_scan_header(data):
@@ -39,41 +40,103 @@ def _past_scan_header(data):
   return tf.reduce_any(at + 2 + length < tf.size(raw))
 
 
+def _jpeg(data, ratio=1):
+  """uint8 (H, W, 3) of a JPEG, at 1/`ratio` scale. The accurate integer IDCT, as Pillow: TF's
+  default, the fast one, is ~0.75 grey levels off. A JPEG cut short in its headers (a
+  truncated copy) fails an assertion instead of reaching libjpeg (`_past_scan_header`):
+  skipped like any undecodable image, without libjpeg's lines on stderr."""
+  whole = tf.debugging.Assert(_past_scan_header(data), ["JPEG cut short in its headers"])
+  with tf.control_dependencies([whole]):
+    return tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE", ratio=ratio)
+
+
+def _other(data):
+  return tf.io.decode_image(data, channels=3, expand_animations=False)
+
+
 def _decode(data):
-  """uint8 (H, W, 3) from encoded bytes. JPEGs use the accurate integer IDCT, as Pillow: TF's
-  default, the fast one, is ~0.75 grey levels off. A JPEG cut short in its headers (a truncated
-  copy) fails an assertion instead of reaching libjpeg (`_past_scan_header`): skipped like any
-  undecodable image, without libjpeg's lines on stderr."""
+  """uint8 (H, W, 3) from encoded bytes (`_jpeg` for JPEGs)."""
+  return tf.cond(tf.io.is_jpeg(data), lambda: _jpeg(data), lambda: _other(data))
+
+
+def _box_reduce(image, k):
+  """Pillow's Image.reduce(k): the mean of each k x k block (partial blocks at the far edges
+  average the pixels they have), rounded."""
+  h, w = tf.unstack(tf.shape(image)[:2])
+  pad = [[0, -h % k], [0, -w % k], [0, 0]]
+  blocks = lambda x: tf.reduce_sum(
+      tf.reshape(tf.pad(x, pad), [(h + pad[0][1]) // k, k, (w + pad[1][1]) // k, k, -1]), [1, 3])
+  mean = blocks(tf.cast(image, tf.float32)) / blocks(tf.ones([h, w, 1]))
+  return tf.cast(tf.round(mean), tf.uint8)
+
+
+def _reduced(image, full, buffer):
+  """{'image': `image` (decoded from a full-size `full` (H, W) image, maybe at a DCT scale)
+  box-reduced by the integer factor that brings it within `buffer` (`crop.reduction`), 'full',
+  'factor': the two reductions' product}."""
+  size = tf.shape(image)[:2]
+  scale = tf.cast(tf.round(full[1] / size[1]), tf.int32)  # 1 or the DCT scale: ceil(W / s).
+  k = (tf.reduce_max(size) + buffer - 1) // buffer
+  image = tf.cond(k > 1, lambda: _box_reduce(image, k), lambda: image)
+  return {"image": image, "full": tf.cast(full, tf.int32), "factor": scale * k}
+
+
+def _decode_reduced(data, views, buffer):
+  """host_stage=decode: `_reduced` of the image decoded at the DCT scale `crop.reduction`
+  gives its header's size (tf.io.decode_jpeg's ratio; other formats whole)."""
   def jpeg():
-    whole = tf.debugging.Assert(_past_scan_header(data), ["JPEG cut short in its headers"])
-    with tf.control_dependencies([whole]):
-      return tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE")
+    full = tf.image.extract_jpeg_shape(data)[:2]
+    height, width = tf.unstack(tf.cast(full, tf.float64))
+    scale, _ = crop.reduction(height, width, views, buffer, xp=_TF_OPS)
+    branch = tf.cast(tf.round(tf.math.log(scale) / np.log(2)), tf.int32)  # DCT_SCALES index.
+    image = tf.switch_case(branch, [functools.partial(_jpeg, data, r) for r in crop.DCT_SCALES])
+    return image, full
 
-  return tf.cond(tf.io.is_jpeg(data), jpeg,
-                 lambda: tf.io.decode_image(data, channels=3, expand_animations=False))
+  def other():
+    image = _other(data)
+    return image, tf.shape(image)[:2]
+
+  return _reduced(*tf.cond(tf.io.is_jpeg(data), jpeg, other), buffer)
 
 
-def _decode_all(ds):
-  """The records with their encoded 'image' decoded (`_decode`), in order, several at a time;
-  an image that cannot be decoded becomes `images.PLACEHOLDER` with its 'name' in 'skipped'
-  ('' for the others). tf.data has no per-element try: each record is decoded in a dataset of
-  its own whose error is dropped (ignore_errors), then its placeholder follows, and the first of
-  the two is kept."""
+def _decode_all(ds, decode=lambda data: {"image": _decode(data)},
+                placeholder=(("image", images.PLACEHOLDER),)):
+  """The records with their encoded 'image' replaced by `decode`'s fields (default: the image
+  decoded, `_decode`), in order, several at a time; an image that cannot be decoded gets the
+  `placeholder` fields (`images.PLACEHOLDER`) with its 'name' in 'skipped' ('' for the others).
+  tf.data has no per-element try: each record is decoded in a dataset of its own whose error is
+  dropped (ignore_errors), then its placeholder follows, and the first of the two is kept."""
   if ds.element_spec["image"].dtype != tf.string:
     return ds  # Decoded and cached already.
 
   def decoded(ex):
-    return {**ex, "image": _decode(ex["image"]), "skipped": tf.constant("")}
+    return {**ex, **decode(ex["image"]), "skipped": tf.constant("")}
 
   def one(ex):
-    placeholder = {**ex, "image": tf.constant(images.PLACEHOLDER), "skipped": ex["name"]}
+    placeholder_ex = {**ex, **{k: tf.constant(v) for k, v in placeholder},
+                      "skipped": ex["name"]}
     return (tf.data.Dataset.from_tensors(ex).map(decoded).ignore_errors()
-            .concatenate(tf.data.Dataset.from_tensors(placeholder)).take(1))
+            .concatenate(tf.data.Dataset.from_tensors(placeholder_ex)).take(1))
 
   out = ds.interleave(one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   count = int(ds.cardinality())  # One out per record; interleave cannot tell.
   return out if count == tf.data.UNKNOWN_CARDINALITY else out.apply(
       tf.data.experimental.assert_cardinality(count))
+
+
+def _decoded_for_device(ds, views, buffer):
+  """host_stage=decode: each record {'image': uint8 (buffer, buffer, 3), the `_reduced` image
+  in its top-left corner on zeros, 'full', 'factor', 'label', 'skipped'}."""
+  if ds.element_spec["image"].dtype == tf.string:
+    ds = _decode_all(ds, functools.partial(_decode_reduced, views=views, buffer=buffer),
+                     (("image", images.PLACEHOLDER), ("full", np.ones(2, np.int32)),
+                      ("factor", np.int32(1))))
+  else:  # Decoded and cached already.
+    ds = ds.map(lambda ex: {**ex, **_reduced(ex["image"], tf.shape(ex["image"])[:2], buffer)})
+  return ds.map(lambda ex: {"image": tf.image.pad_to_bounding_box(ex["image"], 0, 0, buffer,
+                                                                  buffer),
+                            "full": ex["full"], "factor": ex["factor"], "label": ex["label"],
+                            "skipped": ex["skipped"]}, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def distorted_window(seed, shape, scale, ratio):
@@ -169,7 +232,8 @@ def _to_numpy(ds, data_cfg):
 
 def train_batches(source, data_cfg, *, views, batch_size, seed, start_step, process_index,
                   process_count):
-  """Infinite host batches {'views': tuple of uint8 (B, s, s, 3), 'label': int32 (B,)}.
+  """Infinite host batches {'views': tuple of uint8 (B, s, s, 3), 'label': int32 (B,)}, or with
+  data_cfg.host_stage='decode' the decoded images for the step to crop (`_decoded_for_device`).
 
   Each epoch is its own shuffle (full for folders and cached data, a `shuffle_buffer` window
   over TFDS records read in a seeded file order); batches run across epoch boundaries.
@@ -197,7 +261,10 @@ def train_batches(source, data_cfg, *, views, batch_size, seed, start_step, proc
   ds = tf.data.Dataset.range(start // per_epoch, np.iinfo(np.int64).max).flat_map(epoch)
   ds = tf.data.Dataset.zip(tf.data.Dataset.counter(start), ds.skip(start % per_epoch)).map(
       lambda position, ex: {**ex, "position": position})
-  ds = _decode_all(ds).map(crops, num_parallel_calls=tf.data.AUTOTUNE)
+  if data_cfg.host_stage == "decode":  # No randomness here: the step draws the windows.
+    ds = _decoded_for_device(ds, views, data_cfg.decode_size)
+  else:
+    ds = _decode_all(ds).map(crops, num_parallel_calls=tf.data.AUTOTUNE)
   return _to_numpy(ds.batch(batch_size, drop_remainder=True), data_cfg)
 
 
