@@ -11,7 +11,7 @@ import jax
 from absl import logging
 from clu import parameter_overview
 
-from sce_jax import evaluators, loop, optim, preemption, sharding, train_step
+from sce_jax import evaluators, loop, optim, preemption, pretrained, sharding, train_step
 from sce_jax import config as sce_config
 from sce_jax import state as state_lib
 from sce_jax import workdir as workdir_lib
@@ -119,6 +119,8 @@ def train(config, workdir, mesh=None, splits=None):
     splits.open_eval()
   preemption.check()
   with workdir_lib.lock(workdir):
+    imported = pretrained.read(config, workdir)  # None when resuming
+    preemption.check()
     held = resident.load(splits.train, mesh) if config.data.on_device else None
     preemption.check()
     parts = build(config, mesh, num_classes=splits.num_classes,
@@ -126,6 +128,8 @@ def train(config, workdir, mesh=None, splits=None):
     with loop.Run(workdir, config.checkpoint, what="", num_steps=parts.num_steps,
                   batch_size=config.batch_size, log_every=config.log_every_steps) as run:
       state, start, resumed = run.restore(parts.init, jax.random.key(config.seed))
+      if imported is not None and not resumed:
+        state = pretrained.start_from(state, imported)
       workdir_lib.record_config(workdir, config, resumed=resumed)
       _describe(config, splits, parts, mesh, start, workdir, on_device=held is not None)
       _count_parameters(state.params)
