@@ -19,7 +19,7 @@ import ml_collections
 from etils import epath
 
 from sce_jax import losses, optim, state
-from sce_jax.data import crop, pipeline, presets, sources
+from sce_jax.data import crop, folders, pipeline, presets, sources
 from sce_jax.evaluators import finetune, transfer
 from sce_jax.models import heads, sce, vit
 
@@ -95,7 +95,11 @@ def base() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.source = "folder"       # or "tfds", "memory" (sources.SOURCES)
   c.data.name = "cifar10"        # TFDS name
-  c.data.path = ""               # class-folder tree or .tar/.tar.gz for source=folder
+  c.data.path = ""               # source=folder: a folder of images, a .tar/.tar.gz of one, a list
+  # Labels of source=folder (data/folders.py): "folders" (class folders), "none" (unlabelled:
+  # a flat or nested folder, a file list), "auto" (folders when every image sits one level below
+  # a class folder, else none; the run says which).
+  c.data.labels = "auto"
   c.data.eval_path = ""          # "" finds the test split beside path
   c.data.data_dir = ""           # TFDS data_dir ("" = TFDS default)
   c.data.train_split = "train"
@@ -119,6 +123,10 @@ def base() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 512
+  # A labelled set given apart, which the evaluations that need labels (kNN, the probes,
+  # fine-tuning) read when the training data have none: a class-folder tree (or archive) with
+  # its test split beside it (path), or a TFDS name; both "": they are skipped, saying why.
+  c.eval.data = ml_collections.ConfigDict(dict(path="", name=""))
   # Evaluations during pretraining (evaluators.periodic), each at its cadence: every_epochs > 0
   # every that many epochs and at the end; 0 only at the end; < 0 never.
   c.eval.knn = ml_collections.ConfigDict(dict(every_epochs=10, k=200, temp=0.1))
@@ -281,6 +289,7 @@ ENUMS = {
     "eval.finetune.subset": finetune.SUBSETS,
     "data.source": tuple(sources.SOURCES),
     "data.loader": pipeline.LOADERS,
+    "data.labels": folders.LABELS,
     "data.views": tuple(presets.PRESETS),
     "data.eval_interpolation": crop.INTERPOLATIONS,
 }

@@ -81,11 +81,11 @@ def _describe(config, splits, parts, mesh, start, workdir, on_device):
                  workdir, start)
     return
   logging.info(
-      "SCE pretraining of %s (%d-d features, %s) on %d images of %d classes (%s); batch %d on "
+      "SCE pretraining of %s (%d-d features, %s) on %d images (%s; %s); batch %d on "
       "%d %s device(s); steps %d to %d (%d an epoch, %d in the schedules); workdir %s.",
       config.model.trunk, feature_dim(config.model), config.model.dtype,
       splits.train.num_examples,
-      splits.num_classes, source, config.batch_size, mesh.devices.size, jax.default_backend(),
+      f"{splits.num_classes} classes" if splits.num_classes else "unlabelled", source, config.batch_size, mesh.devices.size, jax.default_backend(),
       start + 1, parts.num_steps, parts.steps_per_epoch, parts.total_steps, workdir)
 
 
@@ -114,9 +114,10 @@ def train(config, workdir, mesh=None, splits=None):
   splits = splits or sources.Splits(config.data)
   sce_config.check_data_size(config, splits.train.num_examples)
   steps_per_epoch = splits.train.num_examples // config.batch_size
-  periodic = evaluators.periodic(config, mesh, splits, steps_per_epoch)
+  labelled = sources.labelled(splits, config.data, config.eval.data)
+  periodic = evaluators.periodic(config, mesh, splits, labelled, steps_per_epoch)
   if any(ev.every >= 0 for ev in periodic):
-    splits.open_eval()
+    labelled.open_eval()
   preemption.check()
   with workdir_lib.lock(workdir):
     imported = pretrained.read(config, workdir)  # None when resuming

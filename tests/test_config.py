@@ -238,7 +238,7 @@ def test_queue_not_a_multiple_of_keys_per_step(good):
 def test_missing_dataset(good, tmp_path):
   good.data.path = str(tmp_path / "nowhere.tar.gz")
   with pytest.raises(images.DataError, match=r"data.path=.*nowhere.tar.gz does not exist; "
-                     r"set --config.data.path to a class-folder tree"):
+                     r"set --config.data.path to a folder of images"):
     sources.Splits(good.data)
   good.data.path = ""
   with pytest.raises(images.DataError, match=r"data.path is empty; set --config.data.path"):
