@@ -2,7 +2,8 @@
 
 Variants, after the file name and comma-separated: `epochs=N` (100, 200, 300 or 1000 are the
 published runs; default 200) and `multicrop` (2 x 224 + 192, 160, 128, 96 crops, projector
-hidden 4096). E.g. --config=configs/imagenet_r50.py:multicrop,epochs=200.
+hidden 4096), `continue` (from pretrained weights, --config.init.weights=PATH:
+config.continued). E.g. --config=configs/imagenet_r50.py:multicrop,epochs=200.
 Data: TFDS imagenet2012 (manual download; --config.data.data_dir=DIR).
 """
 from sce_jax import config as sce_config
@@ -13,7 +14,7 @@ PUBLISHED = {100: (0.6, 1e-6), 200: (0.3, 1e-6), 300: (0.3, 1e-6), 1000: (0.3, 1
 
 
 def get_config(arg=None):
-  arg = sce_config.parse_arg(arg, multicrop=False, epochs=200)
+  arg = sce_config.parse_arg(arg, multicrop=False, epochs=200, **{"continue": False})
   c = sce_config.base()
   c.batch_size = 4096
   c.epochs = arg.epochs
@@ -45,6 +46,8 @@ def get_config(arg=None):
   c.optim.warmup_epochs = 10
 
   sce_config.imagenet(c, arg.multicrop)
+  if arg["continue"]:
+    sce_config.continued(c)
 
   # Spec 7, ImageNet protocol: SGD, lr 0.1 x batch / 256 (0.4 at batch 1024), cosine, 90 epochs.
   c.eval.linear.update(epochs=90, batch_size=1024, base_lr=0.1, scale_lr=True,

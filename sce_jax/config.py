@@ -87,10 +87,19 @@ def base() -> ml_collections.ConfigDict:
 
   c.probe = ml_collections.ConfigDict(dict(enabled=True, lr=0.1))  # online linear probe
 
+  # Start from existing weights (pretrained.py): any file `python -m sce_jax.convert in` reads
+  # ("" = a random init); its trunk starts the online and target trunks, heads "keep" its
+  # projector and predictor too (else "fresh"). Read only on a fresh workdir.
+  c.init = ml_collections.ConfigDict(dict(weights="", heads="fresh"))
+
   c.data = ml_collections.ConfigDict()
   c.data.source = "folder"       # or "tfds", "memory" (sources.SOURCES)
   c.data.name = "cifar10"        # TFDS name
-  c.data.path = ""               # class-folder tree or .tar/.tar.gz for source=folder
+  c.data.path = ""               # source=folder: a folder of images, a .tar/.tar.gz of one, a list
+  # Labels of source=folder (data/folders.py): "folders" (class folders), "none" (unlabelled:
+  # a flat or nested folder, a file list), "auto" (folders when every image sits one level below
+  # a class folder, else none; the run says which).
+  c.data.labels = "auto"
   c.data.eval_path = ""          # "" finds the test split beside path
   c.data.data_dir = ""           # TFDS data_dir ("" = TFDS default)
   c.data.train_split = "train"
@@ -118,6 +127,10 @@ def base() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 512
+  # A labelled set given apart, which the evaluations that need labels (kNN, the probes,
+  # fine-tuning) read when the training data have none: a class-folder tree (or archive) with
+  # its test split beside it (path), or a TFDS name; both "": they are skipped, saying why.
+  c.eval.data = ml_collections.ConfigDict(dict(path="", name=""))
   # Evaluations during pretraining (evaluators.periodic), each at its cadence: every_epochs > 0
   # every that many epochs and at the end; 0 only at the end; < 0 never.
   c.eval.knn = ml_collections.ConfigDict(dict(every_epochs=10, k=200, temp=0.1))
@@ -188,6 +201,19 @@ def smoke(c):
   c.checkpoint.every_steps = 8
   c.log_every_steps = 4
   c.fast_compile = True
+
+
+def continued(c):
+  """Adapts config `c` in place to continue pretraining from a pretrained trunk (config.init,
+  README "Bring your own data"): a tenth of the learning rate, 1 warm-up epoch, a quarter of
+  the epochs. A starting point, not yet measured in sce_jax: a tenth of the rate is the usual
+  first try when training on from pretrained weights; fewer epochs follow Reed et al. 2022
+  (HPT, "Self-Supervised Pretraining Improves Self-Supervised Pretraining", WACV), where
+  pretraining that starts from an existing model converges up to 80x faster than from scratch;
+  the warm-up only has to settle the fresh heads and optimiser. Measure on your data."""
+  c.optim.base_lr *= 0.1
+  c.optim.warmup_epochs = 1
+  c.epochs = max(1, c.epochs // 4)
 
 
 def imagenet(c, multicrop=False):

@@ -116,6 +116,12 @@ def _run(config, workdir, mode):
     train.train(config, workdir, mesh, splits)
   else:
     if splits is not None:  # OWN_DATA evaluators open their own sets
+      splits = sources.labelled(splits, config.data, config.eval.data)
+      if splits is None:
+        raise sce_config.ConfigError(
+            f"--mode={mode} needs labels, and data.path={config.data.path} has none; set "
+            "--config.eval.data.path to a labelled set (class folders, a test split beside "
+            "them) or --config.eval.data.name to a TFDS name.")
       splits.open_eval()
       preemption.check()
     with workdir_lib.lock(workdir, mode):

@@ -18,7 +18,7 @@ from etils import epath
 from sce_jax import config as config_lib
 from sce_jax import losses, optim, state
 from sce_jax.config import ConfigError
-from sce_jax.data import crop, pipeline, presets, sources
+from sce_jax.data import crop, folders, pipeline, presets, sources
 from sce_jax.evaluators import finetune, transfer, voc07
 from sce_jax.models import heads, sce, trunks, vit
 
@@ -38,6 +38,7 @@ ENUMS = {
     "sce.negatives": losses.NEGATIVES,
     "sce.m_schedule": optim.M_SCHEDULES,
     "sce.target_init": state.TARGET_INITS,
+    "init.heads": state.INIT_HEADS,
     "optim.name": optim.OPTIMIZERS,
     "eval.linear.schedule": optim.LINEAR_SCHEDULES,
     "eval.finetune.subset": finetune.SUBSETS,
@@ -46,6 +47,7 @@ ENUMS = {
     "eval.voc07.cost_rule": voc07.COST_RULES,
     "data.source": tuple(sources.SOURCES),
     "data.loader": pipeline.LOADERS,
+    "data.labels": folders.LABELS,
     "data.host_stage": crop.HOST_STAGES,
     "data.views": tuple(presets.PRESETS),
     "data.eval_interpolation": crop.INTERPOLATIONS,

@@ -10,6 +10,9 @@ from sce_jax import losses
 # sce.target_init: a copy of the online weights (eztorch), or an independent random init (the
 # WACV code); docs/SCE.md section 3.
 TARGET_INITS = ("copy", "random")
+# init.heads, of a run started from existing weights (pretrained.py): the file's projector and
+# predictor (where it has them), or the config's fresh init.
+INIT_HEADS = ("fresh", "keep")
 
 
 @flax.struct.dataclass

@@ -11,7 +11,8 @@ import jax
 from absl import logging
 from clu import parameter_overview
 
-from sce_jax import evaluators, loop, optim, preemption, schema, sharding, train_step
+from sce_jax import evaluators, loop, optim, preemption, pretrained, schema, sharding
+from sce_jax import train_step
 from sce_jax import state as state_lib
 from sce_jax import workdir as workdir_lib
 from sce_jax.data import augment, pipeline, resident, sources
@@ -82,11 +83,11 @@ def _describe(config, splits, parts, mesh, start, workdir, on_device):
                  workdir, start)
     return
   logging.info(
-      "SCE pretraining of %s (%d-d features, %s) on %d images of %d classes (%s); batch %d on "
+      "SCE pretraining of %s (%d-d features, %s) on %d images (%s; %s); batch %d on "
       "%d %s device(s); steps %d to %d (%d an epoch, %d in the schedules); workdir %s.",
       config.model.trunk, feature_dim(config.model), config.model.dtype,
       splits.train.num_examples,
-      splits.num_classes, source, config.batch_size, mesh.devices.size, jax.default_backend(),
+      f"{splits.num_classes} classes" if splits.num_classes else "unlabelled", source, config.batch_size, mesh.devices.size, jax.default_backend(),
       start + 1, parts.num_steps, parts.steps_per_epoch, parts.total_steps, workdir)
 
 
@@ -115,11 +116,14 @@ def train(config, workdir, mesh=None, splits=None):
   splits = splits or sources.Splits(config.data)
   schema.check_data_size(config, splits.train.num_examples)
   steps_per_epoch = splits.train.num_examples // config.batch_size
-  periodic = evaluators.periodic(config, mesh, splits, steps_per_epoch)
+  labelled = sources.labelled(splits, config.data, config.eval.data)
+  periodic = evaluators.periodic(config, mesh, splits, labelled, steps_per_epoch)
   if any(ev.every >= 0 for ev in periodic):
-    splits.open_eval()
+    labelled.open_eval()
   preemption.check()
   with workdir_lib.lock(workdir):
+    imported = pretrained.read(config, workdir)  # None when resuming
+    preemption.check()
     held = resident.load(splits.train, mesh) if config.data.on_device else None
     preemption.check()
     parts = build(config, mesh, num_classes=splits.num_classes,
@@ -127,6 +131,8 @@ def train(config, workdir, mesh=None, splits=None):
     with loop.Run(workdir, config.checkpoint, what="", num_steps=parts.num_steps,
                   batch_size=config.batch_size, log_every=config.log_every_steps) as run:
       state, start, resumed = run.restore(parts.init, jax.random.key(config.seed))
+      if imported is not None and not resumed:
+        state = pretrained.start_from(state, imported)
       workdir_lib.record_config(workdir, config, resumed=resumed)
       _describe(config, splits, parts, mesh, start, workdir, on_device=held is not None)
       _count_parameters(state.params)

@@ -389,7 +389,19 @@ def _trunk_problems(trunk, model_cfg, net, source):
 
 
 def check_variables(variables, model_cfg, parts=None, source="checkpoint", layout="sce_jax"):
-  """Raises ValueError unless the networks in `variables` fit `model_cfg` key for key.
+  """Raises ValueError unless the networks in `variables` fit `model_cfg` key for key
+  (`mismatches`), listing the first dozen problems."""
+  model_cfg = getattr(model_cfg, "model", model_cfg)
+  problems = mismatches(variables, model_cfg, parts, source, layout)
+  if problems:
+    shown = problems[:12] + ([f"... and {len(problems) - 12} more"] if len(problems) > 12 else [])
+    raise ValueError(f"{source} does not match the model config ({describe_trunk(model_cfg)}):"
+                     "\n  " + "\n  ".join(shown))
+
+
+def mismatches(variables, model_cfg, parts=None, source="checkpoint", layout="sce_jax"):
+  """The problems of the networks in `variables` against `model_cfg`, one line each; a
+  ValueError (one line) for a trunk of another kind or depth.
 
   parts: the (net, part) pairs to check (default: all present). Problems name each key in the
   source's own layout (torch names and shapes for torch files), plus the sce_jax path. A ViT's
@@ -419,10 +431,7 @@ def check_variables(variables, model_cfg, parts=None, source="checkpoint", layou
         got[pos][1]):
       got[pos] = expected[pos]
     problems += _compare(got, expected, net, layout)
-  if problems:
-    shown = problems[:12] + ([f"... and {len(problems) - 12} more"] if len(problems) > 12 else [])
-    raise ValueError(f"{source} does not match the model config ({describe_trunk(model_cfg)}):"
-                     "\n  " + "\n  ".join(shown))
+  return problems
 
 
 def _compare(got, expected, net, layout):

@@ -240,7 +240,7 @@ def test_queue_not_a_multiple_of_keys_per_step(good):
 def test_missing_dataset(good, tmp_path):
   good.data.path = str(tmp_path / "nowhere.tar.gz")
   with pytest.raises(images.DataError, match=r"data.path=.*nowhere.tar.gz does not exist; "
-                     r"set --config.data.path to a class-folder tree"):
+                     r"set --config.data.path to a folder of images"):
     sources.Splits(good.data)
   good.data.path = ""
   with pytest.raises(images.DataError, match=r"data.path is empty; set --config.data.path"):
@@ -338,7 +338,7 @@ def test_cli_unknown_key_and_variant(tmp_path):
   out = cli("--config=configs/imagenet_r50.py:multicrop,epoch=100", f"--workdir={tmp_path}")
   assert out.returncode == 1
   assert out.stderr.splitlines()[-1] == (
-      "Config error: Unknown config variant 'epoch'; known: ['epochs', 'multicrop'] "
+      "Config error: Unknown config variant 'epoch'; known: ['continue', 'epochs', 'multicrop'] "
       "(e.g. --config=configs/FILE.py:name,key=value).")
 
 

@@ -46,7 +46,7 @@ def _cfg(**overrides):
   cfg = dict(source="folder", name="", path="", eval_path="", data_dir=None, train_split="train",
              eval_split="test", image_size=32, loader="auto", shuffle_buffer=64, num_workers=0,
              prefetch=2, cache=False, strict=False, eval_resize=0, eval_interpolation="bilinear",
-             host_stage="crops", decode_size=512)
+             host_stage="crops", decode_size=512, labels="auto")
   return ml_collections.ConfigDict({**cfg, **overrides})
 
 
@@ -634,8 +634,8 @@ def test_empty_class_folder_and_a_file_for_data_path(cifar_root, tmp_path, caplo
     train.train(config, tmp_path / "run")
   assert str(e.value) == message and not (tmp_path / "run").exists()
   (tmp_path / "notes.txt").write_text("not images")
-  with pytest.raises(images.DataError, match=r"notes.txt is a file but not a \.tar, \.tar\.gz "
-                     r"or \.tgz archive; set --config.data.path"):
+  with pytest.raises(images.DataError, match=r"notes.txt is neither a \.tar, \.tar\.gz "
+                     r"or \.tgz archive nor a list of images .* set --config.data.path"):
     sources.Splits(_cfg(path=str(tmp_path / "notes.txt")))
 
 

@@ -1,14 +1,16 @@
-"""The class-folder layout of a data set on disk or in an archive: where its splits and classes
-are, and how its files are labelled (docs/SCE.md 6).
+"""The layout of a data set on disk or in an archive: where its splits and classes are, and how
+its files are labelled (docs/SCE.md 6).
 
 `root/<class>/<image>`, or `root/<split>/<class>/<image>`, or a .tar/.tar.gz of either. Classes
 are the folders that hold images, sorted by name; another split is labelled by the training
-split's classes.
+split's classes. Images without that structure (a flat folder, nested folders that are not
+classes, a file list) have no labels: data.labels (`LABELS`, `choose_labels`) says which.
 """
 import atexit
 import contextlib
 import functools
 import gzip
+import os
 import pathlib
 import shutil
 import tarfile
@@ -22,6 +24,8 @@ from sce_jax import logs
 from sce_jax.data.images import IMAGE_EXTENSIONS, DataError
 
 EVAL_SPLITS = ("test", "val", "validation")
+# data.labels: "folders" (class folders), "none" (every image, no labels), "auto" (`choose_labels`).
+LABELS = ("auto", "folders", "none")
 _ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 
@@ -150,3 +154,64 @@ def find_eval_path(path, split: str = "test"):
   if found is None:
     raise DataError(f"no {split!r} split found for {path}; set --config.data.eval_path=...")
   return found
+
+
+def image_files(root) -> list[str]:
+  """Every image file under `root`, at any depth, as paths relative to it, folder by folder in
+  name order."""
+  out = []
+  for folder, dirs, files in os.walk(root):
+    dirs.sort()
+    rel = os.path.relpath(folder, root)
+    out += [os.path.normpath(os.path.join(rel, f)) for f in sorted(files)
+            if f.lower().endswith(IMAGE_EXTENSIONS)]
+  return out
+
+
+def archive_images(archive) -> list[str]:
+  """The image files of `archive`, as paths inside it (one pass over its headers)."""
+  with open_archive(archive) as tar:
+    return [m.name for m in tar if m.isfile() and m.name.lower().endswith(IMAGE_EXTENSIONS)]
+
+
+def split_root(root, split):
+  """Where a split's images are without class folders: `root/split` when it exists, else root."""
+  return root / split if (root / split).is_dir() else root
+
+
+def choose_labels(images, split) -> str:
+  """data.labels='auto': 'folders' when every image (paths relative to the data path, `split`'s
+  folder when there is one, an archive's single top folder set aside) sits one level below a
+  class folder, `<class>/<image>`, of two or more; else 'none' (one folder of images is a flat
+  folder, whatever its name)."""
+  parts = [pathlib.PurePosixPath(p).parts for p in images]
+  if any(len(p) > 1 and p[0] == split for p in parts):
+    parts = [p[1:] for p in parts if p[0] == split]
+  if len({p[0] for p in parts}) == 1 and all(len(p) > 2 for p in parts):
+    parts = [p[1:] for p in parts]  # one top folder around it all
+  classes = {p[0] for p in parts}
+  return "folders" if len(classes) > 1 and all(len(p) == 2 for p in parts) else "none"
+
+
+def read_list(path) -> list[str]:
+  """The image paths of a text file, one a line (blank lines and '#' comments skipped); a
+  relative path is relative to the file's folder. A line that is not an image path (another
+  kind of file given as data.path) is a DataError."""
+  path = pathlib.Path(path)
+  try:
+    lines = [line.strip() for line in path.read_text().splitlines()]
+  except (UnicodeDecodeError, OSError) as e:
+    lines = [f"<unreadable as text: {e}>"]
+  files = []
+  for n, line in enumerate(lines, 1):
+    if not line or line.startswith("#"):
+      continue
+    if not line.lower().endswith(IMAGE_EXTENSIONS):
+      raise DataError(f"{path} is neither a .tar, .tar.gz or .tgz archive nor a list of images "
+                      f"(line {n}, {line[:80]!r}, is not a {'/'.join(IMAGE_EXTENSIONS)} path); "
+                      "set --config.data.path to a folder of images, an archive of one, or a "
+                      "text file of image paths.")
+    files.append(str(path.parent / line))
+  if not files:
+    raise DataError(f"{path} lists no images; write one image path a line.")
+  return files

@@ -28,25 +28,40 @@ from sce_jax.data.images import IMAGE_EXTENSIONS, DataError
 
 
 class ImageFolder:
-  """A class-folder tree `root/<class>/<image>` (JPEG/PNG), classes sorted by name.
+  """Image files on disk (JPEG/PNG): a class-folder tree `root/<class>/<image>`, classes sorted
+  by name; or, with labels='none', every image under a folder (at any depth) or each path of a
+  file list, with no classes (label 0, `num_classes` 0).
 
-  `path` is such a tree, a folder with split subfolders (`path/<split>/<class>/...`), or a .tar
-  / .tar.gz archive of either, unpacked once into a temporary folder.
+  `path` is such a folder, a folder with split subfolders (`path/<split>/...`), a .tar / .tar.gz
+  archive of either, unpacked once into a temporary folder, or (labels='none') a text file
+  listing image paths (`folders.read_list`).
   """
 
-  def __init__(self, path, split: str = "train", classes=None):
-    """classes: the class names that labels index, as `folders.labelled`."""
+  def __init__(self, path, split: str = "train", classes=None, labels="folders"):
+    """classes: the class names that labels index, as `folders.labelled`; labels: 'folders' or
+    'none' (data.labels, resolved)."""
     path = pathlib.Path(path)
     if not path.exists():
       raise DataError(
-          f"dataset not found at {path}; set --config.data.path=... (a class-folder tree or a "
-          ".tar/.tar.gz of one)")
+          f"dataset not found at {path}; set --config.data.path=... (a folder of images, a "
+          ".tar/.tar.gz of one, or a text file listing images)")
     if path.is_file() and not folders.is_archive(path):
-      raise DataError(f"{path} is a file but not a .tar, .tar.gz or .tgz archive; set "
-                      "--config.data.path (or data.eval_path) to a class-folder tree or an "
-                      "archive of one.")
-    if folders.is_archive(path):
-      path = folders.extract(str(path.resolve()))
+      if labels != "none":
+        raise DataError(f"{path} is a file but not a .tar, .tar.gz or .tgz archive: a list of "
+                        "images has no class folders; set --config.data.labels=none, or "
+                        "--config.data.path (or data.eval_path) to a class-folder tree.")
+      self.root, self.paths = path.parent, folders.read_list(path)
+    else:
+      if folders.is_archive(path):
+        path = folders.extract(str(path.resolve()))
+      if labels == "none":
+        self.root = folders.split_root(path, split)
+        self.paths = [str(self.root / f) for f in folders.image_files(self.root)]
+        if not self.paths:
+          raise DataError(f"no {'/'.join(IMAGE_EXTENSIONS)} images under {self.root}")
+    if labels == "none":
+      self.classes, self.labels = [], np.zeros(len(self.paths), np.int32)
+      return
     self.root = folders.class_root(path, split)
     found = {}
     for name in sorted(d.name for d in self.root.iterdir() if d.is_dir()):
@@ -226,20 +241,48 @@ def subset(source, indices):
   raise TypeError(f"a subset of a {type(source).__name__} source; TFDS names its subsets")
 
 
+def _labels(data_cfg, path) -> str:
+  """data.labels resolved for training data `path`: as set, or (auto) `folders.choose_labels`
+  of its images, said in one line. A file list has none."""
+  if data_cfg.labels != "auto":
+    return data_cfg.labels
+  path = pathlib.Path(path)
+  if path.is_file() and not folders.is_archive(path):
+    chosen = "none"
+  elif folders.is_archive(path):
+    chosen = ("folders" if archive_cache.is_cifar(path) else
+              folders.choose_labels(folders.archive_images(path), data_cfg.train_split))
+  else:
+    chosen = folders.choose_labels(folders.image_files(path), data_cfg.train_split)
+  logging.info("data.labels=auto: %s", f"{path} has class folders; labelled by them." if
+               chosen == "folders" else f"{path} has no class folders; unlabelled (evaluations "
+               "that need labels read eval.data).")
+  return chosen
+
+
 def _folder(data_cfg, split, train=None):
   """source='folder': `path` holds the training split; another split is at `eval_path`, or
   found next to `path` when that is empty (in `path` itself for a CIFAR Python archive), and
-  labelled by the classes of `train`. Archives of images of one size and CIFAR's come from the
-  array cache in data.cache_dir (archive_cache.py)."""
+  labelled by the classes of `train`. Archives of class folders of images of one size and
+  CIFAR's come from the array cache in data.cache_dir (archive_cache.py). Without labels
+  (data.labels), only the training split is read."""
   if not data_cfg.path:
-    raise DataError("data.path is empty; set --config.data.path to a class-folder tree, a "
-                    ".tar/.tar.gz of one, or CIFAR's cifar-10-python.tar.gz (README).")
+    raise DataError("data.path is empty; set --config.data.path to a folder of images, a "
+                    ".tar/.tar.gz of one, a text file listing images, or CIFAR's "
+                    "cifar-10-python.tar.gz (README).")
   if not pathlib.Path(data_cfg.path).exists():
     raise DataError(f"data.path={data_cfg.path} does not exist; set --config.data.path to a "
-                    "class-folder tree, a .tar/.tar.gz of one, or CIFAR's "
-                    "cifar-10-python.tar.gz (README).")
+                    "folder of images, a .tar/.tar.gz of one, a text file listing images, or "
+                    "CIFAR's cifar-10-python.tar.gz (README).")
   archive = lambda p: folders.is_archive(p) and pathlib.Path(p).is_file()
   path = data_cfg.path
+  labels = _labels(data_cfg, path) if train is None else (
+      "folders" if train.num_classes else "none")
+  if labels == "none":
+    if train is not None:
+      raise DataError(f"data.path={path} has no labels, so it has no evaluation split; set "
+                      "--config.eval.data.path (or eval.data.name) to a labelled set.")
+    return ImageFolder(path, split, labels="none")
   if split != data_cfg.train_split:
     both = archive(path) and archive_cache.is_cifar(path)
     path = data_cfg.eval_path or (path if both else folders.find_eval_path(path, split))
@@ -286,3 +329,20 @@ class Splits:
   @property
   def num_classes(self):
     return self.train.num_classes
+
+
+def labelled(splits, data_cfg, eval_data_cfg):
+  """The splits that the evaluations needing labels (kNN, the probes, fine-tuning) read:
+  `splits` when its training data have labels, else the labelled set given apart in
+  config.eval.data (`eval_data_cfg`: a class-folder path with its evaluation split beside it,
+  or a TFDS name), opened with data config `data_cfg`'s other values; None without one."""
+  if splits.num_classes:
+    return splits
+  changes = (dict(source="folder", path=eval_data_cfg.path, eval_path="", labels="folders")
+             if eval_data_cfg.path else
+             dict(source="tfds", name=eval_data_cfg.name) if eval_data_cfg.name else None)
+  if changes is None:
+    return None
+  cfg = data_cfg.copy_and_resolve_references()
+  cfg.update(changes)
+  return Splits(cfg)

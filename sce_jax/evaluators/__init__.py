@@ -7,6 +7,8 @@
   (run(state) -> (name, value) pairs); each cadence is config.eval.<name>.every_epochs.
 * `provenance`: what a mode's numbers depend on, recorded with them (eval_<mode>.json).
 """
+from absl import logging
+
 from sce_jax import loop, models
 from sce_jax.evaluators import common, finetune, knn, linear, online_probe, transfer, voc07
 
@@ -49,15 +51,29 @@ def _every(every_epochs, steps_per_epoch):
   return every_epochs * steps_per_epoch if every_epochs > 0 else min(every_epochs, 0)
 
 
-def periodic(config, mesh, splits, steps_per_epoch) -> list[loop.Evaluator]:
-  """kNN on the online trunk, and the online probe on the eval split when it is enabled."""
+def periodic(config, mesh, splits, labelled, steps_per_epoch) -> list[loop.Evaluator]:
+  """kNN on the online trunk over `labelled` (`sources.labelled`: the training splits, or the
+  labelled set given apart), and the online probe on the eval split when it is enabled and the
+  training data have labels; one skipped for want of labels says so in one line."""
   trunk = common.trunk_variables
-  evaluators = [loop.Evaluator(
-      "kNN", _every(config.eval.knn.every_epochs, steps_per_epoch),
-      lambda state: knn.evaluate(config, trunk(state), mesh, splits).items())]
-  if config.probe.enabled:
+  evaluators, skipped = [], []
+  knn_every = _every(config.eval.knn.every_epochs, steps_per_epoch)
+  if labelled is not None:
     evaluators.append(loop.Evaluator(
-        "online probe", _every(config.eval.probe.every_epochs, steps_per_epoch),
+        "kNN", knn_every,
+        lambda state: knn.evaluate(config, trunk(state), mesh, labelled).items()))
+  elif knn_every >= 0:
+    skipped.append("kNN")
+  probe_every = _every(config.eval.probe.every_epochs, steps_per_epoch)
+  if config.probe.enabled and splits.num_classes:
+    evaluators.append(loop.Evaluator(
+        "online probe", probe_every,
         lambda state: online_probe.evaluate(config, trunk(state), state.params["probe"],
                                             mesh, splits).items()))
+  elif config.probe.enabled:
+    skipped.append("the online probe")
+  if skipped:
+    logging.info("Skipping %s: the training data have no labels%s.", " and ".join(skipped),
+                 "" if labelled is not None else
+                 " (--config.eval.data.path or eval.data.name gives kNN a labelled set)")
   return evaluators

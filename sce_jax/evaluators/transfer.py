@@ -156,7 +156,7 @@ def _openers(name, path, config):
   data_cfg = config.data
   if path:
     cfg = common.data_config(data_cfg, source="folder", path=path, eval_path="",
-                             train_split="train", eval_split="test")
+                             train_split="train", eval_split="test", labels="folders")
     train = functools.cache(lambda: sources.SOURCES["folder"](cfg, "train"))
     openers = {"train": lambda: (train(), None),
                "test": lambda: (sources.SOURCES["folder"](cfg, "test", train()), None)}
