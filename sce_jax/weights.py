@@ -26,7 +26,8 @@ Conv kernels are HWIO in Flax and OIHW in torch, Dense kernels (in, out) and Lin
 (out, in); the ResNet modules use symmetric padding like torch, the ViT's patch projection is a
 valid-padded convolution like timm's, so the numbers carry over as is. The number of attention
 heads of a ViT is not in its weights: `infer_model_config` takes it as an argument (default:
-width / 64, the ViT-Ti/S/B table; MoCo v3's ViT-S has 12, DINO's 6).
+width / 64, the ViT-Ti/S/B table; MoCo v3's ViT-S has 12, DINO's 6). What a trunk's shapes say
+(its depth, width, stem or patch) each trunk family reads itself (models/trunks.py).
 """
 import functools
 import json
