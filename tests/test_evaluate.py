@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from sce_jax import checkpoint, metrics, models, optim
+from sce_jax import checkpoint, evaluators, metrics, models, optim
 from sce_jax.data import augment, sources
 from sce_jax.evaluators import common, knn, linear
 from sce_jax.sharding import make_mesh, replicated
@@ -147,6 +147,11 @@ def test_knn_and_linear_eval_on_cifar_slice(cifar_root, tmp_path, monkeypatch):
   assert sorted(a) == [1, 2, 3, 4]
   assert [a[s]["linear_lr"] for s in a] == pytest.approx([30, 30, 30, 3])  # unscaled, x 0.1
   assert all(np.isfinite(r["linear_loss"]) for r in a.values())
+  record = evaluators.provenance(config, "linear", variables, splits, tmp_path / "whole")
+  assert record["split_sizes"] == {"train": 200, "eval": 100}
+  assert record["protocol"]["eval.linear"]["milestones"] == (0.5,)
+  assert record["trunk_sha256"] == common.trunk_checksum(variables)
+  assert "model.pos_resample" not in record["protocol"]  # a ResNet
   steps = lambda run: checkpoint.manager(tmp_path / run / "linear", config.checkpoint).all_steps()
   assert steps("whole") == [4] and steps("split") == [2, 4]
   other = jax.tree.map(lambda x: x + 1, variables)
