@@ -29,10 +29,10 @@ OFF = presets.ViewSpec(32, flip=0.0, jitter=0.0, gray=0.0, blur=0.0, solarize=0.
 #   (the mean of L's per-pixel rounding) + 0.5 (rounding the mean) + 0.003: < 1 + 0.4 * 1.003
 #   = 1.41.
 # - grayscale: L's rounding, <= 0.503.
-# - crop and resize: the same triangle filter (widened on downscale) on both sides; Pillow
-#   rounds after each of its two passes (the second pass's weights are convex, so the first
-#   rounding carries through at <= 0.5) and JAX rounds once: <= 1.5. A different filter or
-#   window would show on any textured image.
+# - crop and resize: Pillow's weights and its rounding after each pass on both sides
+#   (augment.resize_window); its 22-bit fixed point moves a pixel only next to a rounding tie,
+#   by <= 2 (tests/test_host_stage.py). A different filter or window would show on any
+#   textured image.
 # - hue: see test_hue_matches_pillow_hsv; there the bound needs images of mean chroma < 2/7.
 MAX_MAE = 2.0
 

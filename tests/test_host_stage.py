@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sce_jax import sharding
+from sce_jax import sharding, train
 from sce_jax.data import augment, crop, grain_pipeline, images, pipeline, presets, sources
 from tests.conftest import natural_image
 
@@ -172,3 +172,29 @@ def test_step_crops_match_the_crops_stage(photos, loader):
     # with weights <= 1.4 (contrast, brightness 1 + 0.4), clipped.
     diff = np.abs(np.asarray(a) - np.asarray(b)) * 255 * np.asarray(std)
     assert diff[whole].mean(axis=(1, 2, 3)).max() <= 1.4 * MAX_MEAN
+
+
+@pytest.mark.slow
+def test_training_step_with_decode_stage_resumes_exactly(photos):
+  """The jitted, sharded step takes host_stage=decode batches (8 devices) and crops them itself
+  (train.build picks `augment.crop_and_augment`): two steps from one stream equal one step, a
+  restart of the stream at step 1 with the state saved after it, and one more step, bit for bit
+  (the windows come from the state's key, the host draws nothing)."""
+  from tests import test_train_step
+  config = test_train_step.tiny_config(**{"data.host_stage": "decode",
+                                          "data.decode_size": BUFFER})
+  mesh = sharding.make_mesh()
+  parts = train.build(config, mesh, num_classes=10, steps_per_epoch=2)
+  make = lambda start: pipeline.train_iterator(
+      photos, _cfg("grain"), global_batch_size=config.batch_size, views=parts.views, seed=0,
+      start_step=start, sharding=sharding.rows(mesh))
+  stream = make(0)
+  state = parts.init(jax.random.key(0))
+  state, first = parts.step(state, next(stream))
+  saved = jax.device_get(state)
+  state, second = parts.step(state, next(stream))
+  resumed, again = parts.step(jax.device_put(saved, sharding.replicated(mesh)), next(make(1)))
+  assert np.isfinite(jax.device_get(first["loss"])) and first["loss"] != second["loss"]
+  raw = lambda x: jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(raw(a), raw(b)), (state, second),
+               (resumed, again))

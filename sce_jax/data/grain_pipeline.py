@@ -7,6 +7,9 @@ at 1/2 (1/4, 1/8) scale and the windows are mapped onto the smaller image. Each 
 straight from the decoded image (PIL's `box`), with no intermediate copy. An undecodable image
 comes out as crops of a black pixel, named in 'skipped' for pipeline.py to skip.
 
+With data_cfg.host_stage='decode' the host only decodes (`decode_reduced`: at the DCT scale
+`crop.reduction` gives, reduced to fit data_cfg.decode_size) and the step crops.
+
 Everything is a grain MapDataset indexed by position in the infinite stream, so a batch depends
 only on (seed, process, step): resuming at `start_step` is slicing, and the number of worker
 processes does not change the batches. Records are grouped into batches first and a batch is

@@ -12,6 +12,10 @@ data_cfg keys read here and by the host stages:
   num_workers: grain worker processes (0 = `prefetch` threads of this process).
   prefetch: host batches prepared ahead.
   cache: keep decoded images in host memory (CIFAR-size sets).
+  host_stage: one of crop.HOST_STAGES: 'crops' (the host crops, batches of uint8 views) or
+    'decode' (the host decodes into a decode_size buffer, batches {'image', 'full', 'factor',
+    'label'}; the step crops, `augment.crop_and_augment`).
+  decode_size: the side of host_stage=decode's square buffer.
   strict: an undecodable image stops the run (DataError) instead of being skipped.
 
 An image that cannot be decoded (corrupt, truncated, empty) is skipped, the same way on both
@@ -117,7 +121,9 @@ def train_iterator(source, data_cfg, *, global_batch_size, views, seed, start_st
                    sharding):
   """Infinite training batches {'views': tuple of uint8 (B, s_v, s_v, 3), 'label': int32 (B,)}.
 
-  One random resized crop per ViewSpec in `views` (size, scale, ratio; no flip or colour).
+  One random resized crop per ViewSpec in `views` (size, scale, ratio; no flip or colour); with
+  data_cfg.host_stage='decode' the decoded images instead, {'image': uint8 (B, S, S, 3), 'full':
+  int32 (B, 2), 'factor': int32 (B,), 'label'}, for the step to crop.
   Reshuffled every epoch; deterministic for (seed, process); started at `start_step` it yields
   what the uninterrupted stream yields from that step on.
   """
