@@ -8,12 +8,15 @@ Usage:
       [--allow_pickle]
   python -m sce_jax.convert out SRC OUT.{safetensors,pth} [--which target]
       [--layout torchvision|timm|authors] [--config FILE[:ARG]]
+  python -m sce_jax.convert out --layout detectron2 SRC OUT.pkl
 SRC: an sce_jax workdir / checkpoint dir, a .safetensors file (any layout), or a
 .pth/.pt/.ckpt/.pth.tar file (needs PyTorch). `out` writes a ResNet trunk in torchvision's
-layout and a ViT trunk in timm's unless --layout says otherwise.
+layout and a ViT trunk in timm's unless --layout says otherwise; detectron2: the ResNet trunk
+as the .pkl detectron2 loads for a pretrained backbone (MODEL.WEIGHTS; launch/detection/).
 """
 import argparse
 import pathlib
+import pickle
 import sys
 
 import flax.traverse_util
@@ -50,6 +53,14 @@ def save_torch(state_dict, path, layout="torchvision"):
   torch.save({"state_dict": tensors} if layout == "authors" else tensors, path)
 
 
+def save_detectron2(state_dict, path):
+  """A detectron2-layout state dict -> the .pkl detectron2's checkpointer reads as is: numpy
+  arrays under 'model', '__author__' set, 'matching_heuristics' letting it match the names to
+  its backbone (as MoCo's convert-pretrain-to-detectron2.py writes)."""
+  with open(path, "wb") as f:
+    pickle.dump({"model": state_dict, "__author__": "sce_jax", "matching_heuristics": True}, f)
+
+
 # ---------------------------------------------------------------------------------------------
 # Command line.
 
@@ -66,7 +77,7 @@ def main(argv=None):
                       help="out, torchvision layout: which trunk to export")
   parser.add_argument("--layout", choices=weights.EXPORT_LAYOUTS,
                       help="out: torchvision (a ResNet trunk; default), timm (a ViT trunk; "
-                      "default) or authors (all networks)")
+                      "default), detectron2 (a ResNet trunk, .pkl) or authors (all networks)")
   parser.add_argument("--num_heads", type=int, default=0,
                       help="a ViT's attention heads, which its weights do not hold (default: "
                       "width / 64; MoCo v3's ViT-S has 12); without --config")
@@ -84,6 +95,12 @@ def main(argv=None):
     if not args.dst.endswith(".safetensors"):
       parser.error("in: DST must be a .safetensors file")
     save_safetensors(variables, args.dst, {"source": str(args.src), "trunk": trunk})
+  elif args.layout == "detectron2":
+    if not args.dst.endswith(".pkl"):
+      parser.error("out --layout detectron2: DST must be a .pkl file")
+    if models.is_vit(model_cfg):
+      parser.error("out --layout detectron2 takes a ResNet trunk; this one is a ViT")
+    save_detectron2(weights.to_torch(variables, "detectron2", args.which), args.dst)
   else:
     out_layout = args.layout or trunks.family(model_cfg).TORCH_LAYOUT
     save_torch(weights.to_torch(variables, out_layout, args.which), args.dst, out_layout)

@@ -16,6 +16,10 @@ and the writers) converts through it. These layouts, one name mapping (`_PARTS`,
 * mocov3: MoCo v3's training checkpoint, a timm ViT (or torchvision ResNet) under
   `base_encoder.` (online) and `momentum_encoder.` (target); its heads (`*.head.*`, `*.fc.*`,
   `predictor.*`) are not SCE's and are dropped.
+* detectron2 (export only): a ResNet trunk as detectron2 loads a pretrained backbone, the
+  renaming of MoCo's `detection/convert-pretrain-to-detectron2.py` applied to torchvision's
+  names (`detectron2_key`): `stem.conv1`, `res2`..`res5` for `layer1`..`layer4`, a BatchNorm as
+  its convolution's `.norm`, `shortcut` for `downsample`.
 * authors: the state dict of eztorch's / CEA-LIST/SCE's Lightning SCEModel: `trunk.`,
   `projector.layers.{k}.`, `predictor.layers.{k}.`, `momentum_trunk.`, `momentum_projector.`
   (MLPHead is an nn.Sequential of (Linear, BatchNorm1d, activation) groups, or of (Linear,
@@ -75,7 +79,7 @@ _TRUNK_PREFIXES = {
 }
 _HEADS = ("fc.", "head.")
 # What `to_torch` writes: a trunk alone, or the authors' whole model.
-EXPORT_LAYOUTS = (*_BARE, "authors")
+EXPORT_LAYOUTS = (*_BARE, "detectron2", "authors")
 _TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".tar", ".bin")
 
 
@@ -215,12 +219,27 @@ def _strides(variables):
           for net, collections in NETS.items() for part in ("projector", "predictor")}
 
 
+def detectron2_key(key) -> str:
+  """A torchvision ResNet key -> detectron2's: 'layer1.0.bn2.weight' -> 'res2.0.conv2.norm.weight',
+  'bn1.running_var' -> 'stem.conv1.norm.running_var', 'layer2.0.downsample.1.bias' ->
+  'res3.0.shortcut.norm.bias' (MoCo's convert-pretrain-to-detectron2.py)."""
+  key = key if key.startswith("layer") else f"stem.{key}"
+  key = re.sub(r"layer(\d)", lambda m: f"res{int(m[1]) + 1}", key)
+  key = re.sub(r"bn(\d)", r"conv\1.norm", key)
+  return key.replace("downsample.0", "shortcut").replace("downsample.1", "shortcut.norm")
+
+
 def to_torch(variables, layout="torchvision", which="online") -> dict[str, np.ndarray]:
   """sce_jax variables -> a torch-layout state dict of numpy arrays.
 
-  torchvision (a ResNet), timm (a ViT): the `which` ('online' or 'target') trunk. authors:
-  every network part present.
+  torchvision (a ResNet), timm (a ViT), detectron2 (a ResNet, without BatchNorm update
+  counts): the `which` ('online' or 'target') trunk. authors: every network part present.
   """
+  if layout == "detectron2":
+    if "cls_token" in variables.get(NETS[which][0], {}).get("trunk", {}):
+      raise ValueError("the detectron2 layout holds a ResNet trunk; this one is a ViT.")
+    return {detectron2_key(k): v for k, v in to_torch(variables, "torchvision", which).items()
+            if not k.endswith("num_batches_tracked")}
   if layout in _BARE:
     collections = NETS[which]
     if "trunk" not in variables.get(collections[0], {}):
