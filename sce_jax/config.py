@@ -39,6 +39,9 @@ def base() -> ml_collections.ConfigDict:
   # bfloat16/float16 layers compute and sum their weight gradients in float32, as the authors'
   # AMP (models/precision.py, docs/SCE.md 5); False: plain Flax (bf16 gradient sums), to compare.
   c.model.f32_weight_grads = True
+  # Rematerialisation (models.REMATS): "block" recomputes each residual / transformer block's
+  # activations in the backward pass, "full" the whole trunk's: less memory, more FLOPs.
+  c.model.remat = "none"
   # ViT trunks (docs/SCE.md 10); ResNets ignore these.
   c.model.depth = 0            # blocks; 0: the trunk's (12)
   c.model.num_heads = 0        # 0: width / 64 (3/6/12 for Ti/S/B; MoCo v3's ViT-S has 12)
@@ -247,6 +250,7 @@ def parse_arg(arg, **defaults) -> ml_collections.ConfigDict:
 ENUMS = {
     "model.trunk": sce.TRUNKS,
     "model.dtype": sce.DTYPES,
+    "model.remat": sce.REMATS,
     "model.pos_embed": vit.POS_EMBEDS,
     "model.pool": vit.POOLS,
     "model.projector.norm": heads.NORMS,

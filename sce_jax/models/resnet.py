@@ -141,10 +141,13 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
   bn_splits: int = 0        # > 0: every BatchNorm is a SplitBatchNorm (shuffle-BN target).
   f32_weight_grads: bool = True  # of bfloat16/float16 convolutions (models/precision.py)
+  remat: bool = False       # recompute each block's activations in the backward pass (sce.py)
 
   @nn.compact
   def __call__(self, x, train: bool = True, positions=None):
     """positions: (N,) the rows' order for the BatchNorm groups (`SplitBatchNorm`)."""
+    # static_argnums counts `self`: `train` (2) is a Python bool.
+    block = nn.remat(self.block, static_argnums=(2,)) if self.remat else self.block
     x = x.astype(self.dtype)
     if self.small_stem:  # The authors' replacement nn.Conv2d keeps PyTorch's init (docs 4).
       x = conv(self.width, 3, 1, "conv1", self.dtype, inits.torch_default,
@@ -157,7 +160,7 @@ class ResNet(nn.Module):
     for i, blocks in enumerate(self.stage_sizes):
       for j in range(blocks):
         stride = 2 if i > 0 and j == 0 else 1
-        x = self.block(self.width * 2**i, stride, self.dtype, self.bn_splits,
+        x = block(self.width * 2**i, stride, self.dtype, self.bn_splits,
                        self.f32_weight_grads, name=f"layer{i + 1}_{j}")(x, train, positions)
     return jnp.mean(x, axis=(1, 2))
 
@@ -171,9 +174,10 @@ ARCHS = {
 }
 
 
-def resnet(name: str, **kwargs) -> ResNet:
+def resnet(name: str, module=ResNet, **kwargs) -> ResNet:
+  """ResNet `name` of ARCHS; module: ResNet or a lifted transform of it (sce.make_trunk)."""
   stages, block = ARCHS[name]
-  return ResNet(stages, block, **kwargs)
+  return module(stages, block, **kwargs)
 
 
 def feature_dim(name: str, width: int = 64) -> int:

@@ -21,6 +21,10 @@ from sce_jax.models import heads, inits, resnet, vit
 DTYPES = ("float32", "bfloat16", "float16")
 # model.trunk values.
 TRUNKS = (*resnet.ARCHS, *vit.ARCHS)
+# model.remat: what the backward pass recomputes instead of keeping (jax.checkpoint, docs/SCE.md
+# 11): nothing; each residual / transformer block (only the blocks' inputs are kept); the whole
+# trunk (only its input is kept; a second forward pass of the trunk in the backward pass).
+REMATS = ("none", "block", "full")
 
 
 def is_vit(model_cfg) -> bool:
@@ -30,17 +34,26 @@ def is_vit(model_cfg) -> bool:
 def make_trunk(model_cfg, bn_splits=0) -> nn.Module:
   """The trunk of config.model; SCENet and the evaluation build it here, so that a
   TrainState's trunk variables fit both. bn_splits > 0: BatchNorm statistics of that many
-  groups of the batch (`resnet.SplitBatchNorm`), the same variables (ResNets only)."""
+  groups of the batch (`resnet.SplitBatchNorm`), the same variables (ResNets only).
+  model.remat (REMATS) wraps each block or the whole trunk in `nn.remat`: the same variables,
+  values and gradients, less memory for another forward pass. Nothing inside a block is saved
+  (no policy): the goal is memory (docs/SCE.md 11), and a ResNet's convolutions are not the dot
+  products JAX's save policies name."""
   dtype = jnp.dtype(model_cfg.dtype)
+  remat = model_cfg.get("remat", "none")
+  # static_argnums counts `self`: `train` (2) is a Python bool.
+  module = lambda cls: nn.remat(cls, static_argnums=(2,)) if remat == "full" else cls
   if is_vit(model_cfg):
     return vit.vit(model_cfg.trunk, width=model_cfg.width, depth=model_cfg.depth,
                    num_heads=model_cfg.num_heads, patch_size=model_cfg.patch_size,
                    pos_embed=model_cfg.pos_embed, pool=model_cfg.pool,
                    drop_path=model_cfg.drop_path, dtype=dtype,
-                   f32_weight_grads=model_cfg.get("f32_weight_grads", True))
+                   f32_weight_grads=model_cfg.get("f32_weight_grads", True),
+                   remat=remat == "block", module=module(vit.ViT))
   return resnet.resnet(model_cfg.trunk, width=model_cfg.width or resnet.WIDTH,
                        small_stem=model_cfg.small_stem, dtype=dtype, bn_splits=bn_splits,
-                       f32_weight_grads=model_cfg.get("f32_weight_grads", True))
+                       f32_weight_grads=model_cfg.get("f32_weight_grads", True),
+                       remat=remat == "block", module=module(resnet.ResNet))
 
 
 def feature_dim(model_cfg) -> int:

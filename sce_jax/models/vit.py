@@ -177,9 +177,12 @@ class ViT(nn.Module):
   drop_path: float = 0.0       # the last block's rate; block i gets i / (depth - 1) of it
   dtype: Any = jnp.float32
   f32_weight_grads: bool = True  # of bfloat16/float16 layers (models/precision.py)
+  remat: bool = False          # recompute each block's activations in the backward pass (sce.py)
 
   @nn.compact
   def __call__(self, x, train: bool = True):
+    # static_argnums counts `self`: `train` (2) is a Python bool.
+    block = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
     x = PatchEmbed(self.width, self.patch_size, self.dtype, self.f32_weight_grads,
                    name="patch_embed")(
         x.astype(self.dtype))
@@ -198,13 +201,14 @@ class ViT(nn.Module):
     x = x + resample_pos_embed(pos, (h, w)).astype(self.dtype)
     rates = np.linspace(0.0, self.drop_path, self.depth)  # timm's and eztorch's rule
     for i in range(self.depth):
-      x = Block(self.num_heads, self.mlp_ratio, float(rates[i]), self.dtype,
+      x = block(self.num_heads, self.mlp_ratio, float(rates[i]), self.dtype,
                 self.f32_weight_grads, name=f"blocks_{i}")(x, train)
     x = _layer_norm("norm", self.dtype)(x)
     return x[:, 0] if self.pool == "cls" else jnp.mean(x[:, 1:], axis=1)
 
 
-def vit(name, *, width=0, depth=0, num_heads=0, **kwargs) -> ViT:
-  """ViT `name` of ARCHS, with `dims`' overrides (0: the standard value)."""
+def vit(name, *, width=0, depth=0, num_heads=0, module=ViT, **kwargs) -> ViT:
+  """ViT `name` of ARCHS, with `dims`' overrides (0: the standard value); module: ViT or a
+  lifted transform of it (sce.make_trunk)."""
   width, depth, num_heads = dims(name, width, depth, num_heads)
-  return ViT(width, depth, num_heads, **kwargs)
+  return module(width, depth, num_heads, **kwargs)
