@@ -157,6 +157,9 @@ def base() -> ml_collections.ConfigDict:
   # XLA backend optimisation level 0 (set by the command line before JAX starts): a tiny CPU
   # run compiles in seconds instead of minutes, its kernels run slower.
   c.fast_compile = False
+  # JAX's persistent compilation cache (compile_cache.py): a restart loads its compiled step.
+  # "" is <data.cache_dir>/xla; a path or gs:// URL; "none" turns it off.
+  c.compile_cache_dir = ""
   return c
 
 
