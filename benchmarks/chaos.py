@@ -12,7 +12,8 @@ final state is compared array by array with that of one uninterrupted run.
 Written to --json: every kill (moment, signal, seconds after the start, exit status, the latest
 checkpoint after it), `bitwise_equal` (the final states are), `unattended` (every exit status is
 the one its signal should give, none an error, a crash or a hang, and the last run finished:
-no restart needed a human). Not a timed test; tests/ holds the quick checks.
+no restart needed a human), `goodput` of the uninterrupted run and of the killed one, with the
+seconds of each part (sce_jax/goodput.py: the last totals in each metrics.jsonl). Not a timed test; tests/ holds the quick checks.
 
   python benchmarks/chaos.py --kills 10 --json chaos.json
 """
@@ -170,6 +171,12 @@ def soak(cmd, log_dir, kills, rng, start_up_s):
       return records  # Finished before the kill could land.
 
 
+def goodput(workdir):
+  """The run's last goodput totals (goodput.py) from its metrics.jsonl."""
+  lines = (workdir / "metrics.jsonl").read_text().splitlines()
+  return next(r for r in map(json.loads, reversed(lines)) if "goodput" in r)
+
+
 def same_state(a, b):
   """Whether the latest checkpoints of workdirs a and b hold bitwise the same arrays."""
   read = lambda w: checkpoint.read_numpy(w, lambda metadata: metadata)
@@ -214,6 +221,7 @@ def main_():
       restarts=len(records) - 1, runs=records, bitwise_equal=equal,
       unattended=all(r["expected"] for r in records) and records[-1]["status"] == 0,
       reference_seconds=round(reference_s, 1),
+      goodput={name: goodput(root / name) for name in ("reference", "chaos")},
       total_seconds=round(time.monotonic() - started, 1))
   print("\n| # | moment | signal | at (s) | exit | latest checkpoint |\n|---|---|---|---|---|---|")
   for i, r in enumerate(records):
@@ -221,6 +229,10 @@ def main_():
           f"{r['latest_step']} |")
   print(f"\nbitwise_equal: {equal}; unattended: {result['unattended']}; "
         f"{result['kills']} kills, {result['restarts']} restarts, {result['total_seconds']} s")
+  for name, g in result["goodput"].items():
+    print(f"goodput, {name}: {g['goodput']:.1%} of {g['wall_s']:.0f} s (" + ", ".join(
+        f"{k[:-2]} {v:.1f} s" for k, v in g.items() if k.endswith("_s") and k != "wall_s") +
+          ")")
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
   if not args.dir:

@@ -148,7 +148,7 @@ def _inputs(case, config, views, mesh):
     size = config.data.image_size
     images = rng.integers(0, 256, (4 * n, size, size, 3), np.uint8)
     held = resident.Resident(*(sharding.put(x, sharding.replicated(mesh))
-                               for x in (images, np.resize(labels, 4 * n))))
+                               for x in (resident.flat(images), np.resize(labels, 4 * n))))
     batches = resident.train_batches(held, global_batch_size=n, seed=0, start_step=0,
                                      mesh=mesh)
     return lambda: next(batches)

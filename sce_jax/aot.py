@@ -129,7 +129,8 @@ def data_size(config, num_examples=None, num_classes=None):
 
 def step_inputs(config, parts, mesh, on_device, num_examples):
   """The step's arguments as ShapeDtypeStructs with its shardings: the abstract state, and the
-  batch as train.py feeds it (host-cropped uint8 views, or the resident set and indices)."""
+  batch as train.py feeds it (host-cropped uint8 views, or the resident set, flat as
+  `resident.flat` holds square images, and indices)."""
   spec = lambda shape, dtype, where: jax.ShapeDtypeStruct(shape, dtype, sharding=where)
   replicated, rows, n = sharding.replicated(mesh), sharding.rows(mesh), config.batch_size
   state = jax.tree.map(lambda s: spec(s.shape, s.dtype, replicated),
@@ -137,7 +138,7 @@ def step_inputs(config, parts, mesh, on_device, num_examples):
   if on_device:
     size, where = config.data.image_size, resident.batch_sharding(mesh)
     batch = {"index": spec((n,), "int32", where["index"]),
-             "images": spec((num_examples, size, size, 3), "uint8", where["images"]),
+             "images": spec((num_examples, size * size * 3), "uint8", where["images"]),
              "labels": spec((num_examples,), "int32", where["labels"])}
   else:
     batch = {"views": tuple(spec((n, v.size, v.size, 3), "uint8", rows) for v in parts.views),

@@ -36,6 +36,9 @@ def base() -> ml_collections.ConfigDict:
   # bfloat16/float16 layers compute and sum their weight gradients in float32, as the authors'
   # AMP (models/precision.py, docs/SCE.md 5); False: plain Flax (bf16 gradient sums), to compare.
   c.model.f32_weight_grads = True
+  # Rematerialisation (models/trunks.py REMATS): "block" recomputes each residual / transformer block's
+  # activations in the backward pass, "full" the whole trunk's: less memory, more FLOPs.
+  c.model.remat = "none"
   # ViT trunks (docs/SCE.md 10); ResNets ignore these.
   c.model.depth = 0            # blocks; 0: the trunk's (12)
   c.model.num_heads = 0        # 0: width / 64 (3/6/12 for Ti/S/B; MoCo v3's ViT-S has 12)
@@ -174,6 +177,9 @@ def base() -> ml_collections.ConfigDict:
   # XLA backend optimisation level 0 (set by the command line before JAX starts): a tiny CPU
   # run compiles in seconds instead of minutes, its kernels run slower.
   c.fast_compile = False
+  # JAX's persistent compilation cache (compile_cache.py): a restart loads its compiled step.
+  # "" is <data.cache_dir>/xla; a path or gs:// URL; "none" turns it off.
+  c.compile_cache_dir = ""
   return c
 
 

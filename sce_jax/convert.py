@@ -98,8 +98,9 @@ def main(argv=None):
   elif args.layout == "detectron2":
     if not args.dst.endswith(".pkl"):
       parser.error("out --layout detectron2: DST must be a .pkl file")
-    if models.is_vit(model_cfg):
-      parser.error("out --layout detectron2 takes a ResNet trunk; this one is a ViT")
+    if trunks.family(model_cfg).NAME != "ResNet":
+      parser.error("out --layout detectron2 takes a ResNet trunk; this one is a "
+                   f"{trunks.family(model_cfg).NAME}")
     save_detectron2(weights.to_torch(variables, "detectron2", args.which), args.dst)
   else:
     out_layout = args.layout or trunks.family(model_cfg).TORCH_LAYOUT

@@ -13,6 +13,10 @@ One owner for what happens between two steps, so that the loops cannot drift apa
   Ctrl-C, preemption.Preempted once the save has started; the evaluators whose cadence has come;
 * at the end: the evaluators with a cadence >= 0, the last save waited for (a failed one is an
   error), then cleanup in reverse order of set-up, every step of it run.
+
+Throughout, the run's wall time is accounted for (goodput.py): the first step (its compile, or
+its load from the persistent compilation cache, compile_cache.py) and the time to it, each log
+step's totals and goodput in metrics.jsonl, and a last line with them.
 """
 import contextlib
 import dataclasses
@@ -23,8 +27,9 @@ from typing import Any, Callable, Iterable, Iterator
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
 
-from sce_jax import checkpoint, logs, metrics, preemption
+from sce_jax import checkpoint, compile_cache, goodput, logs, metrics, preemption
 
 
 def last_step(total_steps, max_steps) -> int:
@@ -52,8 +57,8 @@ class _Log:
   """Collects each step's metrics on the device; `flush` fetches them in one transfer, checks
   the losses, writes the last step's metrics with throughput and ETA, and logs one line."""
 
-  def __init__(self, writer, mngr, *, what, prefix, start, num_steps, batch_size):
-    self.writer, self.mngr, self.prefix = writer, mngr, prefix
+  def __init__(self, writer, mngr, clock, *, what, prefix, start, num_steps, batch_size):
+    self.writer, self.mngr, self.clock, self.prefix = writer, mngr, clock, prefix
     self.what = f"{what} " if what else ""
     self.num_steps, self.batch_size = num_steps, batch_size
     self.pending = []
@@ -81,7 +86,7 @@ class _Log:
     self.writer.write(step, {**{self.prefix + k: v for k, v in m.items()},
                              "steps_per_sec": steps_per_sec,
                              "images_per_sec": steps_per_sec * self.batch_size,
-                             "eta_seconds": eta})
+                             "eta_seconds": eta, **self.clock.totals()})
     logging.info("%sstep %d/%d: loss %.4f, %.1f img/s, ETA %s", self.what, step,
                  self.num_steps, m["loss"], steps_per_sec * self.batch_size,
                  datetime.timedelta(seconds=round(eta)))
@@ -111,6 +116,7 @@ class Run:
 
   def __post_init__(self):
     self.mngr = checkpoint.manager(self.rundir, self.ckpt_cfg)
+    self.clock = goodput.Clock(epath.Path(self.rundir) / "metrics.jsonl")
     self._cleanup = contextlib.ExitStack()  # Every callback runs, in reverse order.
     self._cleanup.callback(self.mngr.close)
     self._cleanup.callback(self.mngr.wait_until_finished)
@@ -123,7 +129,8 @@ class Run:
 
   def restore(self, init: Callable, rng) -> tuple[Any, int, bool]:
     """(state, start step, resumed): the latest checkpoint, or init(rng) at step 0."""
-    state = checkpoint.restore(self.mngr, jax.eval_shape(init, rng))
+    with self.clock.timing("restore"):
+      state = checkpoint.restore(self.mngr, jax.eval_shape(init, rng))
     if state is None:
       return init(rng), 0, False
     return state, self.mngr.latest_step(), True
@@ -142,14 +149,21 @@ class Run:
     cleanup.callback(checkpoint.wait, self.mngr)  # A failed last save is an error.
     cleanup.callback(batches.close)  # stops a host pipeline (grain workers)
     writer = cleanup.enter_context(contextlib.closing(metrics.Writer(self.rundir)))
-    log = _Log(writer, self.mngr, what=self.what, prefix=self.prefix, start=start,
+    clock = self.clock
+    log = _Log(writer, self.mngr, clock, what=self.what, prefix=self.prefix, start=start,
                num_steps=self.num_steps, batch_size=self.batch_size)
     cleanup.callback(log.close)
     signals = preemption.Preemption(jax.process_count())
     cleanup.callback(signals.close)
     evaluators = list(evaluators)
     for step in range(start + 1, self.num_steps + 1):
-      state, step_metrics = step_fn(state, next(batches))
+      began, accounted = time.perf_counter(), clock.accounted()
+      with clock.timing("data_wait"):
+        batch = next(batches)
+      if step == start + 1:
+        state, step_metrics = _first_step(step_fn, state, batch, writer, clock, self.what, step)
+      else:
+        state, step_metrics = step_fn(state, batch)
       log.add(step, step_metrics)
       preempted = signals.reached(self.mngr, step)
       save = preempted or step == self.num_steps or self.mngr.should_save(step)
@@ -157,20 +171,46 @@ class Run:
       if save or itstime(step, self.log_every, self.num_steps):
         log.flush()
       if save:
-        checkpoint.save(self.mngr, step, state)
+        with clock.timing("save"):
+          checkpoint.save(self.mngr, step, state)
       if preempted:
         raise signals.stop(step, checkpoint.step_dir(self.mngr, step))
       for ev in evaluators:
         if itstime(step, ev.every, self.num_steps):
-          _evaluate(ev, state, writer, step)
+          _evaluate(ev, state, writer, step, clock)
+      # The rest of the iteration is the step's (with JAX's asynchronous dispatch, a log
+      # step's fetch of the metrics waits for the steps before it).
+      clock.add(clock.step_part(step),
+                time.perf_counter() - began - (clock.accounted() - accounted))
     for ev in evaluators:
       if ev.every >= 0:
-        _evaluate(ev, state, writer, max(start, self.num_steps))
+        _evaluate(ev, state, writer, max(start, self.num_steps), clock)
+    writer.write(max(start, self.num_steps), clock.totals())
+    logging.info("%s%s.", f"{self.what.capitalize()}: " if self.what else "Run: ",
+                 clock.summary())
     return state
 
 
-def _evaluate(ev, state, writer, step):
-  results = dict(ev.run(state))
+def _first_step(step_fn, state, batch, writer, clock, what, step):
+  """The first step of a process, waited for: its compile (or load from the persistent cache)
+  and one step, logged and written with the time from the process's start to its end."""
+  with compile_cache.Watch() as cache, clock.timing("compile"):
+    state, step_metrics = jax.block_until_ready(step_fn(state, batch))
+  since_start = time.time() - clock.started
+  source = ("loaded from the persistent compilation cache" if cache.hit else
+            "compiled (saved to the persistent compilation cache)" if cache.used else
+            "compiled")
+  logging.info("%sirst step %s in %.1f s; %.1f s after the start.",
+               f"{what.capitalize()}: f" if what else "F", source, clock.seconds["compile"],
+               since_start)
+  writer.write(step, {"time_to_first_step_s": since_start,
+                      "compile_cache_hit": float(cache.hit)})
+  return state, step_metrics
+
+
+def _evaluate(ev, state, writer, step, clock):
+  with clock.timing("evaluation"):
+    results = dict(ev.run(state))
   logging.info("%s at step %d: %s", ev.name, step,
                ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
   writer.write(step, results)

@@ -27,7 +27,7 @@ import os
 import signal
 import sys
 
-from sce_jax import preemption
+from sce_jax import goodput, preemption  # noqa: F401  (goodput first: its clock starts)
 
 if __name__ == "__main__":  # The command line, not an import: before the imports below.
   preemption.install()
@@ -37,7 +37,8 @@ import jax
 from absl import app, flags, logging
 from etils import epath
 
-from sce_jax import checkpoint, cli, evaluators, exits, logs, schema, sharding, train, weights
+from sce_jax import checkpoint, cli, compile_cache, evaluators, exits, logs, schema, sharding
+from sce_jax import train, weights
 from sce_jax import config as sce_config
 from sce_jax import workdir as workdir_lib
 from sce_jax.data import images, sources
@@ -134,6 +135,7 @@ def main(argv):
   logs.setup(flags.FLAGS.verbosity)
   config, workdir = _CONFIG.value, _WORKDIR.value
   _set_xla_flags(config)
+  compile_cache.enable(config)
   _initialize_distributed()
   if jax.process_index() > 0:  # Process 0 logs the run; the others only what goes wrong.
     logging.set_verbosity(logging.WARNING)

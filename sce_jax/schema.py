@@ -28,6 +28,7 @@ from sce_jax.models import heads, sce, trunks, vit
 ENUMS = {
     "model.trunk": trunks.TRUNKS,
     "model.dtype": sce.DTYPES,
+    "model.remat": trunks.REMATS,
     "model.pos_embed": vit.POS_EMBEDS,
     "model.pool": vit.POOLS,
     "model.projector.norm": heads.NORMS,

@@ -134,9 +134,9 @@ def environment(no_tf):
           "PYTHONPATH": str(no_tf)}
 
 
-def run(cmd, no_tf, returncode=0):
-  out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=environment(no_tf),
-                       timeout=240)
+def run(cmd, no_tf, returncode=0, env=()):
+  out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
+                       env={**environment(no_tf), **dict(env)}, timeout=240)
   assert out.returncode == returncode, out.stderr[-3000:]
   return out.stderr
 
@@ -182,11 +182,12 @@ def test_command_line_interrupt_resume_evaluate(cifar_root, no_tf, tmp_path):
   assert f"Restored step {stopped} from {workdir}/checkpoints/{stopped} (checksums verified)." in (
       lines)
   # The default output: a warning (max_steps changed), the restore, the summary, the parameter
-  # count, a line per log step (every 4) and per checkpoint (every 8, and the last).
-  kinds = ("The config differs", "Restored step", "SCE pretraining", "Parameters: ", "step ",
-           "Saving step ")
+  # count, the first step's compile, a line per log step (every 4) and per checkpoint (every
+  # 8, and the last), the goodput.
+  kinds = ("The config differs", "Restored step", "SCE pretraining", "Parameters: ",
+           "First step ", "step ", "Saving step ", "Run: goodput ")
   assert all(line.startswith(kinds) for line in lines), stderr
-  assert len(lines) <= 8
+  assert len(lines) <= 10
   assert max(metrics.read(workdir)) == stopped + 4
   assert checkpoint.manager(workdir, smoke_config(cifar_root).checkpoint).latest_step() == (
       stopped + 4)
@@ -200,6 +201,41 @@ def test_command_line_interrupt_resume_evaluate(cifar_root, no_tf, tmp_path):
   linear = json.loads((workdir / "eval_linear.json").read_text())
   assert 0 <= linear["linear_top1"] <= linear["linear_top5"] <= 1
   assert (workdir / "linear" / "metrics.jsonl").read_text().splitlines()
+
+
+def test_restart_loads_the_step_from_the_compile_cache_and_accounts_for_its_time(
+    cifar_root, no_tf, tmp_path):
+  """Two starts of a smoke run in fresh processes, the second a restart that resumes it: the
+  second loads its step from the persistent compilation cache (JAX's cache-hit event) and says
+  so; both write time_to_first_step_s and, at every log step and at the end, goodput and the
+  seconds of each part of the wall time (goodput.py), which add up to it and add up over the
+  restart."""
+  workdir, cache = tmp_path / "work", tmp_path / "xla"
+  flags = (f"--config.compile_cache_dir={cache}", "--config.log_every_steps=2")
+  env = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # cache even a fast compile
+  first = run(command(cifar_root, workdir, *flags, "--config.max_steps=2"), no_tf, env=env)
+  assert any(m.startswith("First step compiled (saved to the persistent compilation cache)")
+             for m in messages(first)), first
+  assert any(cache.iterdir())
+  second = run(command(cifar_root, workdir, *flags, "--config.max_steps=4"), no_tf, env=env)
+  assert any(m.startswith("First step loaded from the persistent compilation cache in ")
+             for m in messages(second)), second
+  lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  firsts = [r for r in lines if "time_to_first_step_s" in r]
+  assert [(r["step"], r["compile_cache_hit"]) for r in firsts] == [(1, 0.0), (3, 1.0)]
+  assert all(r["time_to_first_step_s"] > 0 for r in firsts)
+  totals = [r for r in lines if "goodput" in r]
+  assert [r["step"] for r in totals] == [2, 2, 4, 4]  # log steps and each start's end
+  parts = ("productive", "compile", "restore", "data_wait", "evaluation", "save",
+           "restart_lost", "other")
+  for r in totals:
+    assert 0 < r["goodput"] < 1 and all(r[f"{k}_s"] >= 0 for k in parts[:-1])
+    assert math.isclose(sum(r[f"{k}_s"] for k in parts), r["wall_s"], rel_tol=1e-9)
+    assert math.isclose(r["goodput"], r["productive_s"] / r["wall_s"], rel_tol=1e-9)
+  assert totals[2]["wall_s"] > totals[1]["wall_s"] and totals[2]["restore_s"] > 0
+  assert totals[0]["restore_s"] == totals[1]["restore_s"] == 0  # a fresh start
+  assert totals[1]["restart_lost_s"] == totals[3]["restart_lost_s"] == 0  # nothing run twice
+  assert messages(second)[-1].startswith("Run: goodput ")
 
 
 def test_command_line_transfer_and_finetune(cifar_root, no_tf, tmp_path):

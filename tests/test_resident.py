@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from sce_jax import sharding, train
-from sce_jax.data import resident as resident_lib, sources
+from sce_jax.data import presets, resident as resident_lib, sources
 from tests import test_train_step
 
 N = 40  # images in the resident set: an epoch is 2.5 batches of 16
@@ -26,6 +26,7 @@ def test_every_image_once_per_epoch_and_exact_resume():
   mesh = sharding.make_mesh()
   resident = resident_lib.load(resident_set(8), mesh)
   assert resident.images.sharding.is_fully_replicated
+  assert resident.images.shape == (N, 8 * 8 * 3)  # square images held flat (resident.flat)
   steps = indices(resident, mesh, 10)  # 160 positions: 4 epochs of 40
   first = next(resident_lib.train_batches(resident, global_batch_size=16, seed=0, start_step=0,
                                           mesh=mesh))
@@ -42,6 +43,21 @@ def test_every_image_once_per_epoch_and_exact_resume():
   one = resident_lib.load(resident_set(8), sharding.make_mesh(jax.devices()[:1]))
   np.testing.assert_array_equal(  # The device count does not change the batches.
       np.stack(indices(one, sharding.make_mesh(jax.devices()[:1]), 10)), np.stack(steps))
+
+
+def test_flat_square_images_give_the_same_views():
+  """`prepare` on the flat rows of square images (resident.flat, no per-step relayout on TPU)
+  equals it on (N, H, W, 3) images: the same bytes gathered and reshaped, the same ops after."""
+  images = resident_set(8).images
+  specs, key = presets.get("cifar", 8), jax.random.key(3)
+  index = jax.numpy.array([5, 0, 39, 5])
+  views = lambda held: resident_lib.prepare(
+      key, {"images": held, "labels": np.arange(N), "index": index}, specs=specs,
+      mean=presets.CIFAR10_MEAN, std=presets.CIFAR10_STD)
+  flat, full = views(resident_lib.flat(images)), views(images)
+  assert resident_lib.flat(images).shape == (N, 192)
+  jax.tree.map(np.testing.assert_array_equal, flat, full)
+  assert len(flat["views"]) == 2 and flat["views"][0].shape == (4, 8, 8, 3)
 
 
 def test_load_falls_back_when_the_set_does_not_fit(monkeypatch):

@@ -11,9 +11,15 @@ device count changes nothing. Inside the jitted step (`prepare`) each view is cr
 torchvision's RandomResizedCrop rule with Pillow's antialiased bilinear resize, then flipped and
 coloured (`augment.crop_and_augment`), one key per image of the global batch (docs/SCE.md
 section 6).
+
+Square images are held flat, (N, H * W * 3): a TPU tiles an array's two minor dimensions, and
+(N, 32, 32, 3) uint8 has a minor dimension of 3, so XLA copied the whole CIFAR set into a
+padded layout in every step (614 MB of the step's 0.89 GiB on v5e, benchmarks/RESULTS.md);
+rows of 3072 bytes are gathered as they lie.
 """
 import functools
 import itertools
+import math
 import os
 from typing import NamedTuple
 
@@ -32,7 +38,7 @@ MEMORY_FRACTION = 0.25
 
 class Resident(NamedTuple):
   """A training set on the mesh, replicated."""
-  images: jax.Array  # (N, H, W, 3) uint8
+  images: jax.Array  # (N, H * W * 3) uint8 of square images (`flat`), else (N, H, W, 3)
   labels: jax.Array  # (N,) int32
 
   @property
@@ -82,7 +88,13 @@ def load(source, mesh):
   replicated = sharding.replicated(mesh)
   logging.vlog(1, "data.on_device: %d train images of %s (%.2f GB) on each device.",
                len(labels), shape, need / 1e9)
-  return Resident(sharding.put(images, replicated), sharding.put(labels, replicated))
+  return Resident(sharding.put(flat(images), replicated), sharding.put(labels, replicated))
+
+
+def flat(images):
+  """(N, H, W, 3) images as `Resident` holds them: rows of H * W * 3 when H == W."""
+  n, h, w, _ = images.shape
+  return images.reshape(n, -1) if h == w else images
 
 
 def batch_indices(epoch, offset, *, seed, num_examples, batch_size):
@@ -119,5 +131,8 @@ def prepare(key, batch, *, specs, mean, std):
   """The step's input stage: the batch's images gathered from the resident set, then
   `augment.crop_and_augment` (one random resized crop per view of `specs`, flips, colours).
   Returns {'views': normalised float views, 'label'}."""
-  gathered = {"image": batch["images"][batch["index"]], "label": batch["labels"][batch["index"]]}
-  return augment.crop_and_augment(key, gathered, specs, mean, std)
+  images, labels = batch["images"][batch["index"]], batch["labels"][batch["index"]]
+  if images.ndim == 2:  # flat square images (`flat`)
+    side = math.isqrt(images.shape[1] // 3)
+    images = images.reshape(-1, side, side, 3)
+  return augment.crop_and_augment(key, {"image": images, "label": labels}, specs, mean, std)

@@ -144,10 +144,13 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
   bn_splits: int = 0        # > 0: every BatchNorm is a SplitBatchNorm (shuffle-BN target).
   f32_weight_grads: bool = True  # of bfloat16/float16 convolutions (models/precision.py)
+  remat: bool = False       # recompute each block's activations in the backward pass (sce.py)
 
   @nn.compact
   def __call__(self, x, train: bool = True, positions=None):
     """positions: (N,) the rows' order for the BatchNorm groups (`SplitBatchNorm`)."""
+    # static_argnums counts `self`: `train` (2) is a Python bool.
+    block = nn.remat(self.block, static_argnums=(2,)) if self.remat else self.block
     x = x.astype(self.dtype)
     if self.small_stem:  # The authors' replacement nn.Conv2d keeps PyTorch's init (docs 4).
       x = conv(self.width, 3, 1, "conv1", self.dtype, inits.torch_default,
@@ -160,7 +163,7 @@ class ResNet(nn.Module):
     for i, blocks in enumerate(self.stage_sizes):
       for j in range(blocks):
         stride = 2 if i > 0 and j == 0 else 1
-        x = self.block(self.width * 2**i, stride, self.dtype, self.bn_splits,
+        x = block(self.width * 2**i, stride, self.dtype, self.bn_splits,
                        self.f32_weight_grads, name=f"layer{i + 1}_{j}")(x, train, positions)
     return jnp.mean(x, axis=(1, 2))
 
@@ -174,9 +177,10 @@ ARCHS = {
 }
 
 
-def resnet(name: str, **kwargs) -> ResNet:
+def resnet(name: str, module=ResNet, **kwargs) -> ResNet:
+  """ResNet `name` of ARCHS; module: ResNet or a lifted transform of it (trunks.make_trunk)."""
   stages, block = ARCHS[name]
-  return ResNet(stages, block, **kwargs)
+  return module(stages, block, **kwargs)
 
 
 def feature_dim(name: str, width: int = 64) -> int:
@@ -188,6 +192,7 @@ def feature_dim(name: str, width: int = 64) -> int:
 # The trunk family (models/trunks.py): what the rest of sce_jax asks of a ResNet.
 
 NAME = "ResNet"
+MODULE = ResNet
 HAS_BATCH_STATS = True        # shuffle-BN (sce.target_bn_splits) splits them
 TORCH_LAYOUT = "torchvision"  # the weights' torch layout (weights.py)
 MARK = "conv1"                # a top-level name of its weights, flax or torch
@@ -196,10 +201,11 @@ EVAL_KEYS = ()                # model keys evaluation features depend on besides
 TINY = dict(width=8)          # the benchmarks' CPU stand-in
 
 
-def build(model_cfg, bn_splits=0) -> ResNet:
-  """The trunk of config.model; bn_splits > 0: BatchNorm statistics of that many groups of the
-  batch (`SplitBatchNorm`), the same variables."""
-  return resnet(model_cfg.trunk, width=model_cfg.width or WIDTH,
+def build(model_cfg, bn_splits=0, module=ResNet, remat_blocks=False) -> ResNet:
+  """The trunk of config.model (trunks.make_trunk); bn_splits > 0: BatchNorm statistics of that
+  many groups of the batch (`SplitBatchNorm`), the same variables."""
+  return resnet(model_cfg.trunk, module=module, remat=remat_blocks,
+                width=model_cfg.width or WIDTH,
                 small_stem=model_cfg.small_stem, dtype=jnp.dtype(model_cfg.dtype),
                 bn_splits=bn_splits, f32_weight_grads=model_cfg.get("f32_weight_grads", True))
 

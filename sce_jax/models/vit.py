@@ -210,9 +210,12 @@ class ViT(nn.Module):
   drop_path: float = 0.0       # the last block's rate; block i gets i / (depth - 1) of it
   dtype: Any = jnp.float32
   f32_weight_grads: bool = True  # of bfloat16/float16 layers (models/precision.py)
+  remat: bool = False          # recompute each block's activations in the backward pass (sce.py)
 
   @nn.compact
   def __call__(self, x, train: bool = True):
+    # static_argnums counts `self`: `train` (2) is a Python bool.
+    block = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
     x = PatchEmbed(self.width, self.patch_size, self.dtype, self.f32_weight_grads,
                    name="patch_embed")(
         x.astype(self.dtype))
@@ -231,22 +234,24 @@ class ViT(nn.Module):
     x = x + resample_pos_embed(pos, (h, w), self.pos_resample).astype(self.dtype)
     rates = np.linspace(0.0, self.drop_path, self.depth)  # timm's and eztorch's rule
     for i in range(self.depth):
-      x = Block(self.num_heads, self.mlp_ratio, float(rates[i]), self.dtype,
+      x = block(self.num_heads, self.mlp_ratio, float(rates[i]), self.dtype,
                 self.f32_weight_grads, name=f"blocks_{i}")(x, train)
     x = _layer_norm("norm", self.dtype)(x)
     return x[:, 0] if self.pool == "cls" else jnp.mean(x[:, 1:], axis=1)
 
 
-def vit(name, *, width=0, depth=0, num_heads=0, **kwargs) -> ViT:
-  """ViT `name` of ARCHS, with `dims`' overrides (0: the standard value)."""
+def vit(name, *, width=0, depth=0, num_heads=0, module=ViT, **kwargs) -> ViT:
+  """ViT `name` of ARCHS, with `dims`' overrides (0: the standard value); module: ViT or a
+  lifted transform of it (trunks.make_trunk)."""
   width, depth, num_heads = dims(name, width, depth, num_heads)
-  return ViT(width, depth, num_heads, **kwargs)
+  return module(width, depth, num_heads, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
 # The trunk family (models/trunks.py): what the rest of sce_jax asks of a ViT.
 
 NAME = "ViT"
+MODULE = ViT
 HAS_BATCH_STATS = False  # no BatchNorm, so no shuffle-BN
 TORCH_LAYOUT = "timm"    # the weights' torch layout (weights.py)
 MARK = "cls_token"       # a top-level name of its weights, flax or torch
@@ -258,10 +263,11 @@ EVAL_KEYS = ("pos_resample",)
 TINY = dict(width=16, depth=2, num_heads=2, patch_size=4)  # the benchmarks' CPU stand-in
 
 
-def build(model_cfg, bn_splits=0) -> ViT:
-  """The trunk of config.model; a ViT has no BatchNorm to split (bn_splits is 0)."""
+def build(model_cfg, bn_splits=0, module=ViT, remat_blocks=False) -> ViT:
+  """The trunk of config.model (trunks.make_trunk); a ViT has no BatchNorm to split (bn_splits
+  is 0)."""
   del bn_splits
-  return vit(model_cfg.trunk, width=model_cfg.width, depth=model_cfg.depth,
+  return vit(model_cfg.trunk, module=module, remat=remat_blocks, width=model_cfg.width, depth=model_cfg.depth,
              num_heads=model_cfg.num_heads, patch_size=model_cfg.patch_size,
              pos_embed=model_cfg.pos_embed, pool=model_cfg.pool,
              pos_resample=model_cfg.get("pos_resample", "timm"), drop_path=model_cfg.drop_path,
