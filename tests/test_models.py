@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sce_jax.models import heads, precision, resnet, sce
+from sce_jax.models import heads, precision, resnet, sce, trunks
 from tests.helpers import load_config
 
 
@@ -315,3 +315,22 @@ def test_f32_weight_grads_switch(f32_weight_grads):
   jaxpr = str(jax.make_jaxpr(jax.grad(loss))(v["params"]))
   convs_and_denses = 20 + 2  # ResNet-18's convolutions (with 3 shortcuts) and the projector's
   assert jaxpr.count("custom_vjp_call") == (convs_and_denses if f32_weight_grads else 0)
+
+
+@pytest.mark.parametrize("name", ["cifar10_r18", "cifar10_vit"])
+def test_trunk_family_reads_its_own_weights(name):
+  """models/trunks.py: each model.trunk has one family, which recognises the trunk it builds
+  from its weights' names, reads back the config keys its shapes imply, and gives its feature
+  width."""
+  cfg = load_config(name, "smoke").model
+  family = trunks.family(cfg)
+  assert sum(cfg.trunk in f.ARCHS for f in trunks.FAMILIES) == 1
+  params = _params(trunks.make_trunk(cfg), train=False)
+  assert trunks.of_weights(params) is family
+  assert family.check_weights(params, cfg, "online") == []
+  implied = cfg.copy_and_resolve_references()
+  implied.update(family.infer_config(params, cfg.num_heads))  # heads are not in the weights
+  assert family.describe(implied) == family.describe(cfg)
+  feats = jax.eval_shape(lambda: trunks.make_trunk(cfg).init_with_output(
+      jax.random.key(0), jnp.zeros((2, 32, 32, 3)), train=False)[0])
+  assert feats.shape == (2, trunks.feature_dim(cfg))
