@@ -358,3 +358,22 @@ def test_remat_keeps_variables_loss_and_gradients(trunk):
       assert norm(jax.tree.map(jnp.subtract, new, old)) <= 1.2e-4 * norm(old), remat
     assert float(value2) > 0 and any(float(jnp.abs(g).max()) > 0 for g in
                                      jax.tree.leaves(grads2))
+
+
+@pytest.mark.parametrize("name", ["cifar10_r18", "cifar10_vit"])
+def test_trunk_family_reads_its_own_weights(name):
+  """models/trunks.py: each model.trunk has one family, which recognises the trunk it builds
+  from its weights' names, reads back the config keys its shapes imply, and gives its feature
+  width."""
+  cfg = load_config(name, "smoke").model
+  family = trunks.family(cfg)
+  assert sum(cfg.trunk in f.ARCHS for f in trunks.FAMILIES) == 1
+  params = _params(trunks.make_trunk(cfg), train=False)
+  assert trunks.of_weights(params) is family
+  assert family.check_weights(params, cfg, "online") == []
+  implied = cfg.copy_and_resolve_references()
+  implied.update(family.infer_config(params, cfg.num_heads))  # heads are not in the weights
+  assert family.describe(implied) == family.describe(cfg)
+  feats = jax.eval_shape(lambda: trunks.make_trunk(cfg).init_with_output(
+      jax.random.key(0), jnp.zeros((2, 32, 32, 3)), train=False)[0])
+  assert feats.shape == (2, trunks.feature_dim(cfg))
