@@ -46,7 +46,7 @@ def _cfg(**overrides):
   cfg = dict(source="folder", name="", path="", eval_path="", data_dir=None, train_split="train",
              eval_split="test", image_size=32, loader="auto", shuffle_buffer=64, num_workers=0,
              prefetch=2, cache=False, strict=False, eval_resize=0, eval_interpolation="bilinear",
-             host_stage="crops", decode_size=512, labels="auto")
+             host_stage="crops", decode_size=512, labels="auto", cache_dir="")
   return ml_collections.ConfigDict({**cfg, **overrides})
 
 

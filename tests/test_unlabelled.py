@@ -2,7 +2,9 @@
 folders, an archive of one and a file list train without labels; the evaluations that need
 labels read a labelled set given apart (eval.data) or are skipped, saying why."""
 import logging
+import os
 import tarfile
+import time
 
 import jax
 import numpy as np
@@ -94,3 +96,27 @@ def test_a_flat_folder_trains_and_knn_reads_a_labelled_set_apart(cifar_root, tmp
   assert sorted(logged) == [1, 2]
   assert "probe_loss" not in logged[1]
   assert 0 <= logged[2]["knn_top1"] <= logged[2]["knn_top5"] <= 1
+
+
+def test_the_file_list_is_cached_until_a_folder_changes(tmp_path, monkeypatch):
+  """The second listing is read from the cache (no walk); a file added or removed in a nested
+  folder (its folder's mtime changes) is seen at the next start; class folders read the same
+  list as without a cache."""
+  root = write_images(tmp_path / "data", ["a/1.jpg", "a/x/2.jpg", "b/3.jpg"])
+  for folder in (root, root / "a", root / "a/x", root / "b"):  # an hour old: not racy
+    os.utime(folder, (time.time() - 3600,) * 2)
+  cache = tmp_path / "cache"
+  first = folders.image_files(root, cache)
+  assert first == ["a/1.jpg", "a/x/2.jpg", "b/3.jpg"] == folders.image_files(root)
+  walk = folders._listing  # pylint: disable=protected-access
+  monkeypatch.setattr(folders, "_listing", lambda r: pytest.fail("listed again"))
+  assert folders.image_files(root, cache) == first
+  monkeypatch.setattr(folders, "_listing", walk)
+  write_images(root, ["a/x/4.jpg"])
+  assert folders.image_files(root, cache) == ["a/1.jpg", "a/x/2.jpg", "a/x/4.jpg", "b/3.jpg"]
+  (root / "a/1.jpg").unlink()
+  assert folders.image_files(root, cache) == ["a/x/2.jpg", "a/x/4.jpg", "b/3.jpg"]
+  cached = sources.ImageFolder(root, cache_dir=cache)
+  assert cached.paths == sources.ImageFolder(root).paths == [
+      str(root / p) for p in ("a/x/2.jpg", "a/x/4.jpg", "b/3.jpg")]
+  assert list(cached.labels) == [0, 0, 1] and cached.classes == ["a", "b"]

@@ -10,11 +10,14 @@ import atexit
 import contextlib
 import functools
 import gzip
+import hashlib
+import json
 import os
 import pathlib
 import shutil
 import tarfile
 import tempfile
+import time
 import zlib
 
 import numpy as np
@@ -27,6 +30,8 @@ EVAL_SPLITS = ("test", "val", "validation")
 # data.labels: "folders" (class folders), "none" (every image, no labels), "auto" (`choose_labels`).
 LABELS = ("auto", "folders", "none")
 _ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+_LISTING_FORMAT = 1  # of the cached file lists (`image_files`); bump when it changes
+_RACY_NS = 2_000_000_000  # mtimes this close to a listing are not trusted (FAT: 2 s ticks)
 
 
 def is_archive(path) -> bool:
@@ -156,16 +161,49 @@ def find_eval_path(path, split: str = "test"):
   return found
 
 
-def image_files(root) -> list[str]:
-  """Every image file under `root`, at any depth, as paths relative to it, folder by folder in
-  name order."""
-  out = []
-  for folder, dirs, files in os.walk(root):
-    dirs.sort()
-    rel = os.path.relpath(folder, root)
-    out += [os.path.normpath(os.path.join(rel, f)) for f in sorted(files)
-            if f.lower().endswith(IMAGE_EXTENSIONS)]
-  return out
+def _listing(root):
+  """({folder relative to root: its mtime in ns}, image files relative to root), the folders in
+  sorted order of their paths and each folder's files sorted by name."""
+  folders, found = {}, []
+  for folder, _, files in os.walk(root):
+    rel = os.path.normpath(os.path.relpath(folder, root))
+    folders[rel] = os.stat(folder).st_mtime_ns
+    found.append((rel, sorted(f for f in files if f.lower().endswith(IMAGE_EXTENSIONS))))
+  found.sort()
+  return folders, [os.path.normpath(os.path.join(rel, f)) for rel, files in found for f in files]
+
+
+def image_files(root, cache_dir=None) -> list[str]:
+  """Every image file under `root`, at any depth, as paths relative to it, folder after folder
+  in sorted order of their paths (as `sorted(os.walk(root))`), each folder's in name order.
+
+  cache_dir: the listing is kept there (beside the array cache) and read back while no folder's
+  modification time has changed: a file added, removed or renamed anywhere below changes its
+  folder's, so a start checks the folders with one stat each instead of listing every file
+  (millions for ImageNet; benchmarks/RESULTS.md, File lists). As git's index, a folder changed
+  less than _RACY_NS before the listing began is not trusted (a file system stores times in
+  coarse ticks), and the folder is listed again."""
+  root = pathlib.Path(root).resolve()
+  entry = None
+  if cache_dir:
+    cache_dir = pathlib.Path(cache_dir).expanduser()
+    digest = hashlib.sha256(f"{root}\0{_LISTING_FORMAT}".encode()).hexdigest()[:16]
+    entry = cache_dir / f"{root.name}.files.{digest}.json"
+    with contextlib.suppress(OSError, ValueError, KeyError):
+      cached = json.loads(entry.read_text())
+      if all(os.stat(root / rel).st_mtime_ns == t < cached["listed_at"] - _RACY_NS
+             for rel, t in cached["folders"].items()):
+        return cached["files"]
+  listed_at = time.time_ns()
+  folders, files = _listing(root)
+  if entry is not None:
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = entry.with_name(f".{entry.name}.{os.getpid()}")
+    tmp.write_text(json.dumps({"folders": folders, "files": files, "listed_at": listed_at}))
+    os.replace(tmp, entry)  # whole or absent, as the array cache's entries
+    logging.info("Listed %d images under %s; the list is cached in %s.", len(files), root,
+                 entry)
+  return files
 
 
 def archive_images(archive) -> list[str]:

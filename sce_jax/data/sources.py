@@ -37,9 +37,11 @@ class ImageFolder:
   listing image paths (`folders.read_list`).
   """
 
-  def __init__(self, path, split: str = "train", classes=None, labels="folders"):
+  def __init__(self, path, split: str = "train", classes=None, labels="folders",
+               cache_dir=None):
     """classes: the class names that labels index, as `folders.labelled`; labels: 'folders' or
-    'none' (data.labels, resolved)."""
+    'none' (data.labels, resolved); cache_dir: where the file list is cached
+    (`folders.image_files`)."""
     path = pathlib.Path(path)
     if not path.exists():
       raise DataError(
@@ -54,21 +56,22 @@ class ImageFolder:
     else:
       if folders.is_archive(path):
         path = folders.extract(str(path.resolve()))
+        cache_dir = None  # a new temporary folder at each start: nothing to cache
       if labels == "none":
         self.root = folders.split_root(path, split)
-        self.paths = [str(self.root / f) for f in folders.image_files(self.root)]
+        self.paths = [os.path.join(self.root, f)
+                      for f in folders.image_files(self.root, cache_dir)]
         if not self.paths:
           raise DataError(f"no {'/'.join(IMAGE_EXTENSIONS)} images under {self.root}")
     if labels == "none":
       self.classes, self.labels = [], np.zeros(len(self.paths), np.int32)
       return
     self.root = folders.class_root(path, split)
-    found = {}
-    for name in sorted(d.name for d in self.root.iterdir() if d.is_dir()):
-      for folder, _, files in sorted(os.walk(self.root / name)):
-        found.setdefault(name, []).extend(
-            os.path.join(folder, f) for f in sorted(files)
-            if f.lower().endswith(IMAGE_EXTENSIONS))
+    found = {name: [] for name in sorted(d.name for d in self.root.iterdir() if d.is_dir())}
+    for f in folders.image_files(self.root, cache_dir):
+      name, sep, _ = f.partition(os.sep)
+      if sep:  # images in a class folder, at any depth below it
+        found[name].append(os.path.join(self.root, f))
     self.classes, self.paths, self.labels = folders.labelled(found, self.root, classes)
 
   def __len__(self):
@@ -253,7 +256,8 @@ def _labels(data_cfg, path) -> str:
     chosen = ("folders" if archive_cache.is_cifar(path) else
               folders.choose_labels(folders.archive_images(path), data_cfg.train_split))
   else:
-    chosen = folders.choose_labels(folders.image_files(path), data_cfg.train_split)
+    chosen = folders.choose_labels(folders.image_files(path, data_cfg.cache_dir),
+                                   data_cfg.train_split)
   logging.info("data.labels=auto: %s", f"{path} has class folders; labelled by them." if
                chosen == "folders" else f"{path} has no class folders; unlabelled (evaluations "
                "that need labels read eval.data).")
@@ -282,7 +286,7 @@ def _folder(data_cfg, split, train=None):
     if train is not None:
       raise DataError(f"data.path={path} has no labels, so it has no evaluation split; set "
                       "--config.eval.data.path (or eval.data.name) to a labelled set.")
-    return ImageFolder(path, split, labels="none")
+    return ImageFolder(path, split, labels="none", cache_dir=data_cfg.cache_dir)
   if split != data_cfg.train_split:
     both = archive(path) and archive_cache.is_cifar(path)
     path = data_cfg.eval_path or (path if both else folders.find_eval_path(path, split))
@@ -291,7 +295,7 @@ def _folder(data_cfg, split, train=None):
     cached = archive_cache.read(path, split, data_cfg.cache_dir, classes)
     if cached is not None:
       return InMemory(*cached)
-  return ImageFolder(path, split, classes=classes)
+  return ImageFolder(path, split, classes=classes, cache_dir=data_cfg.cache_dir)
 
 
 # data.source -> how a split is opened, (data_cfg, split, the opened training split or None).
