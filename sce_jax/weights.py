@@ -306,7 +306,11 @@ def read(path, allow_pickle=False, only=None):
     raise FileNotFoundError(f"No such checkpoint: {path}")
   if path.suffix == ".safetensors":
     import safetensors.numpy  # pylint: disable=g-import-not-at-top
-    flat = safetensors.numpy.load_file(path)
+    try:
+      flat = safetensors.numpy.load_file(path)
+    except (safetensors.SafetensorError, OSError) as e:
+      raise ValueError(f"{path} is not a readable safetensors file ({e}); convert or copy it "
+                       "again.") from e
     if flat and all(k.split("/")[0] in COLLECTIONS for k in flat):
       return flax.traverse_util.unflatten_dict(flat, sep="/"), "sce_jax"
     state_dict = _unwrap(flat)
@@ -327,7 +331,7 @@ def _block_counts(trunk_params):
   counts = {}
   for name in trunk_params:
     m = re.fullmatch(r"layer(\d+)_(\d+)", name)
-    if m:
+    if m and "conv1" in trunk_params[name]:  # a block; a stray key alone is not one
       counts[int(m[1])] = max(counts.get(int(m[1]), 0), int(m[2]) + 1)
   stages = tuple(counts.get(i, 0) for i in range(1, max(counts, default=0) + 1))
   return stages, "conv3" in trunk_params.get("layer1_0", {})
@@ -378,7 +382,8 @@ def _vit_dims(trunk_params):
   """(width, blocks, patch size) of a ViT trunk, from its shapes and module names."""
   kernel = np.shape(trunk_params.get("patch_embed", {}).get("proj", {}).get("kernel", ()))
   return (int(np.shape(trunk_params["cls_token"])[-1]),
-          sum(bool(re.fullmatch(r"blocks_\d+", k)) for k in trunk_params),
+          sum(bool(re.fullmatch(r"blocks_\d+", k)) and "qkv" in trunk_params[k].get("attn", {})
+              for k in trunk_params),  # blocks; a stray key alone is not one
           int(kernel[0]) if len(kernel) == 4 else 0)
 
 
@@ -496,9 +501,9 @@ def check_variables(variables, model_cfg, parts=None, source="checkpoint", layou
       got[pos] = expected[pos]
     problems += _compare(got, expected, net, layout)
   if problems:
-    shown = problems[:12] + ([f"... and {len(problems) - 12} more"] if len(problems) > 12 else [])
-    raise ValueError(f"{source} does not match the model config ({describe_trunk(model_cfg)}):"
-                     "\n  " + "\n  ".join(shown))
+    shown = problems[:12] + ([f"and {len(problems) - 12} more"] if len(problems) > 12 else [])
+    raise ValueError(f"{source} does not match the model config ({describe_trunk(model_cfg)}): "
+                     + "; ".join(shown))
 
 
 def _compare(got, expected, net, layout):
