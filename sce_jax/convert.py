@@ -15,15 +15,17 @@ layout and a ViT trunk in timm's unless --layout says otherwise; detectron2: the
 as the .pkl detectron2 loads for a pretrained backbone (MODEL.WEIGHTS; launch/detection/).
 """
 import argparse
+import json
 import pathlib
 import pickle
 import sys
 
 import flax.traverse_util
+import ml_collections
 import numpy as np
 
 from sce_jax import config as sce_config
-from sce_jax import logs, weights
+from sce_jax import logs, weights, workdir
 from sce_jax.models import trunks
 from sce_jax.weights import NETS
 
@@ -85,22 +87,44 @@ def main(argv=None):
                       help="let torch.load unpickle objects (Lightning .ckpt); trusted files only")
   args = parser.parse_args(argv)
   logs.quiet()
+  if args.direction == "in" and not args.dst.endswith(".safetensors"):
+    parser.error("in: DST must be a .safetensors file")
+  try:
+    _convert(args)
+  except (ValueError, OSError, ImportError) as e:  # ConfigError is a ValueError.
+    print(f"Error: {e}", file=sys.stderr)  # One line, as sce_jax.main's.
+    return 1
+  return 0
 
+
+def _workdir_model(src):
+  """config.model of the sce_jax workdir that `src` (the workdir, its checkpoints/ or a step
+  directory) belongs to, from its config.json; None if there is none."""
+  path = pathlib.Path(src)
+  for folder in [path, *path.parents][:4] if path.is_dir() else []:
+    if (folder / workdir.CONFIG).is_file():
+      return ml_collections.ConfigDict(json.loads((folder / workdir.CONFIG).read_text())["model"])
+  return None
+
+
+def _convert(args):
   variables, layout = weights.read(args.src, args.allow_pickle)
-  model_cfg = (sce_config.load(args.config).model if args.config
-               else weights.infer_model_config(variables, args.num_heads))
+  model_cfg = (sce_config.load(args.config).model if args.config else _workdir_model(args.src))
+  inferred = model_cfg is None
+  if inferred:
+    model_cfg = weights.infer_model_config(variables, args.num_heads)
   weights.check_variables(variables, model_cfg, source=args.src, layout=layout)
   trunk = weights.describe_trunk(model_cfg)
+  if inferred and trunks.family(model_cfg).NAME == "ViT" and not args.num_heads:
+    trunk += " (heads: width / 64, which the weights do not hold; set --num_heads)"
   if args.direction == "in":
-    if not args.dst.endswith(".safetensors"):
-      parser.error("in: DST must be a .safetensors file")
     save_safetensors(variables, args.dst, {"source": str(args.src), "trunk": trunk})
   elif args.layout == "detectron2":
     if not args.dst.endswith(".pkl"):
-      parser.error("out --layout detectron2: DST must be a .pkl file")
+      raise ValueError(f"out --layout detectron2 writes a .pkl file, not {args.dst}")
     if trunks.family(model_cfg).NAME != "ResNet":
-      parser.error("out --layout detectron2 takes a ResNet trunk; this one is a "
-                   f"{trunks.family(model_cfg).NAME}")
+      raise ValueError("out --layout detectron2 takes a ResNet trunk; this one is a "
+                       f"{trunks.family(model_cfg).NAME}")
     save_detectron2(weights.to_torch(variables, "detectron2", args.which), args.dst)
   else:
     out_layout = args.layout or trunks.family(model_cfg).TORCH_LAYOUT

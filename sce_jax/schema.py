@@ -157,9 +157,10 @@ def _check_ranges(config):
 
 def validate(config, num_devices, num_processes, workdir=None):
   """Raises ConfigError, naming the key and a fix, for a run that cannot work: a value outside
-  ENUMS or RANGES, a count in POSITIVE below 1, a batch that does not split over the devices
-  and processes or into the shuffle-BN groups, a queue that is not a positive multiple of the
-  keys written each step, a workdir (if given) that cannot be written. The data are checked
+  ENUMS or RANGES, a count in POSITIVE below 1, a data.path the source would not read, a batch
+  that does not split over the devices and processes or into the shuffle-BN groups, a queue
+  that is not a positive multiple of the keys written each step, a workdir (if given) that
+  cannot be written. The data are checked
   when they are opened (`sources.Splits`) and by `check_data_size`."""
   for key in POSITIVE:
     if config[key] <= 0:
@@ -171,6 +172,11 @@ def validate(config, num_devices, num_processes, workdir=None):
     if value not in allowed:
       raise ConfigError(f"{key}={value!r} is not a known value; set --config.{key} to one of "
                         f"{', '.join(map(repr, allowed))}.")
+  if config.data.path and config.data.source != "folder":
+    raise ConfigError(
+        f"data.path={config.data.path} is read by data.source='folder' only, and this config's "
+        f"source is {config.data.source!r} ({config.data.name!r}); add "
+        "--config.data.source=folder to read the path, or leave data.path empty.")
   for key in ("batch_size", "eval.batch_size", "eval.linear.batch_size",
               "eval.finetune.batch_size"):
     for count, what in ((num_devices, "devices"), (num_processes, "processes")):

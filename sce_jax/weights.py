@@ -325,7 +325,11 @@ def read(path, allow_pickle=False, only=None):
     raise FileNotFoundError(f"No such checkpoint: {path}")
   if path.suffix == ".safetensors":
     import safetensors.numpy  # pylint: disable=g-import-not-at-top
-    flat = safetensors.numpy.load_file(path)
+    try:
+      flat = safetensors.numpy.load_file(path)
+    except (safetensors.SafetensorError, OSError) as e:
+      raise ValueError(f"{path} is not a readable safetensors file ({e}); convert or copy it "
+                       "again.") from e
     if flat and all(k.split("/")[0] in COLLECTIONS for k in flat):
       return flax.traverse_util.unflatten_dict(flat, sep="/"), "sce_jax"
     state_dict = _unwrap(flat)
@@ -414,9 +418,9 @@ def check_variables(variables, model_cfg, parts=None, source="checkpoint", layou
   model_cfg = getattr(model_cfg, "model", model_cfg)
   problems = mismatches(variables, model_cfg, parts, source, layout)
   if problems:
-    shown = problems[:12] + ([f"... and {len(problems) - 12} more"] if len(problems) > 12 else [])
-    raise ValueError(f"{source} does not match the model config ({describe_trunk(model_cfg)}):"
-                     "\n  " + "\n  ".join(shown))
+    shown = problems[:12] + ([f"and {len(problems) - 12} more"] if len(problems) > 12 else [])
+    raise ValueError(f"{source} does not match the model config ({describe_trunk(model_cfg)}): "
+                     + "; ".join(shown))
 
 
 def mismatches(variables, model_cfg, parts=None, source="checkpoint", layout="sce_jax"):

@@ -417,6 +417,21 @@ def test_values_out_of_range(good, key):
                             f"value {words}{each}.")
 
 
+def test_data_path_with_a_tfds_source_says_what_to_set():
+  """README's CIFAR-100 archive with configs/cifar100_r18.py (a TFDS config): the path is not
+  ignored (the run would try to download), the error says to add data.source=folder."""
+  config = load_config("cifar100_r18", "smoke")
+  config.data.path = "cifar-100-python.tar.gz"
+  with pytest.raises(sce_config.ConfigError) as e:
+    sce_config.validate(config, 1, 1)
+  assert str(e.value) == (
+      "data.path=cifar-100-python.tar.gz is read by data.source='folder' only, and this "
+      "config's source is 'tfds' ('cifar100'); add --config.data.source=folder to read the "
+      "path, or leave data.path empty.")
+  config.data.source = "folder"
+  sce_config.validate(config, 1, 1)
+
+
 def test_every_numeric_key_has_a_range():
   """Every numeric key of base() (a number, or a tuple of numbers; not a boolean) is in
   schema.RANGES or POSITIVE, so that no setting escapes the checks (eval.finetune.base_lr=-0.5

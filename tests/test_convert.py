@@ -598,8 +598,56 @@ def test_cli_in_with_config(tmp_path, capsys):
   flat = safetensors.numpy.load_file(dst)
   assert "params/trunk/layer4_1/conv2/kernel" in flat
   assert "batch_stats/trunk/layer1_0/bn1/mean" in flat
-  with pytest.raises(ValueError, match="depth mismatch"):
-    convert.main(["in", str(src), str(dst), "--config", _r50_config(tmp_path)])
+  assert convert.main(["in", str(src), str(dst), "--config", _r50_config(tmp_path)]) == 1
+  assert "depth mismatch" in capsys.readouterr().err
+
+
+def test_cli_bad_inputs_are_one_line_errors(r50_file, tmp_path, capsys):
+  """Each bad input of `python -m sce_jax.convert` is one line naming it (exit status 1), as
+  sce_jax.main's errors: a missing, mis-shaped or stray key (a stray key in a block past the
+  last is reported as stray, not as a deeper trunk's missing keys), a missing or garbage file,
+  a config file that is missing or does not match."""
+  sd, _ = r50_file
+  vit = timm_vit_state(np.random.default_rng(14), width=32, depth=2, patch=8, grid=4)
+  cases = {
+      "missing key": ({k: v for k, v in sd.items() if k != "layer2.1.bn2.running_var"}, [],
+                      "missing key layer2.1.bn2.running_var"),
+      "wrong shape": (dict(sd, **{"layer1.0.conv2.weight": np.zeros((8, 4, 3, 3), np.float32)}),
+                      [], "shape mismatch at layer1.0.conv2.weight"),
+      "stray key": (dict(vit, **{"blocks.2.attn.extra.weight": np.zeros(4, np.float32)}), [],
+                    "unexpected key blocks.2.attn.extra.weight (sce_jax params/trunk/blocks_2/"
+                    "attn/extra/scale), shape (4,)"),
+      "missing file": (None, [], "No such checkpoint: "),
+      "garbage file": (b"not safetensors" * 9, [], "is not a readable safetensors file"),
+      "missing config": (vit, ["--config", str(tmp_path / "none.py")], "config file "),
+      "other config": (vit, ["--config", f"{ROOT}/configs/cifar10_r18.py:smoke"],
+                       "its online trunk is a ViT of width 32, 2 blocks, patch 8, but the config "
+                       "asks for resnet18"),
+  }
+  for name, (content, extra, message) in cases.items():
+    src = tmp_path / f"{name.replace(' ', '_')}.safetensors"
+    if isinstance(content, bytes):
+      src.write_bytes(content)
+    elif content is not None:
+      safetensors.numpy.save_file(content, src)
+    assert convert.main(["in", str(src), str(tmp_path / "out.safetensors"), *extra]) == 1, name
+    err = capsys.readouterr().err
+    assert err.startswith("Error: ") and err.count("\n") == 1 and message in err, (name, err)
+  assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_cli_summary_says_where_the_heads_come_from(tmp_path, capsys):
+  """A ViT's attention heads are not in its weights: without --config or --num_heads the
+  summary says the count is assumed (width / 64: 1 for a width-32 ViT made with 2); with
+  --num_heads it is the one given."""
+  src = _write(timm_vit_state(np.random.default_rng(15), width=32, depth=2, patch=8, grid=4),
+               tmp_path)
+  assert convert.main(["in", str(src), str(tmp_path / "o.safetensors")]) == 0
+  assert "1 heads, patch 8) (heads: width / 64, which the weights do not hold; set " \
+      "--num_heads)" in capsys.readouterr().out
+  assert convert.main(["in", str(src), str(tmp_path / "o.safetensors"), "--num_heads", "2"]) == 0
+  out = capsys.readouterr().out
+  assert "2 heads, patch 8)) ->" in out and "width / 64" not in out
 
 
 def _r50_config(tmp_path):

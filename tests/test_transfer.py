@@ -17,7 +17,7 @@ from PIL import Image
 
 from sce_jax import config as sce_config
 from sce_jax import evaluators, models, preemption
-from sce_jax.data import sources
+from sce_jax.data import images, sources
 from sce_jax.evaluators import common, knn, transfer, voc07
 from sce_jax.sharding import make_mesh
 from tests.conftest import make_image_folder
@@ -362,6 +362,18 @@ def test_transfer_folders_resume_between_sets(cifar_root, tmp_path, trunk_variab
   assert sorted(p.name for p in (work / "transfer" / "aircraft").iterdir()) == [
       "features_test_32px.npz", "features_train_32px.npz", "features_val_32px.npz"]
   assert record["aircraft"]["image_size"] == 32
+
+
+def test_missing_transfer_set_names_its_key(cifar_root, tmp_path, trunk_variables):
+  """A NAME=PATH entry whose PATH does not exist is named under eval.transfer.datasets (not
+  data.path, which the folder source would blame), before any set is extracted."""
+  missing = tmp_path / "nowhere"
+  config = _config(tmp_path, f"cifar10={cifar_root},aircraft={missing}")
+  with pytest.raises(images.DataError) as e:
+    transfer.evaluate(config, trunk_variables, make_mesh(), None, tmp_path / "work")
+  assert str(e.value).startswith(f"eval.transfer.datasets: aircraft={missing} does not exist; "
+                                 "set --config.eval.transfer.datasets to NAME=PATH")
+  assert "data.path" not in str(e.value) and not (tmp_path / "work").exists()
 
 
 @pytest.mark.slow  # 4 extractions and 2 solves, ~50 s on 2 loaded cores

@@ -24,6 +24,7 @@ from etils import epath
 
 from sce_jax import models
 from sce_jax.data import folders, sources
+from sce_jax.data.images import DataError
 from sce_jax.evaluators import common
 
 METRICS = {"top1": "top-1", "mean_per_class": "mean per-class", "map11": "11-point mAP"}
@@ -323,6 +324,11 @@ def evaluate(config, trunk_variables, mesh, splits, workdir):
   del splits
   common.import_sklearn()
   datasets = parse_datasets(config.eval.transfer.datasets)
+  for name, path in datasets:  # Before any set is extracted; the folder source names data.path.
+    if path and not epath.Path(path).exists():
+      raise DataError(f"eval.transfer.datasets: {name}={path} does not exist; set "
+                      "--config.eval.transfer.datasets to NAME=PATH entries of class-folder "
+                      "trees or .tar/.tar.gz archives of them (or TFDS names).")
   outdir = epath.Path(workdir) / "transfer"
   common.pin_trunk(outdir, trunk_variables, "transfer features")
   record = outdir / "results.json"

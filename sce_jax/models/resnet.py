@@ -240,7 +240,7 @@ def _block_counts(trunk_params):
   counts = {}
   for name in trunk_params:
     m = re.fullmatch(r"layer(\d+)_(\d+)", name)
-    if m:
+    if m and "conv1" in trunk_params[name]:  # a block; a stray key alone is not one
       counts[int(m[1])] = max(counts.get(int(m[1]), 0), int(m[2]) + 1)
   stages = tuple(counts.get(i, 0) for i in range(1, max(counts, default=0) + 1))
   return stages, "conv3" in trunk_params.get("layer1_0", {})

@@ -317,7 +317,8 @@ def _weight_dims(trunk_params):
   """(width, blocks, patch size) of a ViT trunk, from its shapes and module names."""
   kernel = np.shape(trunk_params.get("patch_embed", {}).get("proj", {}).get("kernel", ()))
   return (int(np.shape(trunk_params["cls_token"])[-1]),
-          sum(bool(re.fullmatch(r"blocks_\d+", k)) for k in trunk_params),
+          sum(bool(re.fullmatch(r"blocks_\d+", k)) and "qkv" in trunk_params[k].get("attn", {})
+              for k in trunk_params),  # blocks; a stray key alone is not one
           int(kernel[0]) if len(kernel) == 4 else 0)
 
 
