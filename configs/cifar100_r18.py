@@ -8,7 +8,7 @@ from sce_jax.data import presets
 
 
 def get_config(arg=None):
-  arg = sce_config.parse_arg(arg, smoke=False, epochs=200)
+  arg = sce_config.parse_arg(arg, smoke=False, epochs=200, method="sce")
   c = sce_config.base()
   c.epochs = arg.epochs
   c.data.on_device = True  # when the train set fits (sce_jax/data/device.py), else the host
@@ -16,6 +16,7 @@ def get_config(arg=None):
   c.data.name = "cifar100"
   c.data.mean = presets.CIFAR100_MEAN
   c.data.std = presets.CIFAR100_STD
+  sce_config.method_recipe(c, "cifar", arg.method)
   if arg.smoke:
     sce_config.smoke(c)
   c.lock()

@@ -7,7 +7,7 @@ from sce_jax import config as sce_config
 
 
 def get_config(arg=None):
-  arg = sce_config.parse_arg(arg, smoke=False, epochs=200)
+  arg = sce_config.parse_arg(arg, smoke=False, epochs=200, method="sce")
   # base() is the CIFAR-10 column: batch 256, SGD momentum 0.9, wd 5e-4, base lr 0.06, warmup
   # 5 epochs, temp 0.1, temp_m 0.05, coeff 0.5, queue 4096, m0 0.99 constant; one forward pass
   # per view, shuffle-BN over 8 groups in the target (docs/SCE.md 2, 3). Linear evaluation, the
@@ -16,6 +16,7 @@ def get_config(arg=None):
   c = sce_config.base()
   c.epochs = arg.epochs
   c.data.on_device = True  # when the train set fits (sce_jax/data/device.py), else the host
+  sce_config.method_recipe(c, "cifar", arg.method)
   if arg.smoke:
     sce_config.smoke(c)
   c.lock()

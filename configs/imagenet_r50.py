@@ -13,7 +13,7 @@ PUBLISHED = {100: (0.6, 1e-6), 200: (0.3, 1e-6), 300: (0.3, 1e-6), 1000: (0.3, 1
 
 
 def get_config(arg=None):
-  arg = sce_config.parse_arg(arg, multicrop=False, epochs=200)
+  arg = sce_config.parse_arg(arg, multicrop=False, epochs=200, method="sce")
   c = sce_config.base()
   c.batch_size = 4096
   c.epochs = arg.epochs
@@ -53,5 +53,6 @@ def get_config(arg=None):
   # imagenet2012_subset/1pct), batch 4096 (lr 0.8), 60 epochs; 10 %: subset=10pct, epochs=30.
   # Transfer and VOC07 read 224-pixel crops (data.image_size), as ssl-transfer and PCL.
   c.eval.finetune.update(subset="1pct", batch_size=4096, epochs=60)
+  sce_config.method_recipe(c, "imagenet", arg.method)
   c.lock()
   return c

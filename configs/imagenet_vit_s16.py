@@ -17,7 +17,7 @@ from sce_jax import config as sce_config
 
 
 def get_config(arg=None):
-  arg = sce_config.parse_arg(arg, vit_b16=False, multicrop=False, epochs=300)
+  arg = sce_config.parse_arg(arg, vit_b16=False, multicrop=False, epochs=300, method="sce")
   c = sce_config.base()
   c.batch_size = 4096            # MoCo v3
   c.epochs = arg.epochs          # MoCo v3: 300
@@ -59,5 +59,6 @@ def get_config(arg=None):
   # resized crop 224 and flip; tested at resize 256, centre crop 224 (docs/SCE.md 7).
   c.eval.linear.update(epochs=90, batch_size=1024, base_lr=3.0, scale_lr=True,
                        schedule="cosine", weight_decay=0.0, momentum=0.9)
+  sce_config.method_recipe(c, "imagenet_vit", arg.method)
   c.lock()
   return c

@@ -18,7 +18,7 @@ import flax.traverse_util
 import ml_collections
 from etils import epath
 
-from sce_jax import losses, optim, state
+from sce_jax import losses, methods, optim, state
 from sce_jax.data import crop, pipeline, presets, sources
 from sce_jax.evaluators import finetune, transfer
 from sce_jax.models import heads, sce, vit
@@ -30,6 +30,9 @@ def base() -> ml_collections.ConfigDict:
   c.batch_size = 256           # global batch, all devices and processes
   c.epochs = 200
   c.max_steps = -1             # > 0 stops early (smoke runs); schedules still use epochs
+  # The self-supervised method (sce_jax/methods/): --config.method=NAME on a config file
+  # switches to that method's recipe for the file's setting (README, "Methods").
+  c.method = "sce"
 
   c.model = ml_collections.ConfigDict()
   c.model.trunk = "resnet18"   # models.TRUNKS: resnet18/34/50/101, vit_tiny/small/base
@@ -206,11 +209,14 @@ def check_file(file):
                       "[:variants] (e.g. configs/cifar10_r18.py:smoke).")
 
 
-def load(spec) -> ml_collections.ConfigDict:
+def load(spec, method=None) -> ml_collections.ConfigDict:
   """'configs/FILE.py[:ARG]' -> the file's get_config(ARG), locked: what --config=SPEC gives
-  the command line (ml_collections' config_flags), for code and tests."""
+  the command line (ml_collections' config_flags), for code and tests. method: that method's
+  recipe (the file's `method` variant), what --config.method=NAME gives."""
   file, _, arg = spec.partition(":")
   check_file(file)
+  if method is not None:
+    arg = ",".join(filter(None, (arg, f"method={method}")))
   module_spec = importlib.util.spec_from_file_location(pathlib.Path(file).stem, file)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
@@ -242,9 +248,23 @@ def parse_arg(arg, **defaults) -> ml_collections.ConfigDict:
   return out
 
 
+def method_recipe(c, setting, method):
+  """Sets config `c` (a config file's, for `setting`) to `method`'s recipe (methods.RECIPES),
+  before the file's variants shrink it (smoke); a config file calls it with its `method`
+  variant, which --config.method=NAME sets (cli.parse_flags)."""
+  if method not in methods.METHODS:
+    raise ConfigError(f"method={method!r} is not a known method; set --config.method to one "
+                      f"of {', '.join(map(repr, methods.METHODS))}.")
+  try:
+    methods.apply_recipe(c, method, setting)
+  except ValueError as e:
+    raise ConfigError(f"{e}; pick another --config.method or config file.") from e
+
+
 # Keys with a fixed set of values, each list owned by the module that reads the key; checked
 # here, once, before anything compiles.
 ENUMS = {
+    "method": tuple(methods.METHODS),
     "model.trunk": sce.TRUNKS,
     "model.dtype": sce.DTYPES,
     "model.pos_embed": vit.POS_EMBEDS,
@@ -269,9 +289,9 @@ ENUMS = {
 
 def crops(config, views=None):
   """(views, pairs) of a run (docs/SCE.md 2): the presets.ViewSpec of each crop of
-  config.data.views (or `views`, benchmarks) and their losses.crop_pairs."""
+  config.data.views (or `views`, benchmarks) and the method's crop pairs (losses.crop_pairs)."""
   views = tuple(views or presets.get(config.data.views, config.data.image_size))
-  return views, losses.crop_pairs(len(views), config.sce.num_global, config.sce.symmetric)
+  return views, methods.get(config.method).pairs(config, len(views))
 
 
 def num_target_views(config) -> int:
@@ -366,7 +386,7 @@ def validate(config, num_devices, num_processes, workdir=None):
         f"sce.target_bn_splits={splits} does not divide batch_size={config.batch_size} into "
         "shuffle-BN groups; set --config.sce.target_bn_splits to a divisor of the batch (8 in "
         "the CIFAR recipe) or 0 to turn shuffle-BN off.")
-  if losses.uses_queue(config.sce.negatives):
+  if methods.get(config.method).uses_queue(config):
     written = config.batch_size * num_target_views(config)
     if config.sce.queue <= 0 or config.sce.queue % written:
       raise ConfigError(

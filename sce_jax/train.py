@@ -11,7 +11,7 @@ import jax
 from absl import logging
 from clu import parameter_overview
 
-from sce_jax import evaluators, loop, optim, preemption, sharding, train_step
+from sce_jax import evaluators, loop, methods, optim, preemption, sharding, train_step
 from sce_jax import config as sce_config
 from sce_jax import state as state_lib
 from sce_jax import workdir as workdir_lib
@@ -22,7 +22,7 @@ from sce_jax.models import SCENet, feature_dim, make_models
 class Parts(NamedTuple):
   """What a run needs, assembled once from the config."""
   online: SCENet
-  target: SCENet
+  target: SCENet       # None: a method without EMA target
   views: tuple        # presets.ViewSpec of each crop
   pairs: list         # losses.crop_pairs of the views
   steps_per_epoch: int
@@ -45,7 +45,8 @@ def build(config, mesh, *, num_classes, steps_per_epoch, float_views=False, on_d
   views, pairs = sce_config.crops(config, views)
   total_steps = int(config.epochs * steps_per_epoch)
   num_steps = loop.last_step(total_steps, config.max_steps)
-  online, target = make_models(config, num_classes)
+  online, target = make_models(config, num_classes,
+                               methods.get(config.method).EMA_TARGET)
   lr_fn = optim.lr_schedule(config.optim, global_batch=config.batch_size,
                             steps_per_epoch=steps_per_epoch, total_steps=total_steps)
   ema_fn = optim.ema_schedule(config.sce, total_steps)
