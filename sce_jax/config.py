@@ -73,7 +73,8 @@ def base() -> ml_collections.ConfigDict:
   c.sce.symmetric = False        # True: ImageNet crop pairing; False: CIFAR (target view 0)
   c.sce.num_global = 2
   c.sce.m0 = 0.99
-  c.sce.m_schedule = "constant"  # or "cosine" (to 1)
+  c.sce.m_schedule = "constant"  # or "cosine" (to m_final)
+  c.sce.m_final = 1.0            # the cosine schedule's last momentum
   c.sce.target_init = "copy"     # or "random" (the authors' separate init)
   c.sce.target_bn_splits = 8     # shuffle-BN in the target trunk (docs/SCE.md 3); 0: off
 
@@ -324,6 +325,7 @@ RANGES = {
     "sce.temp_m": _RATE,
     "sce.coeff": _FRACTION,
     "sce.m0": _FRACTION,
+    "sce.m_final": _FRACTION,
     "sce.num_global": _COUNT,
     "optim.base_lr": _RATE,
     "optim.weight_decay": _SOME,

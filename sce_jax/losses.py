@@ -101,3 +101,21 @@ def target_views(pairs):
 
 def online_views(pairs):
   return sorted({j for _, j in pairs})
+
+
+def pair_mean(per_row, qs, zs, pairs):
+  """(loss, positives' cosine), each the mean over the (target view i, online view j) pairs of
+  the mean over rows: of per_row(qs[j], zs[i]), and of qs[j] . zs[i]."""
+  loss = sum(jnp.mean(per_row(qs[j], zs[i])) for i, j in pairs) / len(pairs)
+  pos_sim = sum(jnp.mean(jnp.sum(qs[j] * zs[i], axis=-1)) for i, j in pairs) / len(pairs)
+  return loss, pos_sim
+
+
+# The other methods' losses (docs/SCE.md "Other methods"), each per row, as its reference
+# states it; embeddings are L2-normalised, targets and queues carry no gradient.
+def info_nce(q, z, queue, *, temp):
+  """MoCo's InfoNCE (facebookresearch/moco, moco/builder.py): -log of the positive's softmax
+  over [q . z, q . queue] / temp; SCE's loss at coeff = 1."""
+  z, queue = jax.lax.stop_gradient((z, queue))
+  logits = jnp.concatenate([jnp.sum(q * z, axis=-1, keepdims=True), q @ queue.T], 1) / temp
+  return -jax.nn.log_softmax(logits, axis=-1)[:, 0]

@@ -59,10 +59,32 @@ def cifar(size=32):
           ViewSpec(size, saturation=0.4, blur=0.5))
 
 
+# The other methods' views (docs/SCE.md "Other methods"): the ImageNet recipes of their authors'
+# code, and solo-learn's CIFAR ones (scripts/pretrain/cifar/augmentations/*.yaml).
+def moco_v2(size=224):
+  """MoCo v2's aug+ (moco main_moco.py --aug-plus), the same for both views."""
+  return (ViewSpec(size, saturation=0.4, blur=0.5),) * 2
+
+
+
+
+
+
+def cifar_moco_v2(size=32):
+  """solo-learn's symmetric_weak.yaml (MoCo v2+): MoCo v2's aug+ with crops of scale 0.08-1."""
+  return (ViewSpec(size, scale=(0.08, 1.0), saturation=0.4, blur=0.5),) * 2
+
+
+
+
+
+
 PRESETS = {
     "imagenet_two_crop": imagenet_two_crop,
     "imagenet_multi_crop": imagenet_multi_crop,
     "cifar": cifar,
+    "moco_v2": moco_v2,
+    "cifar_moco_v2": cifar_moco_v2,
 }
 
 

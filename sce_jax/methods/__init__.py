@@ -15,10 +15,11 @@ A method module owns what differs between methods, for the one training step of
                   from the other devices); the step averages both over the devices.
 Adding a method is adding its module and its line below.
 """
-from sce_jax.methods import sce
+from sce_jax.methods import moco_v2, sce
 
 METHODS = {
     "sce": sce,
+    "moco_v2": moco_v2,
 }
 
 
