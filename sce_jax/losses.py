@@ -119,3 +119,22 @@ def info_nce(q, z, queue, *, temp):
   z, queue = jax.lax.stop_gradient((z, queue))
   logits = jnp.concatenate([jnp.sum(q * z, axis=-1, keepdims=True), q @ queue.T], 1) / temp
   return -jax.nn.log_softmax(logits, axis=-1)[:, 0]
+
+
+
+
+
+
+def nt_xent(a, b, a_all, b_all, index, *, temp):
+  """SimCLR's NT-Xent (google-research/simclr tf2/objective.py add_contrastive_loss), per row:
+  loss_a + loss_b, where loss_a is the cross-entropy of row a against [a . b_all, a . a_all
+  without itself] / temp at its positive b; a_all / b_all: every device's rows of the views (the
+  cross-replica concat, with gradients), index: each row's place in them."""
+  self_mask = jax.nn.one_hot(index, a_all.shape[0], dtype=bool)
+
+  def side(x, x_all, y_all):
+    logits = jnp.concatenate([x @ y_all.T, jnp.where(self_mask, -jnp.inf, x @ x_all.T)], 1)
+    log_p = jax.nn.log_softmax(logits / temp, axis=-1)
+    return -jnp.take_along_axis(log_p, index[:, None], axis=1)[:, 0]
+
+  return side(a, a_all, b_all) + side(b, b_all, a_all)

@@ -66,6 +66,11 @@ def moco_v2(size=224):
   return (ViewSpec(size, saturation=0.4, blur=0.5),) * 2
 
 
+def simclr(size=224):
+  """SimCLR's colour strength 1.0 (jitter 0.8, 0.8, 0.8, 0.2), crops of scale 0.08-1, blur
+  p 0.5, both views; also solo-learn's CIFAR symmetric.yaml."""
+  return (ViewSpec(size, scale=(0.08, 1.0), brightness=0.8, contrast=0.8, saturation=0.8,
+                   hue=0.2, blur=0.5),) * 2
 
 
 
@@ -84,6 +89,7 @@ PRESETS = {
     "imagenet_multi_crop": imagenet_multi_crop,
     "cifar": cifar,
     "moco_v2": moco_v2,
+    "simclr": simclr,
     "cifar_moco_v2": cifar_moco_v2,
 }
 
