@@ -123,6 +123,10 @@ def info_nce(q, z, queue, *, temp):
 
 
 
+def normalized_mse(p, z):
+  """BYOL's regression loss (deepmind-research byol/utils/helpers.py): the squared distance of
+  the unit vectors, 2 - 2 cos(p, z)."""
+  return jnp.sum((l2_normalize(p) - jax.lax.stop_gradient(l2_normalize(z))) ** 2, axis=-1)
 
 
 def nt_xent(a, b, a_all, b_all, index, *, temp):

@@ -73,6 +73,11 @@ def simclr(size=224):
                    hue=0.2, blur=0.5),) * 2
 
 
+def byol(size=224):
+  """BYOL's asymmetric pair (deepmind-research byol/utils/augmentations.py): crops of scale
+  0.08-1, blur 1.0 / 0.1, solarize 0 / 0.2, flips on both."""
+  return (ViewSpec(size, scale=(0.08, 1.0), blur=1.0),
+          ViewSpec(size, scale=(0.08, 1.0), blur=0.1, solarize=0.2))
 
 
 def cifar_moco_v2(size=32):
@@ -80,6 +85,9 @@ def cifar_moco_v2(size=32):
   return (ViewSpec(size, scale=(0.08, 1.0), saturation=0.4, blur=0.5),) * 2
 
 
+def cifar_byol(size=32):
+  """solo-learn's asymmetric.yaml (BYOL): BYOL's pair without blur."""
+  return (ViewSpec(size, scale=(0.08, 1.0)), ViewSpec(size, scale=(0.08, 1.0), solarize=0.2))
 
 
 
@@ -90,7 +98,9 @@ PRESETS = {
     "cifar": cifar,
     "moco_v2": moco_v2,
     "simclr": simclr,
+    "byol": byol,
     "cifar_moco_v2": cifar_moco_v2,
+    "cifar_byol": cifar_byol,
 }
 
 
