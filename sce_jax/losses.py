@@ -121,6 +121,13 @@ def info_nce(q, z, queue, *, temp):
   return -jax.nn.log_softmax(logits, axis=-1)[:, 0]
 
 
+def relational(q, z, queue, *, temp, temp_m):
+  """ReSSL's loss (KyleZheng1997/ReSSL, ressl.py): the cross-entropy of the online
+  distribution softmax(q . queue / temp) against the target's softmax(z . queue / temp_m);
+  the positive is no column."""
+  z, queue = jax.lax.stop_gradient((z, queue))
+  return -jnp.sum(jax.nn.softmax(z @ queue.T / temp_m, axis=-1) *
+                  jax.nn.log_softmax(q @ queue.T / temp, axis=-1), axis=-1)
 
 
 def normalized_mse(p, z):

@@ -90,6 +90,11 @@ def cifar_byol(size=32):
   return (ViewSpec(size, scale=(0.08, 1.0)), ViewSpec(size, scale=(0.08, 1.0), solarize=0.2))
 
 
+def cifar_ressl(size=32):
+  """solo-learn's ressl.yaml, the weak (target) view first: crops of scale 0.08-1; the strong
+  view's jitter has saturation 0.2 (ReSSL's own ImageNet views are `cifar`'s at 224)."""
+  return (ViewSpec(size, scale=(0.08, 1.0), jitter=0.0, gray=0.0),
+          ViewSpec(size, scale=(0.08, 1.0), blur=0.5))
 
 
 PRESETS = {
@@ -101,6 +106,7 @@ PRESETS = {
     "byol": byol,
     "cifar_moco_v2": cifar_moco_v2,
     "cifar_byol": cifar_byol,
+    "cifar_ressl": cifar_ressl,
 }
 
 

@@ -15,13 +15,14 @@ A method module owns what differs between methods, for the one training step of
                   from the other devices); the step averages both over the devices.
 Adding a method is adding its module and its line below.
 """
-from sce_jax.methods import byol, moco_v2, sce, simclr
+from sce_jax.methods import byol, moco_v2, ressl, sce, simclr
 
 METHODS = {
     "sce": sce,
     "moco_v2": moco_v2,
     "simclr": simclr,
     "byol": byol,
+    "ressl": ressl,
 }
 
 
