@@ -2,6 +2,7 @@
 
 Data from TFDS ('cifar100' downloads without manual steps); a class-folder tree works too:
 --config.data.source=folder --config.data.path=PATH. Variants: `smoke`, `epochs=N`.
+--config.method=NAME trains another method with its CIFAR recipe (docs/SCE.md 12).
 """
 from sce_jax import config as sce_config
 from sce_jax.data import presets

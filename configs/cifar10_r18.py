@@ -1,7 +1,8 @@
 """SCE on CIFAR-10 with ResNet-18 (docs/SCE.md section 5, CIFAR-10 column).
 
 Variants, after the file name and comma-separated: `smoke` (a tiny network for a few dozen
-steps on the CPU), `epochs=N`. E.g. --config=configs/cifar10_r18.py:smoke.
+steps on the CPU), `epochs=N`. E.g. --config=configs/cifar10_r18.py:smoke. --config.method=NAME
+trains another method with its CIFAR recipe (sce_jax/methods/, docs/SCE.md 12).
 """
 from sce_jax import config as sce_config
 

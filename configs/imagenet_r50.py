@@ -3,7 +3,8 @@
 Variants, after the file name and comma-separated: `epochs=N` (100, 200, 300 or 1000 are the
 published runs; default 200) and `multicrop` (2 x 224 + 192, 160, 128, 96 crops, projector
 hidden 4096). E.g. --config=configs/imagenet_r50.py:multicrop,epochs=200.
-Data: TFDS imagenet2012 (manual download; --config.data.data_dir=DIR).
+Data: TFDS imagenet2012 (manual download; --config.data.data_dir=DIR). --config.method=NAME
+trains another method with its ImageNet recipe (sce_jax/methods/, docs/SCE.md 12).
 """
 from sce_jax import config as sce_config
 

@@ -82,9 +82,9 @@ def _describe(config, splits, parts, mesh, start, workdir, on_device):
                  workdir, start)
     return
   logging.info(
-      "SCE pretraining of %s (%d-d features, %s) on %d images of %d classes (%s); batch %d on "
+      "%s pretraining of %s (%d-d features, %s) on %d images of %d classes (%s); batch %d on "
       "%d %s device(s); steps %d to %d (%d an epoch, %d in the schedules); workdir %s.",
-      config.model.trunk, feature_dim(config.model), config.model.dtype,
+      config.method, config.model.trunk, feature_dim(config.model), config.model.dtype,
       splits.train.num_examples,
       splits.num_classes, source, config.batch_size, mesh.devices.size, jax.default_backend(),
       start + 1, parts.num_steps, parts.steps_per_epoch, parts.total_steps, workdir)
