@@ -123,6 +123,7 @@ def test_unknown_method_is_one_line():
     load_config("cifar10_r18", "method=mocov9")
 
 
+@pytest.mark.slow  # 180-250 s a method on the shared 2-core box under load (a step compile)
 @pytest.mark.parametrize("name", BASELINES)
 def test_smoke_steps_are_finite(name):
   """Two steps of each method's CIFAR recipe on a tiny network and 8 devices: finite losses;
