@@ -6,8 +6,9 @@ A method module owns what differs between methods, for the one training step of
   EMA_TARGET      True: a target network (trunk + projector) follows the online one by EMA;
                   False: the online network also embeds the target views, with gradients.
   RECIPES         setting -> {config key: value} (or a function of the config giving it) of
-                  the method's published recipe in that setting ("cifar", "imagenet", "cifar_vit", "imagenet_vit"), each value with
-                  its source; the config files apply them with `apply_recipe`.
+                  the method's published recipe in that setting ("cifar", "imagenet",
+                  "cifar_vit", "imagenet_vit"), each value with its source; the config files
+                  apply them with `apply_recipe`.
   pairs(config, num_views)  the (target view, online view) pairs of the loss (crop pairing).
   uses_queue(config)        whether the state holds a queue of target embeddings.
   make_loss(config, pairs)  local(qs, zs, queue) -> (loss, metrics): the loss of this device's

@@ -50,7 +50,8 @@ def make_loss(config, pairs):
   temp = config.sce.temp
 
   def local(qs, zs, queue):
-    loss, pos_sim = losses.pair_mean(lambda q, z: losses.info_nce(q, z, queue, temp=temp), qs, zs, pairs)
+    info_nce = lambda q, z: losses.info_nce(q, z, queue, temp=temp)
+    loss, pos_sim = losses.pair_mean(info_nce, qs, zs, pairs)
     return loss, {"pos_sim": pos_sim}
 
   return local
