@@ -11,10 +11,11 @@ grid of 64 tokens, the usual choice for ViTs on 32-px images.
 Variants: `smoke` (2 blocks of width 32, patch 8, a few dozen steps on the CPU), `epochs=N`.
 """
 from sce_jax import config as sce_config
+from sce_jax import methods
 
 
 def get_config(arg=None):
-  arg = sce_config.parse_arg(arg, smoke=False, epochs=200)
+  arg = sce_config.parse_arg(arg, smoke=False, epochs=200, method="sce")
   c = sce_config.base()
   c.epochs = arg.epochs
   c.data.on_device = True  # when the train set fits (sce_jax/data/resident.py), else the host
@@ -37,6 +38,7 @@ def get_config(arg=None):
   c.optim.eps = 1e-8
   c.optim.clip_norm = 1.0
   c.optim.warmup_epochs = 10
+  methods.apply_recipe(c, arg.method, "cifar_vit")
   if arg.smoke:
     sce_config.smoke(c)
     c.model.update(width=32, depth=2, num_heads=2, patch_size=8, drop_path=0.1)

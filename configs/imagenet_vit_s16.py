@@ -14,10 +14,11 @@ E.g. --config=configs/imagenet_vit_s16.py:vit_b16,multicrop.
 Data: TFDS imagenet2012 (manual download; --config.data.data_dir=DIR).
 """
 from sce_jax import config as sce_config
+from sce_jax import methods
 
 
 def get_config(arg=None):
-  arg = sce_config.parse_arg(arg, vit_b16=False, multicrop=False, epochs=300)
+  arg = sce_config.parse_arg(arg, vit_b16=False, multicrop=False, epochs=300, method="sce")
   c = sce_config.base()
   c.batch_size = 4096            # MoCo v3
   c.epochs = arg.epochs          # MoCo v3: 300
@@ -60,5 +61,6 @@ def get_config(arg=None):
   # resized crop 224 and flip; tested at resize 256, centre crop 224 (docs/SCE.md 7).
   c.eval.linear.update(epochs=90, batch_size=1024, base_lr=3.0, scale_lr=True,
                        schedule="cosine", weight_decay=0.0, momentum=0.9)
+  methods.apply_recipe(c, arg.method, "imagenet_vit")
   c.lock()
   return c

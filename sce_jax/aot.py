@@ -28,7 +28,7 @@ import jax
 from absl import app, flags
 from jax.experimental import topologies
 
-from sce_jax import cli, losses, schema, sharding, train
+from sce_jax import cli, losses, methods, schema, sharding, train
 from sce_jax import config as sce_config
 from sce_jax.data import resident
 
@@ -294,13 +294,16 @@ def step_flops(config, parts, state):
   target = {"params": state.target_params, "batch_stats": state.target_batch_stats}
   size = lambda i: parts.views[i].size
   b = config.batch_size
-  nets = (sum(forward_flops(parts.target, target, size(i)) for i in losses.target_views(
-      parts.pairs)) + 3 * sum(forward_flops(parts.online, online, size(j))
-                              for j in losses.online_views(parts.pairs)))
-  columns = ((config.sce.queue if losses.uses_queue(config.sce.negatives) else 0) +
+  target_views = losses.target_views(parts.pairs)
+  online_views = losses.online_views(parts.pairs)
+  if parts.target is None:  # a method without EMA target: the online network embeds every view
+    target_views, online_views = [], sorted({*target_views, *online_views})
+  nets = (sum(forward_flops(parts.target, target, size(i)) for i in target_views) +
+          3 * sum(forward_flops(parts.online, online, size(j)) for j in online_views))
+  columns = ((config.sce.queue if methods.get(config.method).uses_queue(config) else 0) +
              (b if losses.uses_batch(config.sce.negatives) else 1))
   similarity = 2 * b * columns * config.model.projector.out_dim
-  loss = similarity * (2 * len(parts.pairs) + len(losses.target_views(parts.pairs)))
+  loss = similarity * (2 * len(parts.pairs) + len(target_views))
   return b * nets + loss
 
 

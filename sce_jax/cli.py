@@ -1,7 +1,8 @@
 """What the command lines (`main.py`, `aot.py`) share: the --config flag and its parsing.
 
 --config=FILE[:VARIANTS] reads a config file (ml_collections' config_flags), and
---config.KEY=VALUE overrides one of its values.
+--config.KEY=VALUE overrides one of its values; --config.method=NAME reads the file with that
+method's recipe (its `method` variant), then applies the overrides.
 """
 import sys
 
@@ -43,9 +44,14 @@ def parse_flags(argv):
   """
   try:
     argv = flags.FLAGS(argv)
-    if flags.FLAGS["config"].present:  # ml_collections reports a missing file only when read.
-      spec = config_flags.get_config_filename(flags.FLAGS["config"])
+    flag = flags.FLAGS["config"]
+    if flag.present:  # ml_collections reports a missing file only when read.
+      spec = config_flags.get_config_filename(flag)
       sce_config.check_file(spec.partition(":")[0])
+      overrides = config_flags.get_override_values(flag)
+      if "method" in overrides:  # the file again, with that method's recipe under the overrides
+        flag.value = sce_config.load(spec, method=overrides["method"])
+        flag.value.update_from_flattened_dict(overrides)
     return argv
   except Exception as e:  # pylint: disable=broad-except
     chain = [e]

@@ -27,6 +27,9 @@ def base() -> ml_collections.ConfigDict:
   c.batch_size = 256           # global batch, all devices and processes
   c.epochs = 200
   c.max_steps = -1             # > 0 stops early (smoke runs); schedules still use epochs
+  # The self-supervised method (sce_jax/methods/): --config.method=NAME on a config file
+  # switches to that method's recipe for the file's setting (README, "Methods").
+  c.method = "sce"
 
   c.model = ml_collections.ConfigDict()
   c.model.trunk = "resnet18"   # models.TRUNKS: resnet18/34/50/101, vit_tiny/small/base
@@ -73,7 +76,8 @@ def base() -> ml_collections.ConfigDict:
   c.sce.symmetric = False        # True: ImageNet crop pairing; False: CIFAR (target view 0)
   c.sce.num_global = 2
   c.sce.m0 = 0.99
-  c.sce.m_schedule = "constant"  # or "cosine" (to 1)
+  c.sce.m_schedule = "constant"  # or "cosine" (to m_final)
+  c.sce.m_final = 1.0            # the cosine schedule's last momentum
   c.sce.target_init = "copy"     # or "random" (the authors' separate init)
   c.sce.target_bn_splits = 8     # shuffle-BN in the target trunk (docs/SCE.md 3); 0: off
 
@@ -245,11 +249,14 @@ def check_file(file):
                       "[:variants] (e.g. configs/cifar10_r18.py:smoke).")
 
 
-def load(spec) -> ml_collections.ConfigDict:
+def load(spec, method=None) -> ml_collections.ConfigDict:
   """'configs/FILE.py[:ARG]' -> the file's get_config(ARG), locked: what --config=SPEC gives
-  the command line (ml_collections' config_flags), for code and tests."""
+  the command line (ml_collections' config_flags), for code and tests. method: that method's
+  recipe (the file's `method` variant), what --config.method=NAME gives."""
   file, _, arg = spec.partition(":")
   check_file(file)
+  if method is not None:
+    arg = ",".join(filter(None, (arg, f"method={method}")))
   module_spec = importlib.util.spec_from_file_location(pathlib.Path(file).stem, file)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)

@@ -101,3 +101,51 @@ def target_views(pairs):
 
 def online_views(pairs):
   return sorted({j for _, j in pairs})
+
+
+def pair_mean(per_row, qs, zs, pairs):
+  """(loss, positives' cosine), each the mean over the (target view i, online view j) pairs of
+  the mean over rows: of per_row(qs[j], zs[i]), and of qs[j] . zs[i]."""
+  loss = sum(jnp.mean(per_row(qs[j], zs[i])) for i, j in pairs) / len(pairs)
+  pos_sim = sum(jnp.mean(jnp.sum(qs[j] * zs[i], axis=-1)) for i, j in pairs) / len(pairs)
+  return loss, pos_sim
+
+
+# The other methods' losses (docs/SCE.md "Other methods"), each per row, as its reference
+# states it; embeddings are L2-normalised, targets and queues carry no gradient.
+def info_nce(q, z, queue, *, temp):
+  """MoCo's InfoNCE (facebookresearch/moco, moco/builder.py): -log of the positive's softmax
+  over [q . z, q . queue] / temp; SCE's loss at coeff = 1."""
+  z, queue = jax.lax.stop_gradient((z, queue))
+  logits = jnp.concatenate([jnp.sum(q * z, axis=-1, keepdims=True), q @ queue.T], 1) / temp
+  return -jax.nn.log_softmax(logits, axis=-1)[:, 0]
+
+
+def relational(q, z, queue, *, temp, temp_m):
+  """ReSSL's loss (KyleZheng1997/ReSSL, ressl.py): the cross-entropy of the online
+  distribution softmax(q . queue / temp) against the target's softmax(z . queue / temp_m);
+  the positive is no column."""
+  z, queue = jax.lax.stop_gradient((z, queue))
+  return -jnp.sum(jax.nn.softmax(z @ queue.T / temp_m, axis=-1) *
+                  jax.nn.log_softmax(q @ queue.T / temp, axis=-1), axis=-1)
+
+
+def normalized_mse(p, z):
+  """BYOL's regression loss (deepmind-research byol/utils/helpers.py): the squared distance of
+  the unit vectors, 2 - 2 cos(p, z)."""
+  return jnp.sum((l2_normalize(p) - jax.lax.stop_gradient(l2_normalize(z))) ** 2, axis=-1)
+
+
+def nt_xent(a, b, a_all, b_all, index, *, temp):
+  """SimCLR's NT-Xent (google-research/simclr tf2/objective.py add_contrastive_loss), per row:
+  loss_a + loss_b, where loss_a is the cross-entropy of row a against [a . b_all, a . a_all
+  without itself] / temp at its positive b; a_all / b_all: every device's rows of the views (the
+  cross-replica concat, with gradients), index: each row's place in them."""
+  self_mask = jax.nn.one_hot(index, a_all.shape[0], dtype=bool)
+
+  def side(x, x_all, y_all):
+    logits = jnp.concatenate([x @ y_all.T, jnp.where(self_mask, -jnp.inf, x @ x_all.T)], 1)
+    log_p = jax.nn.log_softmax(logits / temp, axis=-1)
+    return -jnp.take_along_axis(log_p, index[:, None], axis=1)[:, 0]
+
+  return side(a, a_all, b_all) + side(b, b_all, a_all)

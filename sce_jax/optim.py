@@ -56,14 +56,15 @@ def linear_eval_schedule(lin_cfg, *, steps_per_epoch, total_steps):
 
 
 def ema_schedule(sce_cfg, total_steps):
-  """Target momentum m(step): cosine from m0 to 1 over the run, or constant m0 (docs/SCE.md 3)."""
-  m0 = sce_cfg.m0
+  """Target momentum m(step): cosine from m0 to m_final (1 in SCE and BYOL; 0.999 in solo-learn's
+  MoCo v2+) over the run, or constant m0 (docs/SCE.md 3)."""
+  m0, m1 = sce_cfg.m0, sce_cfg.m_final
   if sce_cfg.m_schedule == "constant":
     return lambda step: jnp.asarray(m0, jnp.float32)
 
   def momentum(step):
     frac = jnp.asarray(step, jnp.float32) / max(total_steps - 1, 1)
-    return 1.0 - (1.0 - m0) * (jnp.cos(jnp.pi * frac) + 1.0) / 2.0
+    return m1 - (m1 - m0) * (jnp.cos(jnp.pi * frac) + 1.0) / 2.0
   return momentum
 
 

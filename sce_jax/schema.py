@@ -16,7 +16,7 @@ import flax.traverse_util
 from etils import epath
 
 from sce_jax import config as config_lib
-from sce_jax import losses, optim, state
+from sce_jax import losses, methods, optim, state
 from sce_jax.config import ConfigError
 from sce_jax.data import crop, folders, pipeline, presets, sources
 from sce_jax.evaluators import finetune, transfer, voc07
@@ -26,6 +26,7 @@ from sce_jax.models import heads, sce, trunks, vit
 # Keys with a fixed set of values, each list owned by the module that reads the key; checked
 # here, once, before anything compiles.
 ENUMS = {
+    "method": tuple(methods.METHODS),
     "model.trunk": trunks.TRUNKS,
     "model.dtype": sce.DTYPES,
     "model.remat": trunks.REMATS,
@@ -57,9 +58,9 @@ ENUMS = {
 
 def crops(config, views=None):
   """(views, pairs) of a run (docs/SCE.md 2): the presets.ViewSpec of each crop of
-  config.data.views (or `views`, benchmarks) and their losses.crop_pairs."""
+  config.data.views (or `views`, benchmarks) and the method's crop pairs (losses.crop_pairs)."""
   views = tuple(views or presets.get(config.data.views, config.data.image_size))
-  return views, losses.crop_pairs(len(views), config.sce.num_global, config.sce.symmetric)
+  return views, methods.get(config.method).pairs(config, len(views))
 
 
 def num_target_views(config) -> int:
@@ -103,6 +104,7 @@ RANGES = {
     "sce.temp_m": _RATE,
     "sce.coeff": _FRACTION,
     "sce.m0": _FRACTION,
+    "sce.m_final": _FRACTION,
     "sce.num_global": _COUNT,
     "sce.queue": _SOME,  # and a multiple of the keys written each step, where it is used
     "sce.target_bn_splits": _SOME,  # and a divisor of the batch; 0: off
@@ -191,7 +193,7 @@ def validate(config, num_devices, num_processes, workdir=None):
         f"sce.target_bn_splits={splits} does not divide batch_size={config.batch_size} into "
         "shuffle-BN groups; set --config.sce.target_bn_splits to a divisor of the batch (8 in "
         "the CIFAR recipe) or 0 to turn shuffle-BN off.")
-  if losses.uses_queue(config.sce.negatives):
+  if methods.get(config.method).uses_queue(config):
     written = config.batch_size * num_target_views(config)
     if config.sce.queue <= 0 or config.sce.queue % written:
       raise ConfigError(

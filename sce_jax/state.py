@@ -5,7 +5,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from sce_jax import losses
+from sce_jax import methods
 
 # sce.target_init: a copy of the online weights (eztorch), or an independent random init (the
 # WACV code); docs/SCE.md section 3.
@@ -20,7 +20,7 @@ class TrainState:
   step: jax.Array
   params: Any               # online: trunk, projector, predictor, probe
   batch_stats: Any
-  target_params: Any        # EMA of the online trunk and projector
+  target_params: Any        # EMA of the online trunk and projector; {} without EMA target
   target_batch_stats: Any   # the target's own running BN statistics (not EMA'd, docs/SCE.md 3)
   opt_state: Any
   queue: Any               # (K, D) FIFO ring of target embeddings; None without a queue
@@ -39,13 +39,16 @@ def init_state(config, online, target, tx, rng, image_size):
       {"params": key, "dropout": key}, x, train=True)}
   variables = init(online, init_rng)
   params, batch_stats = variables["params"], variables["batch_stats"]
-  if config.sce.target_init == "copy":
+  method = methods.get(config.method)
+  if not method.EMA_TARGET:  # the online network embeds every view: no target
+    t_vars = {"params": {}, "batch_stats": {}}
+  elif config.sce.target_init == "copy":
     t_vars = {k: {n: v[n] for n in ("trunk", "projector") if n in v}
               for k, v in variables.items()}
   else:
     t_vars = init(target, target_rng)
   queue = None
-  if losses.uses_queue(config.sce.negatives):  # random unit vectors, as the reference
+  if method.uses_queue(config):  # random unit vectors, as the reference
     queue = jax.random.normal(queue_rng, (config.sce.queue, config.model.projector.out_dim))
     queue = queue / jnp.linalg.norm(queue, axis=1, keepdims=True)
   return TrainState(

@@ -11,8 +11,8 @@ import jax
 from absl import logging
 from clu import parameter_overview
 
-from sce_jax import evaluators, loop, optim, preemption, pretrained, schema, sharding
-from sce_jax import train_step
+from sce_jax import evaluators, loop, methods, optim, preemption, pretrained, schema
+from sce_jax import sharding, train_step
 from sce_jax import state as state_lib
 from sce_jax import workdir as workdir_lib
 from sce_jax.data import augment, pipeline, resident, sources
@@ -22,7 +22,7 @@ from sce_jax.models import SCENet, feature_dim, make_models
 class Parts(NamedTuple):
   """What a run needs, assembled once from the config."""
   online: SCENet
-  target: SCENet
+  target: SCENet       # None: a method without EMA target
   views: tuple        # presets.ViewSpec of each crop
   pairs: list         # losses.crop_pairs of the views
   steps_per_epoch: int
@@ -46,7 +46,8 @@ def build(config, mesh, *, num_classes, steps_per_epoch, float_views=False, on_d
   views, pairs = schema.crops(config, views)
   total_steps = int(config.epochs * steps_per_epoch)
   num_steps = loop.last_step(total_steps, config.max_steps)
-  online, target = make_models(config, num_classes)
+  online, target = make_models(config, num_classes,
+                               methods.get(config.method).EMA_TARGET)
   lr_fn = optim.lr_schedule(config.optim, global_batch=config.batch_size,
                             steps_per_epoch=steps_per_epoch, total_steps=total_steps)
   ema_fn = optim.ema_schedule(config.sce, total_steps)
@@ -83,11 +84,12 @@ def _describe(config, splits, parts, mesh, start, workdir, on_device):
                  workdir, start)
     return
   logging.info(
-      "SCE pretraining of %s (%d-d features, %s) on %d images (%s; %s); batch %d on "
+      "%s pretraining of %s (%d-d features, %s) on %d images (%s; %s); batch %d on "
       "%d %s device(s); steps %d to %d (%d an epoch, %d in the schedules); workdir %s.",
-      config.model.trunk, feature_dim(config.model), config.model.dtype,
+      config.method, config.model.trunk, feature_dim(config.model), config.model.dtype,
       splits.train.num_examples,
-      f"{splits.num_classes} classes" if splits.num_classes else "unlabelled", source, config.batch_size, mesh.devices.size, jax.default_backend(),
+      f"{splits.num_classes} classes" if splits.num_classes else "unlabelled", source,
+      config.batch_size, mesh.devices.size, jax.default_backend(),
       start + 1, parts.num_steps, parts.steps_per_epoch, parts.total_steps, workdir)
 
 

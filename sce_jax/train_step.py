@@ -1,20 +1,21 @@
-"""One SCE training step, jitted over a `data` mesh (docs/SCE.md sections 1-3).
+"""One training step for every method (`methods`), jitted over a `data` mesh (docs/SCE.md
+sections 1-3, "Other methods").
 
-Shape of the step: colour augmentations on the accelerator; the target branch on the global
-crops (shuffle-BN: its trunk's BatchNorm split into groups of a permutation of the batch);
-the online branch on every crop it sees, one forward pass per view (or, with
-model.concat_views, per run of same-size views); the loss inside `jax.shard_map`, where each
-device gathers the target embeddings of all devices; optax update; EMA of the target after it;
-FIFO queue update with the target embeddings of the whole global batch. Everything outside the
-shard_map is written for the global batch, so BatchNorm statistics are those of the global
-batch (synchronised BN).
+Shape of the step: colour augmentations on the accelerator; the EMA target branch (where the
+method has one) on its views (shuffle-BN: its trunk's BatchNorm split into groups of a
+permutation of the batch); the online branch on every crop it sees, one forward pass per view
+(or, with model.concat_views, per run of same-size views); the method's loss inside
+`jax.shard_map`, where each device gathers what it needs from the others; optax update; EMA of
+the target after it; FIFO queue update (methods with a queue) with the target embeddings of the
+whole global batch. Everything outside the shard_map is written for the global batch, so
+BatchNorm statistics are those of the global batch (synchronised BN).
 """
 import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
-from sce_jax import losses, sharding
+from sce_jax import losses, methods, sharding
 from sce_jax.sharding import DATA
 
 
@@ -85,44 +86,24 @@ def enqueue(queue, ptr, keys):
   return queue, (ptr + keys.shape[0]) % queue.shape[0]
 
 
-def make_loss_fn(sce_cfg, mesh, pairs):
-  """The pair-averaged SCE loss over the mesh, with cross-device in-batch negatives.
+def make_loss_fn(method, config, mesh, pairs):
+  """The method's loss (`methods`' make_loss) over the mesh, averaged over the devices.
 
   Returns f(qs, zs, queue) -> (loss, metrics) where qs / zs map view index to (B, D)
   embeddings sharded over `data`, and queue is (K, D) replicated or None.
   """
-  use_batch = losses.uses_batch(sce_cfg.negatives)
-  kw = dict(temp=sce_cfg.temp, temp_m=sce_cfg.temp_m, coeff=sce_cfg.coeff,
-            positive=sce_cfg.positive)
+  local = method.make_loss(config, pairs)
 
-  def local(qs, zs, queue):
-    total, pos_sim, entropy = 0.0, 0.0, 0.0
-    keys = {}
-    for i, j in pairs:
-      q, z = qs[j], zs[i]
-      neg = {}
-      if use_batch:
-        if i not in keys:  # every device's target embeddings of view i, in global order
-          keys[i] = jax.lax.all_gather(z, DATA, tiled=True)
-        n = z.shape[0]
-        neg = dict(batch_keys=keys[i],
-                   batch_index=jax.lax.axis_index(DATA) * n + jnp.arange(n))
-      loss, w = losses.sce_terms(q, z, queue, **kw, **neg)
-      total += jnp.mean(loss)
-      pos_sim += jnp.mean(jnp.sum(q * z, axis=-1))
-      entropy += jnp.mean(-jnp.sum(jnp.where(w > 0, w * jnp.log(w), 0.0), axis=-1))
-    terms = jnp.stack([total, pos_sim, entropy]) / len(pairs)
-    terms = jax.lax.pmean(terms, DATA)
-    return terms[0], {"pos_sim": terms[1], "target_entropy": terms[2]}
+  def averaged(qs, zs, queue):
+    return jax.lax.pmean(local(qs, zs, queue), DATA)
 
   def loss_fn(qs, zs, queue):
     specs = ({k: P(DATA) for k in qs}, {k: P(DATA) for k in zs})
-    out_specs = (P(), {"pos_sim": P(), "target_entropy": P()})
     if queue is None:
-      fn = jax.shard_map(lambda q, z: local(q, z, None), mesh=mesh, in_specs=specs,
-                         out_specs=out_specs)
+      fn = jax.shard_map(lambda q, z: averaged(q, z, None), mesh=mesh, in_specs=specs,
+                         out_specs=P())
       return fn(qs, zs)
-    fn = jax.shard_map(local, mesh=mesh, in_specs=(*specs, P()), out_specs=out_specs)
+    fn = jax.shard_map(averaged, mesh=mesh, in_specs=(*specs, P()), out_specs=P())
     return fn(qs, zs, queue)
 
   return loss_fn
@@ -138,8 +119,12 @@ def make_train_step(config, mesh, online, target, tx, lr_fn, ema_fn, pairs, prep
   batch_sharding: the batch's shardings (default: every leaf split over `data`); arrays in the
   batch are arguments of the step, never donated. pairs: `losses.crop_pairs` of the views.
   """
+  method = methods.get(config.method)
   target_views, online_views = losses.target_views(pairs), losses.online_views(pairs)
-  sce_loss_fn = make_loss_fn(config.sce, mesh, pairs)
+  # Without an EMA target the online network embeds the target views too, with gradients.
+  online_passes = (online_views if method.EMA_TARGET
+                   else sorted({*target_views, *online_views}))
+  loss_fn = make_loss_fn(method, config, mesh, pairs)
   concat = config.model.concat_views
   replicated = sharding.replicated(mesh)
 
@@ -153,20 +138,24 @@ def make_train_step(config, mesh, online, target, tx, lr_fn, ema_fn, pairs, prep
     if config.model.drop_path > 0:
       rng, t_key, o_key = jax.random.split(rng, 3)
 
-    orders = None  # shuffle-BN
-    if config.sce.target_bn_splits:
-      rng, shuffle_key = jax.random.split(rng)
-      orders = shuffle_orders(shuffle_key, target_views, views[0].shape[0])
-    t_out, t_stats = _forward(target, state.target_params, state.target_batch_stats, views,
-                              target_views, concat, t_key, orders)
-    zs = {i: jax.lax.stop_gradient(losses.l2_normalize(t_out[i]["proj"]))
-          for i in target_views}
+    zs, t_stats = None, state.target_batch_stats
+    if method.EMA_TARGET:
+      orders = None  # shuffle-BN
+      if config.sce.target_bn_splits:
+        rng, shuffle_key = jax.random.split(rng)
+        orders = shuffle_orders(shuffle_key, target_views, views[0].shape[0])
+      t_out, t_stats = _forward(target, state.target_params, state.target_batch_stats, views,
+                                target_views, concat, t_key, orders)
+      zs = {i: jax.lax.stop_gradient(losses.l2_normalize(t_out[i]["proj"]))
+            for i in target_views}
 
     def objective(params):
-      o_out, stats = _forward(online, params, state.batch_stats, views, online_views, concat,
+      o_out, stats = _forward(online, params, state.batch_stats, views, online_passes, concat,
                               o_key)
-      qs = {j: losses.l2_normalize(o_out[j]["pred"]) for j in online_views}
-      loss, metrics = sce_loss_fn(qs, zs, state.queue)
+      qs = {j: losses.l2_normalize(o_out[j]["pred"]) for j in online_passes}
+      own = zs if method.EMA_TARGET else {
+          i: losses.l2_normalize(o_out[i]["proj"]) for i in target_views}
+      loss, metrics = loss_fn(qs, own, state.queue)
       total = loss
       if "logits" in o_out[online_views[0]]:  # The probe: mean over the full-size views.
         probed = [o_out[j]["logits"] for j in online_views
@@ -185,14 +174,17 @@ def make_train_step(config, mesh, online, target, tx, lr_fn, ema_fn, pairs, prep
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
 
-    m = ema_fn(state.step)
-    target_params = ema_update(state.target_params, params, m)
+    target_params = state.target_params
+    if method.EMA_TARGET:
+      m = ema_fn(state.step)
+      target_params = ema_update(target_params, params, m)
+      metrics["ema_momentum"] = m
     queue, ptr = state.queue, state.queue_ptr
     if queue is not None:  # All devices' keys, gathered view by view: no all-to-all.
       keys = [jax.lax.with_sharding_constraint(zs[i], replicated) for i in target_views]
       queue, ptr = enqueue(queue, ptr, jnp.concatenate(keys))
 
-    metrics.update(lr=lr_fn(state.step), ema_momentum=m,
+    metrics.update(lr=lr_fn(state.step),
                    grad_norm=_global_norm({k: v for k, v in grads.items() if k != "probe"}))
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=stats,
                               target_params=target_params, target_batch_stats=t_stats,

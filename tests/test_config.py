@@ -338,7 +338,8 @@ def test_cli_unknown_key_and_variant(tmp_path):
   out = cli("--config=configs/imagenet_r50.py:multicrop,epoch=100", f"--workdir={tmp_path}")
   assert out.returncode == 1
   assert out.stderr.splitlines()[-1] == (
-      "Config error: Unknown config variant 'epoch'; known: ['continue', 'epochs', 'multicrop'] "
+      "Config error: Unknown config variant 'epoch'; known: ['continue', 'epochs', 'method', "
+      "'multicrop'] "
       "(e.g. --config=configs/FILE.py:name,key=value).")
 
 

@@ -109,11 +109,14 @@ def test_lr_schedule_is_the_authors(warmup_epochs):
 
 
 def test_ema_schedule():
-  cos = optim.ema_schedule(ml_collections.ConfigDict(dict(m0=0.99, m_schedule="cosine")), 101)
+  schedule = lambda total, **kw: optim.ema_schedule(ml_collections.ConfigDict(kw), total)
+  cos = schedule(101, m0=0.99, m_schedule="cosine", m_final=1.0)
   assert float(cos(0)) == pytest.approx(0.99)
   assert float(cos(50)) == pytest.approx(0.995)
   assert float(cos(100)) == pytest.approx(1.0)
-  const = optim.ema_schedule(ml_collections.ConfigDict(dict(m0=0.99, m_schedule="constant")), 9)
+  to_0999 = schedule(101, m0=0.99, m_schedule="cosine", m_final=0.999)  # solo-learn MoCo v2+
+  assert [float(to_0999(t)) for t in (0, 50, 100)] == pytest.approx([0.99, 0.9945, 0.999])
+  const = schedule(9, m0=0.99, m_schedule="constant", m_final=1.0)
   assert float(const(7)) == pytest.approx(0.99)
 
 

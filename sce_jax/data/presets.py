@@ -59,10 +59,54 @@ def cifar(size=32):
           ViewSpec(size, saturation=0.4, blur=0.5))
 
 
+# The other methods' views (docs/SCE.md "Other methods"): the ImageNet recipes of their authors'
+# code, and solo-learn's CIFAR ones (scripts/pretrain/cifar/augmentations/*.yaml).
+def moco_v2(size=224):
+  """MoCo v2's aug+ (moco main_moco.py --aug-plus), the same for both views."""
+  return (ViewSpec(size, saturation=0.4, blur=0.5),) * 2
+
+
+def simclr(size=224):
+  """SimCLR's colour strength 1.0 (jitter 0.8, 0.8, 0.8, 0.2), crops of scale 0.08-1, blur
+  p 0.5, both views; also solo-learn's CIFAR symmetric.yaml."""
+  return (ViewSpec(size, scale=(0.08, 1.0), brightness=0.8, contrast=0.8, saturation=0.8,
+                   hue=0.2, blur=0.5),) * 2
+
+
+def byol(size=224):
+  """BYOL's asymmetric pair (deepmind-research byol/utils/augmentations.py): crops of scale
+  0.08-1, blur 1.0 / 0.1, solarize 0 / 0.2, flips on both."""
+  return (ViewSpec(size, scale=(0.08, 1.0), blur=1.0),
+          ViewSpec(size, scale=(0.08, 1.0), blur=0.1, solarize=0.2))
+
+
+def cifar_moco_v2(size=32):
+  """solo-learn's symmetric_weak.yaml (MoCo v2+): MoCo v2's aug+ with crops of scale 0.08-1."""
+  return (ViewSpec(size, scale=(0.08, 1.0), saturation=0.4, blur=0.5),) * 2
+
+
+def cifar_byol(size=32):
+  """solo-learn's asymmetric.yaml (BYOL): BYOL's pair without blur."""
+  return (ViewSpec(size, scale=(0.08, 1.0)), ViewSpec(size, scale=(0.08, 1.0), solarize=0.2))
+
+
+def cifar_ressl(size=32):
+  """solo-learn's ressl.yaml, the weak (target) view first: crops of scale 0.08-1; the strong
+  view's jitter has saturation 0.2 (ReSSL's own ImageNet views are `cifar`'s at 224)."""
+  return (ViewSpec(size, scale=(0.08, 1.0), jitter=0.0, gray=0.0),
+          ViewSpec(size, scale=(0.08, 1.0), blur=0.5))
+
+
 PRESETS = {
     "imagenet_two_crop": imagenet_two_crop,
     "imagenet_multi_crop": imagenet_multi_crop,
     "cifar": cifar,
+    "moco_v2": moco_v2,
+    "simclr": simclr,
+    "byol": byol,
+    "cifar_moco_v2": cifar_moco_v2,
+    "cifar_byol": cifar_byol,
+    "cifar_ressl": cifar_ressl,
 }
 
 

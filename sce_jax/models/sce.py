@@ -53,10 +53,13 @@ class SCENet(nn.Module):
     return out
 
 
-def make_models(config, num_classes):
+def make_models(config, num_classes, ema_target=True):
   """Online network (with predictor and probe) and target network (trunk + projector, its
-  trunk's BatchNorm split into sce.target_bn_splits groups for shuffle-BN, docs/SCE.md 3)."""
+  trunk's BatchNorm split into sce.target_bn_splits groups for shuffle-BN, docs/SCE.md 3), or
+  None for a method without EMA target (`methods`' EMA_TARGET)."""
   probe_classes = num_classes if config.probe.enabled else 0
-  return (SCENet(config.model, with_predictor=True, num_classes=probe_classes),
-          SCENet(config.model, with_predictor=False, num_classes=0,
-                 trunk_bn_splits=config.sce.target_bn_splits))
+  online = SCENet(config.model, with_predictor=True, num_classes=probe_classes)
+  if not ema_target:
+    return online, None
+  return online, SCENet(config.model, with_predictor=False, num_classes=0,
+                        trunk_bn_splits=config.sce.target_bn_splits)
