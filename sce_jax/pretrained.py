@@ -23,7 +23,7 @@ _HEAD_PARTS = ("projector", "predictor")
 def _has_checkpoint(workdir) -> bool:
   """Whether `workdir` holds a complete checkpoint (orbax names a step's directory by its number
   once it is whole)."""
-  folder = checkpoint.directory(workdir)
+  folder = checkpoint.checkpoints_dir(workdir)
   return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
 
 

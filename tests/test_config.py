@@ -424,13 +424,13 @@ def test_data_path_with_a_tfds_source_says_what_to_set():
   config = load_config("cifar100_r18", "smoke")
   config.data.path = "cifar-100-python.tar.gz"
   with pytest.raises(sce_config.ConfigError) as e:
-    sce_config.validate(config, 1, 1)
+    schema.validate(config, 1, 1)
   assert str(e.value) == (
       "data.path=cifar-100-python.tar.gz is read by data.source='folder' only, and this "
       "config's source is 'tfds' ('cifar100'); add --config.data.source=folder to read the "
       "path, or leave data.path empty.")
   config.data.source = "folder"
-  sce_config.validate(config, 1, 1)
+  schema.validate(config, 1, 1)
 
 
 def test_every_numeric_key_has_a_range():

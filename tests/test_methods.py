@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from sce_jax import config as sce_config
-from sce_jax import methods, metrics, sharding, train_step
+from sce_jax import methods, metrics, schema, sharding, train_step
 from tests import test_main
 from tests.helpers import load_config
 from tests.test_train_step import BATCH, close, run, tiny_config
@@ -109,7 +109,7 @@ def test_recipes_switch_the_config_files(name):
     recipe = recipe(config) if callable(recipe) else recipe
     assert config.method == name
     assert all(config[key] == value for key, value in recipe.items()), (file, name)
-    sce_config.validate(config, 8, 1)
+    schema.validate(config, 8, 1)
   if "cifar_vit" not in methods.get(name).RECIPES:
     with pytest.raises(sce_config.ConfigError,
                        match=rf"^method '{name}' has no recipe for this config file's "

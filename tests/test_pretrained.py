@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from sce_jax import convert, loop, pretrained, sharding, train, weights
+from sce_jax import convert, loop, pretrained, schema, sharding, train, weights
 from sce_jax import config as sce_config
 from sce_jax import workdir as workdir_lib
 from tests.helpers import load_config
@@ -138,4 +138,4 @@ def test_continue_variant_and_heads_values():
   config.init.heads = "old"
   with pytest.raises(sce_config.ConfigError, match="init.heads='old' is not a known value; set "
                      "--config.init.heads to one of 'fresh', 'keep'"):
-    sce_config.validate(config, 1, 1)
+    schema.validate(config, 1, 1)
