@@ -89,6 +89,8 @@ def main(argv=None):
   logs.quiet()
   if args.direction == "in" and not args.dst.endswith(".safetensors"):
     parser.error("in: DST must be a .safetensors file")
+  if args.direction == "out" and args.layout == "detectron2" and not args.dst.endswith(".pkl"):
+    parser.error("out --layout detectron2: DST must be a .pkl file")
   try:
     _convert(args)
   except (ValueError, OSError, ImportError) as e:  # ConfigError is a ValueError.
@@ -120,8 +122,6 @@ def _convert(args):
   if args.direction == "in":
     save_safetensors(variables, args.dst, {"source": str(args.src), "trunk": trunk})
   elif args.layout == "detectron2":
-    if not args.dst.endswith(".pkl"):
-      raise ValueError(f"out --layout detectron2 writes a .pkl file, not {args.dst}")
     if trunks.family(model_cfg).NAME != "ResNet":
       raise ValueError("out --layout detectron2 takes a ResNet trunk; this one is a "
                        f"{trunks.family(model_cfg).NAME}")
