@@ -383,7 +383,7 @@ def test_train_iterator_without_tensorflow(cifar_root):
           source="folder", name="", path={str(cifar_root)!r}, eval_path="", data_dir=None,
           train_split="train", eval_split="test", image_size=32, loader="auto",
           shuffle_buffer=64, num_workers=0, prefetch=2, cache=False, strict=False,
-          labels="auto", host_stage="crops", decode_size=512))
+          labels="auto", host_stage="crops", decode_size=512, cache_dir=""))
       sharding = NamedSharding(jax.make_mesh((1,), ("data",)), P("data"))
       batch = next(pipeline.train_iterator(sources.Splits(cfg).train, cfg, global_batch_size=8,
                                            views=presets.get("cifar", 32), seed=0,
