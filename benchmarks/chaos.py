@@ -9,11 +9,16 @@ time after a step), and during a save (as soon as orbax's temporary step directo
 Signals: SIGTERM (a preemption), SIGINT (Ctrl-C), two SIGINTs 0.2 s apart, SIGKILL. Then the
 final state is compared array by array with that of one uninterrupted run.
 
+The moments are taken in turn (`schedule`): whatever the seed, one kill is during a save, two
+also kill training after a checkpoint, three also the start-up.
+
 Written to --json: every kill (moment, signal, seconds after the start, exit status, the latest
-checkpoint after it), `bitwise_equal` (the final states are), `unattended` (every exit status is
-the one its signal should give, none an error, a crash or a hang, and the last run finished:
-no restart needed a human), `goodput` of the uninterrupted run and of the killed one, with the
-seconds of each part (sce_jax/goodput.py: the last totals in each metrics.jsonl). Not a timed test; tests/ holds the quick checks.
+checkpoint after it, the one the run resumed from), `resumed_from_checkpoint` (how many runs
+started from a checkpoint), `bitwise_equal` (the final states are), `unattended` (every exit
+status is the one its signal should give, none an error, a crash or a hang, and the last run
+finished: no restart needed a human), `goodput` of the uninterrupted run and of the killed one,
+with the seconds of each part (sce_jax/goodput.py: the last totals in each metrics.jsonl). Not a
+timed test; tests/ holds the quick checks.
 
   python benchmarks/chaos.py --kills 10 --json chaos.json
 """
@@ -41,7 +46,6 @@ from sce_jax import checkpoint, exits, logs  # noqa: E402
 from tests.conftest import make_cifar_archive  # noqa: E402
 
 SIGNALS = ("SIGTERM", "SIGINT", "SIGINT x2", "SIGKILL")
-MOMENTS = ("start-up", "training", "save")
 # The exit statuses each signal may give (exits.py; negative: killed by that signal): SIGINT
 # before the first step stops at once (130), after it saves and stops (75); a second Ctrl-C
 # finds SIGINT's default action (-2), unless the run had already stopped after the first.
@@ -129,25 +133,43 @@ def uninterrupted(cmd, log_dir):
   return launch.elapsed(), first_step
 
 
+# The moments in the order a schedule takes them: whatever the seed, one kill is during a save,
+# two also kill a training run that holds a checkpoint, three also one during the start-up.
+ORDER = ("save", "training", "start-up")
+
+
+def schedule(kills, rng):
+  """[(moment, signal, fraction)] of `kills` kills: the moments in turn (`ORDER`), so that
+  every moment is tested once there are 3 kills; the signals and times drawn from `rng`."""
+  return [(ORDER[i % len(ORDER)], rng.choice(SIGNALS), rng.random()) for i in range(kills)]
+
+
 def soak(cmd, log_dir, kills, rng, start_up_s):
-  """Kills and restarts until `kills` kills are done and a last run finishes; the records."""
+  """Kills and restarts until `kills` kills are done and a last run finishes; the records.
+  A training kill waits for a checkpoint to exist and a step after it, so that the restart
+  resumes from one; `resumed_from` records the checkpoint each run started from."""
   workdir = pathlib.Path(cmd[-1].split("=", 1)[1])
-  records = []
+  records, plan = [], schedule(kills, rng)
   while True:
+    resumed_from = latest_step(workdir)
     launch = Launch(cmd, log_dir / f"run{len(records):03d}.log")
     if len(records) == kills:
       status, hung = launch.finish(3600)
       records.append(dict(moment="none", signal="none", status=status, hung=hung,
                           expected=status == 0 and not hung, latest_step=latest_step(workdir),
-                          seconds=round(launch.elapsed(), 2), last_line=launch.last_line()))
+                          resumed_from=resumed_from, seconds=round(launch.elapsed(), 2),
+                          last_line=launch.last_line()))
       return records
-    moment, name, fraction = rng.choice(MOMENTS), rng.choice(SIGNALS), rng.random()
+    moment, name, fraction = plan[len(records)]
     before = logged_steps(workdir)
     if moment == "start-up":  # Or the first step, if that comes first.
       reached = launch.wait_for(lambda: launch.elapsed() > fraction * start_up_s or
                                 logged_steps(workdir) > before, EXIT_TIMEOUT_S)
-    elif moment == "training":
-      reached = launch.wait_for(lambda: logged_steps(workdir) > before, EXIT_TIMEOUT_S)
+    elif moment == "training":  # After a step that follows a checkpoint.
+      reached = launch.wait_for(lambda: latest_step(workdir) is not None, EXIT_TIMEOUT_S)
+      saved = logged_steps(workdir)
+      reached = reached and launch.wait_for(lambda: logged_steps(workdir) > saved,
+                                            EXIT_TIMEOUT_S)
       time.sleep(3 * fraction)
     else:
       stale = saves(workdir)  # Left by a run killed while it saved.
@@ -164,7 +186,8 @@ def soak(cmd, log_dir, kills, rng, start_up_s):
     records.append(dict(
         moment=moment, signal=name if reached else "none (ended first)", status=status,
         hung=hung, expected=(status in EXPECTED[name] if reached else status == 0) and not hung,
-        latest_step=latest_step(workdir), seconds=round(at, 2), last_line=launch.last_line()))
+        latest_step=latest_step(workdir), resumed_from=resumed_from, seconds=round(at, 2),
+        last_line=launch.last_line()))
     print(f"kill {len(records):3d}: {moment:9s} {records[-1]['signal']:18s} at {at:6.1f} s -> "
           f"exit {status:4d}, latest checkpoint {records[-1]['latest_step']}", flush=True)
     if not reached and status == 0:
@@ -218,7 +241,9 @@ def main_():
       f"CPUs, {platform.processor() or platform.machine()}", command=" ".join(sys.argv),
       steps=latest_step(root / "reference"), seed=args.seed,
       kills=sum(r["signal"] not in ("none", "none (ended first)") for r in records),
-      restarts=len(records) - 1, runs=records, bitwise_equal=equal,
+      restarts=len(records) - 1,
+      resumed_from_checkpoint=sum(r["resumed_from"] is not None for r in records),
+      runs=records, bitwise_equal=equal,
       unattended=all(r["expected"] for r in records) and records[-1]["status"] == 0,
       reference_seconds=round(reference_s, 1),
       goodput={name: goodput(root / name) for name in ("reference", "chaos")},
@@ -228,7 +253,8 @@ def main_():
     print(f"| {i} | {r['moment']} | {r['signal']} | {r['seconds']} | {r['status']} | "
           f"{r['latest_step']} |")
   print(f"\nbitwise_equal: {equal}; unattended: {result['unattended']}; "
-        f"{result['kills']} kills, {result['restarts']} restarts, {result['total_seconds']} s")
+        f"{result['kills']} kills, {result['restarts']} restarts "
+        f"({result['resumed_from_checkpoint']} from a checkpoint), {result['total_seconds']} s")
   for name, g in result["goodput"].items():
     print(f"goodput, {name}: {g['goodput']:.1%} of {g['wall_s']:.0f} s (" + ", ".join(
         f"{k[:-2]} {v:.1f} s" for k, v in g.items() if k.endswith("_s") and k != "wall_s") +

@@ -6,6 +6,7 @@ method's recipe (its `method` variant), then applies the overrides.
 """
 import sys
 
+import flax.traverse_util
 from absl import flags
 from ml_collections import config_flags
 
@@ -33,6 +34,21 @@ class _ConfigHelp(flags.BooleanFlag):
 
 
 flags.DEFINE_flag(_ConfigHelp())
+
+
+def _alias(argv, name):
+  """'Did you mean ...' for an unknown key `name` of a --config.KEY=VALUE override that
+  schema.ALIASES knows by another name ('sce.temperature' -> 'sce.temp'), else ''."""
+  keys = flax.traverse_util.flatten_dict(sce_config.base().to_dict(), sep=".")
+  name = str(name).strip("'\"")  # ml_collections quotes it
+  for arg in argv:
+    path = arg.removeprefix("--config.").partition("=")[0]
+    section, _, last = path.rpartition(".")
+    if arg.startswith("--config.") and last == name and name in schema.ALIASES:
+      known = ".".join(filter(None, (section, schema.ALIASES[name])))
+      if known in keys:
+        return f'Did you mean "{known}"? ({name} is called {schema.ALIASES[name]} here)\n'
+  return ""
 
 
 def parse_flags(argv):
@@ -65,9 +81,9 @@ def parse_flags(argv):
       message = key_errors[0]
       while isinstance(message, BaseException) and message.args:
         message = message.args[0]
-      sys.exit(f"Config error: no such key: {message}\nEvery key is declared in "
-               "sce_jax/config.py (base()); fix the --config.KEY=VALUE override or the config "
-               "file.")
+      sys.exit(f"Config error: no such key: {message}\n{_alias(argv, message)}Every key is "
+               "declared in sce_jax/config.py (base()); fix the --config.KEY=VALUE override or "
+               "the config file.")
     if isinstance(e, flags.Error):
       sys.exit(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help "
                "on flags.")

@@ -23,6 +23,16 @@ from sce_jax.evaluators import finetune, transfer, voc07
 from sce_jax.models import heads, sce, trunks, vit
 
 
+# Names a key is known by elsewhere (papers, other code) -> its name here, suggested for an
+# unknown key of the command line (cli.py): --config.sce.temperature -> sce.temp.
+ALIASES = {"temperature": "temp", "tau": "temp", "teacher_temp": "temp_m",
+           "temperature_m": "temp_m", "lambda": "coeff", "lambda_": "coeff",
+           "queue_size": "queue", "num_negatives": "queue", "momentum": "m0", "ema": "m0",
+           "lr": "base_lr", "learning_rate": "base_lr", "wd": "weight_decay",
+           "arch": "trunk", "backbone": "trunk", "image_dir": "path", "data_path": "path",
+           "steps": "max_steps", "num_epochs": "epochs", "warmup": "warmup_epochs"}
+
+
 # Keys with a fixed set of values, each list owned by the module that reads the key; checked
 # here, once, before anything compiles.
 ENUMS = {
@@ -268,9 +278,9 @@ def _check_writable(workdir):
 
 def describe() -> str:
   """Every key of the schema with its default, the comments base() declares it with (the
-  comment lines above it and those of its own lines; a key of a section declared in one
-  statement takes the section's) and its allowed values or range: --config_help. Read from
-  config.base()'s source, so that it cannot drift from it."""
+  comment lines above it and those of its own lines; the comment of a section declared in one
+  statement is printed once, above its first key) and its allowed values or range:
+  --config_help. Read from config.base()'s source, so that it cannot drift from it."""
   source = inspect.getsource(config_lib.base)
   lines = source.splitlines()
   comments = {t.start[0]: t.string.lstrip("# ") for t in
@@ -289,10 +299,15 @@ def describe() -> str:
                             if n in comments).rstrip(".")
   out = ["Config keys (--config.KEY=VALUE): base()'s defaults, the CIFAR-10 recipe; each config "
          "file in configs/ changes some."]
+  shown = set()  # sections whose comment is printed, once, above their first key
   for key, value in flax.traverse_util.flatten_dict(config_lib.base().to_dict(), sep=".").items():
     parts = key.split(".")
-    notes = [next((meaning[p] for p in (".".join(parts[:i]) for i in range(len(parts), 0, -1))
-                   if meaning.get(p)), "")]
+    section = next((p for p in (".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1))
+                    if meaning.get(p)), None)
+    if not meaning.get(key) and section and section not in shown:
+      shown.add(section)
+      out.append(f"  # {section}: {meaning[section]}")
+    notes = [meaning.get(key, "")]
     if key in ENUMS:
       notes.append(f"one of {', '.join(map(repr, ENUMS[key]))}")
     if key in RANGES:

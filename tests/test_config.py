@@ -468,14 +468,28 @@ def test_config_help_lists_every_key():
   out = cli("--config_help")
   assert out.returncode == 0, out.stderr
   lines = out.stdout.splitlines()
-  keys = [line.split(" = ")[0].strip() for line in lines[1:]]
+  keys = [line.split(" = ")[0].strip() for line in lines[1:] if not line.startswith("  # ")]
   assert keys == sorted(flax.traverse_util.flatten_dict(sce_config.base().to_dict(), sep="."))
   assert "  batch_size = 256  # global batch, all devices and processes; >= 1" in lines
   assert "  sce.temp = 0.1  # > 0" in lines
   assert ("  optim.name = 'sgd'  # or \"lars\", \"adamw\" (optim.OPTIMIZERS); one of 'sgd', "
           "'lars', 'adamw'") in lines
-  assert any(line.startswith("  eval.knn.k = 200  # Evaluations during pretraining") for line in
-             lines)
+  # A section's comment once, above its first key, not on each of its keys.
+  header = [i for i, line in enumerate(lines)
+            if line.startswith("  # eval.knn: Evaluations during pretraining")]
+  assert len(header) == 1 and lines[header[0] + 1].startswith("  eval.knn.every_epochs = 10")
+  assert "  eval.knn.k = 200  # >= 1" in lines and "  eval.knn.temp = 0.1  # > 0" in lines
+  assert sum("Evaluations during pretraining" in line for line in lines) == 1
+
+
+def test_cli_suggests_a_key_by_its_other_name(tmp_path):
+  """--config.sce.temperature: the paper's word; the key is sce.temp (schema.ALIASES)."""
+  out = cli("--config=configs/cifar10_r18.py:smoke", "--config.sce.temperature=0",
+            f"--workdir={tmp_path}")
+  assert out.returncode == 1
+  assert out.stderr.splitlines()[-3:-1] == [
+      "Config error: no such key: 'temperature'",
+      'Did you mean "sce.temp"? (temperature is called temp here)']
 
 
 def test_reading_a_config_imports_no_runtime():

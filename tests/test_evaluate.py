@@ -106,7 +106,9 @@ def test_linear_probe_learns_separable_features():
   # Placed as linear.evaluate places it: replicated, so the step's donation reuses its buffers.
   state = jax.jit(linear.init(head, tx, dim), out_shardings=replicated(mesh))(jax.random.key(0))
   params = state["params"]
-  assert float(jnp.std(params["kernel"])) == pytest.approx(0.01, rel=0.1)
+  # The std of 320 draws of N(0, 0.01) has a relative standard error of 1 / sqrt(2 x 319) =
+  # 4 %; this seed gives 0.00939 (-1.5 SE), which rel=0.1 (2.5 SE) left 4 % of margin: 5 SE.
+  assert float(jnp.std(params["kernel"])) == pytest.approx(0.01, rel=0.2)
   assert not np.any(params["bias"])
   for _ in range(100):
     x, y = sample(64)

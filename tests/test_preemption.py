@@ -3,6 +3,7 @@ at safe points; a second Ctrl-C stops at once; the command line's exit statuses 
 line when a signal comes before the first step."""
 import os
 import pathlib
+import random
 import signal
 import subprocess
 import sys
@@ -129,3 +130,18 @@ def test_signal_before_the_first_step(archive, tmp_path, moment, signum, status)
   assert not (workdir / "lock.json").exists()
   assert not list((workdir / "checkpoints").glob("*")) if moment == "lock" else (
       not workdir.exists())
+
+
+def test_chaos_schedule_kills_during_saves_and_after_checkpoints():
+  """benchmarks/chaos.py's schedule, whatever the seed: a kill during a save from 1 kill on,
+  a training kill (which waits for a checkpoint) from 2, every moment from 3; the default seed
+  and --kills 3 once drew three start-up kills, testing no resume from a checkpoint."""
+  chaos = pytest.importorskip("benchmarks.chaos")
+  for seed in range(20):
+    for kills in range(1, 8):
+      plan = chaos.schedule(kills, random.Random(seed))
+      moments = [moment for moment, _, _ in plan]
+      assert len(plan) == kills and moments[0] == "save"
+      assert kills < 2 or "training" in moments
+      assert kills < 3 or set(moments) == set(chaos.ORDER)
+      assert all(name in chaos.SIGNALS and 0 <= fraction < 1 for _, name, fraction in plan)
