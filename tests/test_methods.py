@@ -121,6 +121,9 @@ def test_unknown_method_is_one_line():
   with pytest.raises(sce_config.ConfigError, match=r"method='mocov9' is not a known method; "
                                                    r"set --config.method to one of 'sce', "):
     load_config("cifar10_r18", "method=mocov9")
+  with pytest.raises(sce_config.ConfigError, match=r"^This config file has no other methods' "
+                                                   r"recipes; --config.method works with "):
+    load_config("stl10_r18", "method=byol")
 
 
 @pytest.mark.slow  # 180-250 s a method on the shared 2-core box under load (a step compile)
