@@ -233,11 +233,12 @@ def test_restart_loads_the_step_from_the_compile_cache_and_accounts_for_its_time
   assert [r["step"] for r in totals] == [2, 2, 4, 4]  # log steps and each start's end
   parts = ("productive", "compile", "restore", "data_wait", "evaluation", "save",
            "restart_lost", "other")
-  for r in totals:
-    assert 0 < r["goodput"] < 1 and all(r[f"{k}_s"] >= 0 for k in parts[:-1])
+  for r in totals:  # a log step's record is written before its own step's time is added
+    assert 0 <= r["goodput"] < 1 and all(r[f"{k}_s"] >= 0 for k in parts[:-1])
     assert math.isclose(sum(r[f"{k}_s"] for k in parts), r["wall_s"], rel_tol=1e-9)
     assert math.isclose(r["goodput"], r["productive_s"] / r["wall_s"], rel_tol=1e-9)
   assert totals[2]["wall_s"] > totals[1]["wall_s"] and totals[2]["restore_s"] > 0
+  assert totals[1]["goodput"] > 0 and totals[3]["goodput"] > 0  # the ends count their steps
   assert totals[0]["restore_s"] == totals[1]["restore_s"] == 0  # a fresh start
   assert totals[1]["restart_lost_s"] == totals[3]["restart_lost_s"] == 0  # nothing run twice
   assert messages(second)[-1].startswith("Run: goodput ")
