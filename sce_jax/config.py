@@ -32,8 +32,8 @@ def base() -> ml_collections.ConfigDict:
   c.method = "sce"
 
   c.model = ml_collections.ConfigDict()
-  c.model.trunk = "resnet18"   # models.TRUNKS: resnet18/34/50/101, vit_tiny/small/base
-  c.model.width = 0            # 0: the trunk's (64 for ResNets; 192/384/768 for ViT-Ti/S/B)
+  c.model.trunk = "resnet18"   # models.TRUNKS: resnet18/34/50/101, vit_tiny/small/base/large
+  c.model.width = 0            # 0: the trunk's (64 for ResNets; 192/384/768/1024 for ViT-Ti/S/B/L)
   c.model.small_stem = True    # 3x3 stride-1 stem without max-pool for 32-pixel images
   c.model.dtype = "bfloat16"   # computation; parameters stay float32
   # bfloat16/float16 layers compute and sum their weight gradients in float32, as the authors'
@@ -43,8 +43,8 @@ def base() -> ml_collections.ConfigDict:
   # activations in the backward pass, "full" the whole trunk's: less memory, more FLOPs.
   c.model.remat = "none"
   # ViT trunks (docs/SCE.md 10); ResNets ignore these.
-  c.model.depth = 0            # blocks; 0: the trunk's (12)
-  c.model.num_heads = 0        # 0: width / 64 (3/6/12 for Ti/S/B; MoCo v3's ViT-S has 12)
+  c.model.depth = 0            # blocks; 0: the trunk's (12; 24 for ViT-L)
+  c.model.num_heads = 0        # 0: width / 64 (3/6/12/16 for Ti/S/B/L; MoCo v3's ViT-S: 12)
   c.model.patch_size = 16      # 16 for ImageNet; 4 (or 8) for 32-px images
   c.model.pos_embed = "learned"  # or "sincos": MoCo v3's fixed 2-D sin-cos table
   c.model.pool = "cls"         # the feature: the class token's output, or "mean" of patches

@@ -129,10 +129,11 @@ class Run:
 
   def restore(self, init: Callable, rng) -> tuple[Any, int, bool]:
     """(state, start step, resumed): the latest checkpoint, or init(rng) at step 0."""
-    with self.clock.timing("restore"):
-      state = checkpoint.restore(self.mngr, jax.eval_shape(init, rng))
-    if state is None:
+    abstract, began = jax.eval_shape(init, rng), time.perf_counter()
+    state = checkpoint.restore(self.mngr, abstract)
+    if state is None:  # looking for none is start-up
       return init(rng), 0, False
+    self.clock.add("restore", time.perf_counter() - began)
     return state, self.mngr.latest_step(), True
 
   def train(self, state, start: int, step_fn: Callable, batches: Iterator,

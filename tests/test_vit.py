@@ -48,10 +48,10 @@ def test_forward_matches_numpy(pool, pos_embed):
 
 
 @pytest.mark.parametrize("name,count", [("vit_tiny", 5_524_416), ("vit_small", 21_665_664),
-                                        ("vit_base", 85_798_656)])
+                                        ("vit_base", 85_798_656), ("vit_large", 303_301_632)])
 def test_parameter_counts_match_timm(name, count):
-  """timm's vit_*_patch16_224 counts (5,717,416 / 22,050,664 / 86,567,656) minus the
-  1000-class head (193,000 / 385,000 / 769,000)."""
+  """timm's vit_*_patch16_224 counts (5,717,416 / 22,050,664 / 86,567,656 / 304,326,632) minus
+  the 1000-class head (193,000 / 385,000 / 769,000 / 1,025,000)."""
   shapes = jax.eval_shape(lambda: vit.vit(name).init(jax.random.key(0),
                                                       jnp.zeros((1, 224, 224, 3)), train=False))
   assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == count

@@ -27,11 +27,13 @@ import numpy as np
 
 from sce_jax.models import precision
 
-# model.trunk names: (width, depth, heads), the ViT-Ti/S/B of DeiT and timm (MLP ratio 4).
+# model.trunk names: (width, depth, heads), the ViT-Ti/S/B of DeiT and timm and ViT-L of
+# Dosovitskiy et al. and timm (MLP ratio 4).
 ARCHS = {
     "vit_tiny": (192, 12, 3),
     "vit_small": (384, 12, 6),
     "vit_base": (768, 12, 12),
+    "vit_large": (1024, 24, 16),
 }
 HEAD_DIM = 64  # every standard ViT's width / heads; the heads of another width follow it.
 # model.pos_embed: learned, or MoCo v3's fixed 2-D sin-cos table; model.pool: the feature.
