@@ -181,4 +181,5 @@ def test_knn_and_linear_eval_of_a_vit(cifar_root, tmp_path):
   results = linear.evaluate(config, variables, mesh, splits, tmp_path)
   assert 0.0 <= results["linear_top1"] <= results["linear_top5"] <= 1.0
   record = metrics.read(tmp_path / "linear")
-  assert sorted(record) == [2] and np.isfinite(record[2]["linear_loss"])  # the last step
+  # The first step's record (time to first step, loop.Run) and the last step's losses.
+  assert max(record) == 2 and np.isfinite(record[2]["linear_loss"])

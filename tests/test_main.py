@@ -181,13 +181,13 @@ def test_command_line_interrupt_resume_evaluate(cifar_root, no_tf, tmp_path):
   lines = messages(stderr)
   assert f"Restored step {stopped} from {workdir}/checkpoints/{stopped} (checksums verified)." in (
       lines)
-  # The default output: a warning (max_steps changed), the restore, the summary, the parameter
-  # count, the first step's compile, a line per log step (every 4) and per checkpoint (every
-  # 8, and the last), the goodput.
-  kinds = ("The config differs", "Restored step", "SCE pretraining", "Parameters: ",
-           "First step ", "step ", "Saving step ", "Run: goodput ")
+  # The default output: the labels chosen, a warning (max_steps changed), the restore, the
+  # summary, the parameter count, the first step's compile, a line per log step (every 4) and
+  # per checkpoint (every 8, and the last), the goodput.
+  kinds = ("data.labels=auto", "The config differs", "Restored step", "sce pretraining",
+           "Parameters: ", "First step ", "step ", "Saving step ", "Run: goodput ")
   assert all(line.startswith(kinds) for line in lines), stderr
-  assert len(lines) <= 10
+  assert len(lines) <= 11
   assert max(metrics.read(workdir)) == stopped + 4
   assert checkpoint.manager(workdir, smoke_config(cifar_root).checkpoint).latest_step() == (
       stopped + 4)

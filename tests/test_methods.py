@@ -12,6 +12,7 @@ import pytest
 from sce_jax import config as sce_config
 from sce_jax import methods, metrics, schema, sharding, train_step
 from tests import test_main
+from tests.test_main import no_tf  # noqa: F401  (a fixture)
 from tests.helpers import load_config
 from tests.test_train_step import BATCH, close, run, tiny_config
 

@@ -56,7 +56,8 @@ def start(data, workdir, devices, *flags):
   cmd = [sys.executable, "-m", "sce_jax.main", "--config=configs/cifar10_r18.py:smoke",
          f"--config.data.path={data}", f"--workdir={workdir}", f"--config.max_steps={STEPS}",
          "--config.log_every_steps=1", "--config.data.loader=grain", "--config.model.width=8",
-         "--config.data.views=imagenet_two_crop", "--config.data.on_device=false", *flags]
+         "--config.data.views=imagenet_two_crop", "--config.data.on_device=false",
+         "--config.data.labels=folders", *flags]  # one class folder: labelled, for the probe
   env = {**os.environ, "JAX_NUM_CPU_DEVICES": str(devices), "JAX_PLATFORMS": "cpu"}
   return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)

@@ -125,7 +125,7 @@ def test_signal_before_the_first_step(archive, tmp_path, moment, signum, status)
   assert proc.returncode == status, stderr[-3000:]
   assert lines[-1] == str(preemption.Stopped(signum)), stderr[-3000:]
   assert not any(word in stderr for word in ("Traceback", "Exception ignored", "KeyboardInterr"))
-  start_up = ("Decoded the 'train' split", "SCE pretraining", "Parameters: ")
+  start_up = ("data.labels=auto", "Decoded the 'train' split", "sce pretraining", "Parameters: ")
   assert all(line.startswith(start_up) for line in lines[:-1]), stderr  # And nothing else.
   assert not (workdir / "lock.json").exists()
   assert not list((workdir / "checkpoints").glob("*")) if moment == "lock" else (
