@@ -94,6 +94,12 @@ def crop_pairs(num_views, num_global, symmetric):
   return [(0, j) for j in range(1, num_views)]
 
 
+def config_pairs(config, num_views):
+  """crop_pairs of the pairing a config states (sce.num_global, sce.symmetric): the crop
+  pairing of every method that follows SCE's (methods/: their `pairs`)."""
+  return crop_pairs(num_views, config.sce.num_global, config.sce.symmetric)
+
+
 def target_views(pairs):
   """The views the target embeds, in order: every global crop if symmetric, else view 0."""
   return sorted({i for i, _ in pairs})

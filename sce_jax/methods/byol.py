@@ -43,8 +43,7 @@ RECIPES = {
 }
 
 
-def pairs(config, num_views):
-  return losses.crop_pairs(num_views, config.sce.num_global, config.sce.symmetric)
+pairs = losses.config_pairs  # the crop pairing the config states
 
 
 def uses_queue(config):

@@ -15,8 +15,7 @@ EMA_TARGET = True
 RECIPES = {"cifar": {}, "imagenet": {}, "cifar_vit": {}, "imagenet_vit": {}}
 
 
-def pairs(config, num_views):
-  return losses.crop_pairs(num_views, config.sce.num_global, config.sce.symmetric)
+pairs = losses.config_pairs  # the crop pairing the config states
 
 
 def uses_queue(config):
