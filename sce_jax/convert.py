@@ -117,14 +117,11 @@ def _convert(args):
     model_cfg = weights.infer_model_config(variables, args.num_heads)
   weights.check_variables(variables, model_cfg, source=args.src, layout=layout)
   trunk = weights.describe_trunk(model_cfg)
-  if inferred and trunks.family(model_cfg).NAME == "ViT" and not args.num_heads:
-    trunk += " (heads: width / 64, which the weights do not hold; set --num_heads)"
+  if inferred and trunks.family(model_cfg).UNINFERRED and not args.num_heads:
+    trunk += f" ({trunks.family(model_cfg).UNINFERRED})"
   if args.direction == "in":
     save_safetensors(variables, args.dst, {"source": str(args.src), "trunk": trunk})
-  elif args.layout == "detectron2":
-    if trunks.family(model_cfg).NAME != "ResNet":
-      raise ValueError("out --layout detectron2 takes a ResNet trunk; this one is a "
-                       f"{trunks.family(model_cfg).NAME}")
+  elif args.layout == "detectron2":  # weights.to_torch refuses a trunk of another layout
     save_detectron2(weights.to_torch(variables, "detectron2", args.which), args.dst)
   else:
     out_layout = args.layout or trunks.family(model_cfg).TORCH_LAYOUT

@@ -236,8 +236,10 @@ def to_torch(variables, layout="torchvision", which="online") -> dict[str, np.nd
   counts): the `which` ('online' or 'target') trunk. authors: every network part present.
   """
   if layout == "detectron2":
-    if "cls_token" in variables.get(NETS[which][0], {}).get("trunk", {}):
-      raise ValueError("the detectron2 layout holds a ResNet trunk; this one is a ViT.")
+    family = trunks.of_weights(variables.get(NETS[which][0], {}).get("trunk", {}))
+    if family.TORCH_LAYOUT != "torchvision":
+      raise ValueError("the detectron2 layout holds a torchvision-layout (ResNet) trunk; this "
+                       f"one is a {family.NAME}.")
     return {detectron2_key(k): v for k, v in to_torch(variables, "torchvision", which).items()
             if not k.endswith("num_batches_tracked")}
   if layout in _BARE:

@@ -199,6 +199,7 @@ MARK = "conv1"                # a top-level name of its weights, flax or torch
 NO_DECAY = ()                 # parameters without weight decay besides norms and biases
 EVAL_KEYS = ()                # model keys evaluation features depend on besides the weights
 TINY = dict(width=8)          # the benchmarks' CPU stand-in
+UNINFERRED = ""               # what infer_config cannot read from the weights
 
 
 def build(model_cfg, bn_splits=0, module=ResNet, remat_blocks=False) -> ResNet:

@@ -3,7 +3,8 @@
 A family is a module of models/ (`resnet.py`, `vit.py`) that defines, at its end:
   NAME, MODULE (its Flax module class), HAS_BATCH_STATS (shuffle-BN needs them), TORCH_LAYOUT (weights.py), MARK (a top-level
   name of its weights), NO_DECAY (optim.py), EVAL_KEYS (model keys an evaluation records),
-  TINY (a CPU stand-in for benchmarks), ARCHS (its model.trunk values);
+  TINY (a CPU stand-in for benchmarks), ARCHS (its model.trunk values), UNINFERRED (what
+  infer_config cannot read from weights);
   build(model_cfg, bn_splits, module, remat_blocks), feature_width(model_cfg), frozen(model_cfg) (parameters that
   never train), config_problem(model_cfg, crop_sizes) (schema.py), describe(model_cfg);
   describe_weights(trunk_params), check_weights(trunk_params, model_cfg, net),

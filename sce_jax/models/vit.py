@@ -263,6 +263,8 @@ NO_DECAY = ("pos_embed", "cls_token")
 # model keys the features of an evaluation depend on besides the weights (its provenance).
 EVAL_KEYS = ("pos_resample",)
 TINY = dict(width=16, depth=2, num_heads=2, patch_size=4)  # the benchmarks' CPU stand-in
+# What infer_config cannot read from the weights (convert.py says it), and the flag that sets it.
+UNINFERRED = "heads: width / 64, which the weights do not hold; set --num_heads"
 
 
 def build(model_cfg, bn_splits=0, module=ViT, remat_blocks=False) -> ViT:
