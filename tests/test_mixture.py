@@ -119,8 +119,8 @@ def test_drawn_is_graines_index_in_each_source():
 
 
 def test_unlabelled_when_classes_differ(roots, tmp_path, rows):
-  """A source of other classes (or none) makes the mixture unlabelled: labels 0; its
-  evaluations read eval.data, whose absence a labelled one's evaluation names."""
+  """A source of other classes (or none) makes the mixture unlabelled: labels 0. A mixture's
+  evaluations read eval.data, which a labelled one's must share its classes with."""
   flat = tmp_path / "b"
   write_folder(flat, {"x": 2})  # one class folder: no classes (folders.choose_labels)
   cfg = _cfg(f"folder:{roots[0]}=1,folder:{flat}=1", loader="grain")
@@ -132,7 +132,12 @@ def test_unlabelled_when_classes_differ(roots, tmp_path, rows):
   cfg = _cfg(f"folder:{roots[0]}=1,folder:{roots[1]}=2")
   labelled = sources.Splits(cfg)
   assert labelled.num_classes == 2
-  assert sources.labelled(labelled, cfg, ml_collections.ConfigDict(dict(path="", name=""))) is None
+  given = lambda path: ml_collections.ConfigDict(dict(path=str(path), name=""))
+  assert sources.labelled(labelled, cfg, given("")) is None
+  assert sources.labelled(labelled, cfg, given(roots[1])).train.classes == ["x", "y"]
+  with pytest.raises(images.DataError, match="has other classes than data.mixture"):
+    sources.labelled(labelled, cfg, given(tmp_path))  # b/x: one class, x
+  assert sources.labelled(splits, cfg, given(tmp_path)).train.classes == ["x"]
 
 
 @pytest.mark.parametrize("mixture,message", [
