@@ -1,8 +1,9 @@
 """data.mixture (sources.Mixture): several training sources drawn in proportion to their
 weights by grain's mixing law, on both loaders (grain's MapDataset.mix, tf.data's
-choose_from_datasets), resumed exactly at a step; its checks; a pretraining run on one resumes
-exactly."""
+choose_from_datasets), resumed exactly at a step; its checks; a pretraining run on one, from the
+command line, resumes exactly."""
 import json
+import sys
 
 import jax
 import ml_collections
@@ -15,10 +16,11 @@ from jax.sharding import PartitionSpec as P
 from PIL import Image
 
 from sce_jax import config as sce_config
-from sce_jax import metrics, schema, sharding, train
+from sce_jax import metrics, schema
 from sce_jax.data import images, pipeline, presets, sources
 from tests.conftest import CIFAR10_CLASSES, make_image_folder
 from tests.helpers import load_config
+from tests.test_main import no_tf, run  # pylint: disable=unused-import  # no_tf: a fixture
 
 LOADERS = ("tf", "grain")
 VIEW = presets.ViewSpec(8, scale=(1.0, 1.0), ratio=(1.0, 1.0))  # The crop is the 8x8 image.
@@ -169,29 +171,32 @@ def test_path_beside_a_mixture_and_sizes_that_differ(roots):
     sources.Mixture([small, large], [1, 1], ["p", "q"])
 
 
-@pytest.mark.slow  # three compiles of the smoke step (~100 s of CPU), as test_main's resume test
-def test_smoke_run_on_a_mixture_resumes_exactly(cifar_root, tmp_path):
-  """The smoke config on a mixture of the CIFAR-like slice (0.7) and a second class tree of
-  the same classes (0.3): 4 steps whole, and 2 then resumed to 4, log the same metrics; the
-  mixture is labelled, so the online probe trains."""
+@pytest.mark.slow  # three starts of the command line, the first compiling (~60 s of CPU)
+def test_smoke_run_on_a_mixture_resumes_exactly(cifar_root, no_tf, tmp_path):
+  """`python -m sce_jax.main` with the smoke config on a mixture of the CIFAR-like slice (0.7)
+  and a second class tree of the same classes (0.3): 4 steps whole, and 2 then resumed to 4,
+  log the same metrics; the mixture is labelled, so the online probe trains. The later starts
+  load the step from the persistent compilation cache: the same executable."""
   other = make_image_folder(tmp_path / "other", {"train": 2}, CIFAR10_CLASSES, seed=1)
+  mixture = f"folder:{cifar_root}=0.7,folder:{other}=0.3"
+  # One device (the cache does not depend on the count, and one compiles faster); cache even
+  # a fast compile.
+  env = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_NUM_CPU_DEVICES": "1"}
 
-  def config(max_steps):
-    c = load_config("cifar10_r18", "smoke")
-    c.data.mixture = f"folder:{cifar_root}=0.7,folder:{other}=0.3"
-    c.update(max_steps=max_steps, log_every_steps=1)
-    c.checkpoint.every_steps = 2
-    schema.validate(c, 1, 1)
-    return c
+  def start(workdir, max_steps):
+    return run([sys.executable, "-m", "sce_jax.main", "--config=configs/cifar10_r18.py:smoke",
+                f"--config.data.mixture={mixture}", f"--workdir={tmp_path / workdir}",
+                f"--config.compile_cache_dir={tmp_path / 'xla'}", "--config.log_every_steps=1",
+                "--config.checkpoint.every_steps=2", f"--config.max_steps={max_steps}"],
+               no_tf, env=env, timeout=1200)  # a hang guard for a loaded box
 
-  mesh = sharding.make_mesh(jax.devices()[:1])
-  train.train(config(4), tmp_path / "whole", mesh)
-  train.train(config(2), tmp_path / "split", mesh)
-  train.train(config(4), tmp_path / "split", mesh)
+  assert "data.mixture: folder:" in start("whole", 4)
+  start("split", 2)
+  assert "Restored step 2 from" in start("split", 4)
   a, b = metrics.read(tmp_path / "whole"), metrics.read(tmp_path / "split")
   compared = ("loss", "probe_loss", "pos_sim", "grad_norm", "lr")
   assert sorted(a) == sorted(b) == [1, 2, 3, 4]
   for step in a:
     assert {k: a[step][k] for k in compared} == {k: b[step][k] for k in compared}, step
   recorded = json.loads((tmp_path / "split" / "config.json").read_text())
-  assert recorded["data"]["mixture"] == config(4).data.mixture
+  assert recorded["data"]["mixture"] == mixture
