@@ -2,7 +2,9 @@
 weights by grain's mixing law, on both loaders (grain's MapDataset.mix, tf.data's
 choose_from_datasets), resumed exactly at a step; its checks; a pretraining run on one, from the
 command line, resumes exactly."""
+import io
 import json
+import socket
 import sys
 
 import jax
@@ -105,7 +107,26 @@ def test_proportions_labels_and_exact_resume(roots, rows, loader):
              zip(jax.tree.leaves(again), jax.tree.leaves(batches[13])))
 
 
-def test_drawn_is_graines_index_in_each_source():
+@pytest.mark.parametrize("loader", LOADERS)
+def test_tfds_and_a_folder(cifar_root, rows, loader, monkeypatch):
+  """A TFDS split (mocked) and a folder mix on either loader and resume exactly; TFDS's mock
+  names its classes '0'..'9', the folder by name: unlabelled, labels 0."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  # mock_data leaves the dataset unprepared, so sources.Tfds first probes TFDS's download host;
+  # a test has no network.
+  monkeypatch.setattr(socket, "create_connection", lambda address, timeout: io.BytesIO())
+  cfg = _cfg(f"tfds:cifar10=0.5,folder:{cifar_root}=0.5", loader=loader, image_size=32)
+  with tfds.testing.mock_data(num_examples=40):
+    mixture = sources.Splits(cfg).train
+    assert [len(p) for p in mixture.parts] == [40, 200] and mixture.num_classes == 0
+    batches = _batches(mixture, cfg, rows, 3)
+    again = _batches(mixture, cfg, rows, 1, start_step=2)[0]
+  assert batches[0]["views"][0].shape == (64, 8, 8, 3) and not batches[0]["label"].any()
+  assert all(np.array_equal(x, y) for x, y in
+             zip(jax.tree.leaves(again), jax.tree.leaves(batches[2])))
+
+
+def test_drawn_is_grains_index_in_each_source():
   """`Mixture.drawn(p)` (the tf.data streams' resume points) is, for the source grain's mix
   takes position p from, the index grain takes, over three periods of a three-source law."""
   parts = [sources.InMemory(np.zeros((4, 8, 8, 3), np.uint8), np.zeros(4)) for _ in range(3)]
