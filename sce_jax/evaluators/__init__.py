@@ -70,8 +70,8 @@ def periodic(config, mesh, splits, labelled, steps_per_epoch) -> list[loop.Evalu
         "online probe", probe_every,
         lambda state: online_probe.evaluate(config, trunk(state), state.params["probe"],
                                             mesh, labelled).items()))
-  elif config.probe.enabled:
-    skipped.append("the online probe")
+  elif config.probe.enabled:  # a labelled mixture's probe trains, but has no eval split
+    skipped.append("the online probe's evaluation" if splits.num_classes else "the online probe")
   if skipped:
     logging.info("Skipping %s: %s%s.", " and ".join(skipped),
                  "the training data have no labels" if not splits.num_classes else
