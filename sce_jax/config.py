@@ -108,6 +108,11 @@ def base() -> ml_collections.ConfigDict:
   # a class folder, else none; the run says which).
   c.data.labels = "auto"
   c.data.eval_path = ""          # "" finds the test split beside path
+  # Training data from several sources, drawn in proportion to their weights (sources.Mixture):
+  # "KIND:WHAT=WEIGHT,..." with KIND folder (WHAT a data.path) or tfds (WHAT a data.name), e.g.
+  # "tfds:imagenet2012=0.7,folder:/data/mine=0.3"; "" = the one source of data.source. Its
+  # evaluations read eval.data.
+  c.data.mixture = ""
   c.data.data_dir = ""           # TFDS data_dir ("" = TFDS default)
   c.data.train_split = "train"
   c.data.eval_split = "test"
