@@ -213,14 +213,25 @@ def _(source: sources.ImageFolder, process_index, process_count, train, seed):
   return tf.data.Dataset.from_tensor_slices(
       (source.paths[process_index:end:process_count],
        source.labels[process_index:end:process_count])).map(
-           lambda path, label: {"image": tf.io.read_file(path), "label": label, "name": path})
+           lambda path, label: {"image": path, "label": label, "name": path})
+
+
+def _fetch(source, ds):
+  """The records with their encoded images: a folder's records hold file names until here, so
+  that an epoch's shuffle holds names, not a folder's bytes (host memory bounded for
+  ImageNet-size folders); other sources' records hold them already."""
+  if not isinstance(source, sources.ImageFolder):
+    return ds
+  return ds.map(lambda ex: {**ex, "image": tf.io.read_file(ex["image"])},
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 def _records(source, data_cfg, process_index, process_count, train, seed=None):
-  """This process's records, decoded and cached when data_cfg.cache."""
+  """This process's records (a folder's unread: `_fetch`), decoded and cached when
+  data_cfg.cache."""
   ds = _read(source, process_index, process_count, train, seed)
   if data_cfg.cache:
-    ds = _decode_all(ds).cache()
+    ds = _decode_all(_fetch(source, ds)).cache()
   return ds
 
 
@@ -246,7 +257,8 @@ def _stream(source, data_cfg, process_index, process_count, seed, key, start):
     return records.shuffle(buffer, seed=shuffle_seed)
 
   ds = tf.data.Dataset.range(start // per_epoch, np.iinfo(np.int64).max).flat_map(epoch)
-  return ds.skip(start % per_epoch)
+  ds = ds.skip(start % per_epoch)
+  return ds if data_cfg.cache else _fetch(source, ds)
 
 
 def train_batches(source, data_cfg, *, views, batch_size, seed, start_step, process_index,
@@ -293,7 +305,7 @@ def eval_batches(source, data_cfg, *, batch_size, num_batches, process_index, pr
   process's share once, then padding (`pipeline.eval_iterator`)."""
   records = _records(source, data_cfg, process_index, process_count, train=False)
   size = data_cfg.image_size
-  ds = _decode_all(records).map(
+  ds = _decode_all(records if data_cfg.cache else _fetch(source, records)).map(
       lambda ex: {"image": center_crop(ex["image"], size, data_cfg.eval_resize,
                                        data_cfg.eval_interpolation), "label": ex["label"],
                   "mask": tf.equal(ex["skipped"], ""), "skipped": ex["skipped"]},
