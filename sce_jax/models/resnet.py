@@ -196,6 +196,7 @@ MODULE = ResNet
 HAS_BATCH_STATS = True        # shuffle-BN (sce.target_bn_splits) splits them
 TORCH_LAYOUT = "torchvision"  # the weights' torch layout (weights.py)
 MARK = "conv1"                # a top-level name of its weights, flax or torch
+TORCH_HEAD = "fc"             # torch's name of its classifier (MoCo v3: of its projector)
 NO_DECAY = ()                 # parameters without weight decay besides norms and biases
 EVAL_KEYS = ()                # model keys evaluation features depend on besides the weights
 TINY = dict(width=8)          # the benchmarks' CPU stand-in
