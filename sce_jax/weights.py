@@ -79,7 +79,8 @@ _BARE = trunks.TORCH_LAYOUTS  # a trunk alone, its keys without a prefix: each f
 # MoCo v3's (network, part) prefixes (moco/builder.py); {head}: the family's TORCH_HEAD.
 _MOCOV3 = {("online", "trunk"): "base_encoder.", ("target", "trunk"): "momentum_encoder.",
            ("online", "projector"): "base_encoder.{head}.",
-           ("target", "projector"): "momentum_encoder.{head}.", ("online", "predictor"): "predictor."}
+           ("target", "projector"): "momentum_encoder.{head}.",
+           ("online", "predictor"): "predictor."}
 _TRUNK_PREFIXES = {
     **{layout: {("online", "trunk"): ""} for layout in _BARE},
     "mocov3": {k: v for k, v in _MOCOV3.items() if k[1] == "trunk"},

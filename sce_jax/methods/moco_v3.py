@@ -45,11 +45,13 @@ PRESETS = {100: (0.6, 1e-6, 0.99), 300: (0.3, 1e-6, 0.99), 1000: (0.3, 1.5e-6, 0
 def _imagenet(c):
   """main_moco.py: batch 4096, LARS (momentum 0.9, trust 1e-3, no decay or trust ratio on
   tensors of ndim <= 1: moco/optimizer.py), lr x batch / 256, 10 warm-up epochs then a cosine,
-  --moco-t 1.0; CONFIG.md's ResNet-50 commands add --crop-min=.2 (the `moco_v3` views)."""
+  --moco-t 1.0, torchvision's ResNet with zero_init_residual=True; CONFIG.md's ResNet-50
+  commands add --crop-min=.2 (the `moco_v3` views)."""
   lr, wd, m0 = PRESETS[min((e for e in PRESETS if e >= c.epochs), default=1000)]
   return {**_RESNET, "batch_size": 4096, "optim.name": "lars", "optim.base_lr": lr,
           "optim.weight_decay": wd, "optim.momentum": 0.9, "optim.trust_coefficient": 1e-3,
-          "optim.warmup_epochs": 10, "sce.temp": 1.0, "sce.m0": m0, "data.views": "moco_v3"}
+          "optim.warmup_epochs": 10, "sce.temp": 1.0, "sce.m0": m0, "data.views": "moco_v3",
+          "model.zero_init_residual": True}
 
 
 RECIPES = {
@@ -64,7 +66,8 @@ RECIPES = {
     # solo-learn scripts/pretrain/cifar/mocov3.yaml (ResNet-18): the ResNet heads (4096-256),
     # temp 0.2, tau 0.99 -> 1, LARS lr 0.3, wd 1e-6, eta 0.02, exclude_bias_n_norm (its
     # clip_lr is not ours), batch 256; warmup 10 epochs (solo/methods/base.py); views
-    # asymmetric.yaml (`cifar_byol`).
+    # asymmetric.yaml (`cifar_byol`); its ResNet-18 keeps torchvision's zero_init_residual
+    # False (backbone.kwargs {}).
     "cifar": {
         **_RESNET, "batch_size": 256, "optim.name": "lars", "optim.base_lr": 0.3,
         "optim.weight_decay": 1e-6, "optim.momentum": 0.9, "optim.trust_coefficient": 0.02,
