@@ -51,20 +51,19 @@ def test_stem_resolution(small_stem, side):
   assert inter["layer1_0"]["__call__"][0].shape == (1, side, side, 4)
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
-def test_zero_init_residual_starts_each_block_as_its_shortcut(name):
-  """torchvision's zero_init_residual (MoCo v3's ImageNet ResNet): the last BatchNorm scale of
-  every block (bn2 of a BasicBlock, bn3 of a Bottleneck) starts at 0, every other at 1; so a
-  block's output is relu(its shortcut)."""
-  last = "bn3" if name == "resnet50" else "bn2"
-  net = resnet.resnet(name, width=4, zero_init_residual=True)
-  params = net.init(jax.random.key(0), jnp.zeros((2, 8, 8, 3)), train=False)["params"]
-  scales = {path[:-1]: x for path, x in traverse_util.flatten_dict(params).items()
-            if path[-1] == "scale"}
-  zero = {p for p in scales if p[0].startswith("layer") and p[1] == last}
-  assert len(zero) == sum(resnet.ARCHS[name][0])
-  for path, x in scales.items():
-    np.testing.assert_array_equal(x, 0.0 if path in zero else 1.0, err_msg=str(path))
+@pytest.mark.parametrize("block,last", [(resnet.BasicBlock, "bn2"), (resnet.Bottleneck, "bn3")])
+def test_zero_init_residual_starts_each_block_as_its_shortcut(block, last):
+  """torchvision's zero_init_residual (MoCo v3's ImageNet ResNet, model.zero_init_residual):
+  the block's last BatchNorm scale starts at 0, every other at 1, so the block starts as
+  relu(its shortcut), exactly."""
+  x = jax.random.normal(jax.random.key(1), (2, 4, 4, 8))
+  net = block(planes=8 // block.expansion, zero_init_residual=True)
+  variables = net.init(jax.random.key(0), x, False)
+  for path, v in traverse_util.flatten_dict(variables["params"]).items():
+    if path[-1] == "scale":
+      np.testing.assert_array_equal(v, 0.0 if path[0] == last else 1.0, err_msg=str(path))
+  np.testing.assert_array_equal(net.apply(variables, x, False), jax.nn.relu(x))
+  assert resnet.build(load_config("imagenet_r50", "method=moco_v3").model).zero_init_residual
 
 
 def test_imagenet_heads():
