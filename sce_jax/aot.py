@@ -233,7 +233,9 @@ def collectives(hlo):
   repeat it with its channel_id (the 50 "all-gathers" of a ResNet-50 step are its queue's two,
   the target keys of its two views); an -start/-done pair counts once, with the -done's result.
   Also the float32 and other bytes of the backward pass's all-reduces (op_name
-  'transpose(...)'): the gradients, and BatchNorm's backward sums beside them.
+  'transpose(...)'; with optim.accum_steps, the one XLA:TPU moves out of the micro-batches'
+  loop is named after the loop, '.../while'): the gradients, and BatchNorm's backward sums
+  beside them.
   """
   starts, ops = {}, {}  # -start name -> its attributes; (kind, channel) -> (bytes, f32, grad)
   for number, line in enumerate(hlo.splitlines()):
@@ -253,7 +255,8 @@ def collectives(hlo):
     key = (kind, channel[1] if channel else f"line {number}")
     f32 = _bytes(" ".join(re.findall(r"\bf32\[[\d,]*\]", shapes)))
     old = ops.get(key, (0, 0, False))
-    ops[key] = (max(old[0], _bytes(shapes)), max(old[1], f32), "transpose(" in rest)
+    grad = "transpose(" in rest or re.search(r'op_name="[^"]*/while"', rest) is not None
+    ops[key] = (max(old[0], _bytes(shapes)), max(old[1], f32), grad)
   out = {kind: {"count": 0, "bytes": 0} for kind in COLLECTIVES}
   grads = {"f32_bytes": 0, "other_bytes": 0}
   for (kind, _), (size, f32, grad) in ops.items():
