@@ -234,7 +234,7 @@ def collectives(hlo):
   the target keys of its two views); an -start/-done pair counts once, with the -done's result.
   Also the float32 and other bytes of the backward pass's all-reduces (op_name
   'transpose(...)'; with optim.accum_steps, the one XLA:TPU moves out of the micro-batches'
-  loop is named after the loop, '.../while'): the gradients, and BatchNorm's backward sums
+  loop is named after the loop, 'jit(step)/while'): the gradients, and BatchNorm's backward sums
   beside them.
   """
   starts, ops = {}, {}  # -start name -> its attributes; (kind, channel) -> (bytes, f32, grad)
@@ -255,7 +255,7 @@ def collectives(hlo):
     key = (kind, channel[1] if channel else f"line {number}")
     f32 = _bytes(" ".join(re.findall(r"\bf32\[[\d,]*\]", shapes)))
     old = ops.get(key, (0, 0, False))
-    grad = "transpose(" in rest or re.search(r'op_name="[^"]*/while"', rest) is not None
+    grad = "transpose(" in rest or 'op_name="jit(step)/while"' in rest
     ops[key] = (max(old[0], _bytes(shapes)), max(old[1], f32), grad)
   out = {kind: {"count": 0, "bytes": 0} for kind in COLLECTIVES}
   grads = {"f32_bytes": 0, "other_bytes": 0}
