@@ -30,7 +30,7 @@ def uses_batch(negatives) -> bool:
 class BatchKeys(NamedTuple):
   """What a method's loss sees of the whole global batch besides its own rows (methods/: the
   `keys` argument of make_loss's local): with optim.accum_steps > 1 its rows are one
-  micro-batch's, and in-batch negatives must still come from the whole batch (docs/SCE.md 3).
+  micro-batch's, and in-batch negatives must still come from the whole batch (docs/SCE.md 5).
     embeddings: {target view: (B, D) the target embeddings of the whole global batch, every
       device's rows in global order} (the same on every device).
     index: (n,) each of this device's rows' place in them.

@@ -173,10 +173,9 @@ def validate(config, num_devices, num_processes, workdir=None):
   ENUMS or RANGES, a count in POSITIVE below 1, a data.path the source would not read, a batch
   that does not split over the devices and processes, into the micro-batches of
   optim.accum_steps or into the shuffle-BN groups, accumulation with a method that cannot
-  accumulate, a queue
-  that is not a positive multiple of the keys written each step, a workdir (if given) that
-  cannot be written. The data are checked
-  when they are opened (`sources.Splits`) and by `check_data_size`."""
+  accumulate, a queue that is not a positive multiple of the keys written each step, a workdir
+  (if given) that cannot be written. The data are checked when they are opened
+  (`sources.Splits`) and by `check_data_size`."""
   for key in POSITIVE:
     if config[key] <= 0:
       raise ConfigError(f"{key}={config[key]} must be at least 1; set --config.{key} to a "

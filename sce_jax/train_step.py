@@ -10,7 +10,7 @@ the target after it; FIFO queue update (methods with a queue) with the target em
 whole global batch. Everything outside the shard_map is written for the global batch, so
 BatchNorm statistics are those of the global batch (synchronised BN).
 
-optim.accum_steps = k > 1 (docs/SCE.md 3): the target embeds the whole batch first; then the
+optim.accum_steps = k > 1 (docs/SCE.md 5): the target embeds the whole batch first; then the
 online branch and the loss run on k micro-batches in turn (each against the whole batch's
 target keys), their gradients averaged into the one update, EMA and queue write of the step.
 Only the online BatchNorm sees less: each micro-batch's statistics.
