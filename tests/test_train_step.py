@@ -128,6 +128,18 @@ def test_vit_one_device_equals_eight():
     jax.tree_util.tree_map_with_path(compare, getattr(one, field), getattr(eight, field))
 
 
+def test_micro_batches_keep_each_device_rows():
+  """32 rows on 8 devices in 4 micro-batches: micro-batch j is row j of each device's 4 rows,
+  and stays on that device."""
+  mesh = sharding.make_mesh()
+  rows = jax.device_put(np.arange(32), sharding.rows(mesh))
+  split = jax.jit(train_step.micro_batches, static_argnums=(1, 2))(rows, 4, mesh)
+  np.testing.assert_array_equal(split, np.arange(32).reshape(8, 4).T)
+  held = {shard.device: np.asarray(shard.data) for shard in rows.addressable_shards}
+  for shard in split.addressable_shards:  # (4, 1): a device's row of each micro-batch
+    np.testing.assert_array_equal(np.asarray(shard.data)[:, 0], held[shard.device])
+
+
 @pytest.mark.slow  # ~40 s on 2 cores: an init and two step compilations
 def test_accumulated_vit_step_equals_the_whole_batch_step():
   """optim.accum_steps=4 on 8 devices (32 images: each micro-batch one row of every device)
