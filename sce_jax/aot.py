@@ -233,7 +233,9 @@ def collectives(hlo):
   repeat it with its channel_id (the 50 "all-gathers" of a ResNet-50 step are its queue's two,
   the target keys of its two views); an -start/-done pair counts once, with the -done's result.
   Also the float32 and other bytes of the backward pass's all-reduces (op_name
-  'transpose(...)'): the gradients, and BatchNorm's backward sums beside them.
+  'transpose(...)'; with optim.accum_steps, the one XLA:TPU moves out of the micro-batches'
+  loop is named after the loop, 'jit(step)/while'): the gradients, and BatchNorm's backward sums
+  beside them.
   """
   starts, ops = {}, {}  # -start name -> its attributes; (kind, channel) -> (bytes, f32, grad)
   for number, line in enumerate(hlo.splitlines()):
@@ -253,7 +255,8 @@ def collectives(hlo):
     key = (kind, channel[1] if channel else f"line {number}")
     f32 = _bytes(" ".join(re.findall(r"\bf32\[[\d,]*\]", shapes)))
     old = ops.get(key, (0, 0, False))
-    ops[key] = (max(old[0], _bytes(shapes)), max(old[1], f32), "transpose(" in rest)
+    grad = "transpose(" in rest or 'op_name="jit(step)/while"' in rest
+    ops[key] = (max(old[0], _bytes(shapes)), max(old[1], f32), grad)
   out = {kind: {"count": 0, "bytes": 0} for kind in COLLECTIVES}
   grads = {"f32_bytes": 0, "other_bytes": 0}
   for (kind, _), (size, f32, grad) in ops.items():
@@ -308,10 +311,11 @@ def step_flops(config, parts, state):
 
 
 def granule(config, chips):
-  """Per-chip batches step by this: 8 rows (a TPU sublane tile), and a global batch that
-  splits into the shuffle-BN groups."""
+  """Per-chip batches step by this: 8 rows (a TPU sublane tile) a micro-batch
+  (optim.accum_steps), and a global batch that splits into the shuffle-BN groups."""
   splits = config.sce.target_bn_splits
-  return math.lcm(8, splits // math.gcd(splits, chips) if splits else 1)
+  return math.lcm(8 * config.optim.accum_steps,
+                  splits // math.gcd(splits, chips) if splits else 1)
 
 
 def max_batch(first, compile_at, capacity, step, tries=3):
@@ -374,6 +378,7 @@ def check(config, name, find_max_batch=False, num_examples=None, num_classes=Non
   result = {
       "topology": name, "chips": chips, "processes": processes,
       "device_kind": devs[0].device_kind, "batch_per_chip": first.batch_per_chip,
+      "accum_steps": config.optim.accum_steps,
       "hbm_gib_per_chip": first.hbm_bytes / GIB, "hbm_capacity_gib": capacity / GIB,
       "fits": first.fits and first.hbm_bytes <= capacity, "compile_s": first.compile_s,
       "max_batch_per_chip": None, "jax": jax.__version__,
@@ -406,14 +411,17 @@ def check(config, name, find_max_batch=False, num_examples=None, num_classes=Non
 def table(r):
   """The check's result as a short Markdown table."""
   mib = lambda n: f"{n / 2**20:,.1f} MiB"
-  rows = [("batch per chip", f"{r['batch_per_chip']}"),
+  k = r["accum_steps"]
+  rows = [("batch per chip", f"{r['batch_per_chip']}" + (
+              f", in {k} micro-batches of {r['batch_per_chip'] // k}" if k > 1 else "")),
           ("HBM per chip", f"{r['hbm_gib_per_chip']:.2f} GiB of {r['hbm_capacity_gib']:g} GiB: "
                            f"{'fits' if r['fits'] else 'does NOT fit'}")]
   if r["max_batch_per_chip"] is not None:
     rows.append(("largest batch per chip that fits", f"{r['max_batch_per_chip']}"))
   if r["collectives"] is not None:
     rows.append(("TFLOP per chip per step", f"{r['tflop_per_chip']:.3g} "
-                 f"({r['tflop_vs_analytic']:.2f} x the analytic count)"))
+                 f"({r['tflop_vs_analytic']:.2f} x the analytic count)" + (
+                     f"; XLA counts the {k} micro-batches' loop body once" if k > 1 else "")))
     rows += [(kind, f"{c['count']} ops, {mib(c['bytes'])}") for kind, c in
              r["collectives"].items()]
     rows.append(("gradient all-reduce", f"{mib(r['grad_allreduce_bytes'])} = "

@@ -92,6 +92,9 @@ def base() -> ml_collections.ConfigDict:
   c.optim.eps = 1e-8             # adamw
   c.optim.clip_norm = 0.0        # > 0: gradients clipped to this global norm first; 0: off
   c.optim.warmup_epochs = 5
+  # Gradient accumulation: each step's batch in this many micro-batches, one update a step;
+  # less memory, the online BatchNorm's statistics the micro-batch's (docs/SCE.md 5).
+  c.optim.accum_steps = 1
 
   c.probe = ml_collections.ConfigDict(dict(enabled=True, lr=0.1))  # online linear probe
 

@@ -6,6 +6,8 @@ Per row, over the columns [positives / in-batch keys, queue]:
   w = coeff * onehot(positive) + (1 - coeff) * softmax(s_z)
   L = - sum_j w_j log_softmax(s_q)_j
 """
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -23,6 +25,18 @@ def uses_queue(negatives) -> bool:
 
 def uses_batch(negatives) -> bool:
   return negatives in ("batch", "both")
+
+
+class BatchKeys(NamedTuple):
+  """What a method's loss sees of the whole global batch besides its own rows (methods/: the
+  `keys` argument of make_loss's local): with optim.accum_steps > 1 its rows are one
+  micro-batch's, and in-batch negatives must still come from the whole batch (docs/SCE.md 5).
+    embeddings: {target view: (B, D) the target embeddings of the whole global batch, every
+      device's rows in global order} (the same on every device).
+    index: (n,) each of this device's rows' place in them.
+  """
+  embeddings: Any
+  index: Any
 
 
 def l2_normalize(x):

@@ -126,6 +126,7 @@ RANGES = {
     "optim.eps": _RATE,
     "optim.clip_norm": _SOME,
     "optim.warmup_epochs": _SOME,
+    "optim.accum_steps": _COUNT,  # and a divisor of the batch's rows on each device
     "probe.lr": _RATE,
     "data.image_size": _COUNT,
     "data.shuffle_buffer": _COUNT,
@@ -170,10 +171,11 @@ def _check_ranges(config):
 def validate(config, num_devices, num_processes, workdir=None):
   """Raises ConfigError, naming the key and a fix, for a run that cannot work: a value outside
   ENUMS or RANGES, a count in POSITIVE below 1, a data.path the source would not read, a batch
-  that does not split over the devices and processes or into the shuffle-BN groups, a queue
-  that is not a positive multiple of the keys written each step, a workdir (if given) that
-  cannot be written. The data are checked
-  when they are opened (`sources.Splits`) and by `check_data_size`."""
+  that does not split over the devices and processes, into the micro-batches of
+  optim.accum_steps or into the shuffle-BN groups, accumulation with a method that cannot
+  accumulate, a queue that is not a positive multiple of the keys written each step, a workdir
+  (if given) that cannot be written. The data are checked when they are opened
+  (`sources.Splits`) and by `check_data_size`."""
   for key in POSITIVE:
     if config[key] <= 0:
       raise ConfigError(f"{key}={config[key]} must be at least 1; set --config.{key} to a "
@@ -197,6 +199,7 @@ def validate(config, num_devices, num_processes, workdir=None):
         raise ConfigError(
             f"{key}={config[key]} does not split evenly over {count} {what}; set "
             f"--config.{key} to a multiple of {count}, e.g. {_multiple(config[key], count)}.")
+  _check_accumulation(config, num_devices)
   _check_model(config)
   splits = config.sce.target_bn_splits
   if splits and config.batch_size % splits:
@@ -253,6 +256,24 @@ def _validate_evaluations(config):
   for key, ok, fix in checks:
     if not ok:
       raise ConfigError(f"{key}={config[key]!r} is out of range; set --config.{key} to {fix}.")
+
+
+def _check_accumulation(config, num_devices):
+  """optim.accum_steps (train_step.py): micro-batches of whole rows on every device, and a
+  method whose loss can be summed over them (an EMA target embeds the whole batch first)."""
+  k = config.optim.accum_steps
+  if k > 1 and not methods.get(config.method).EMA_TARGET:
+    exact = ", ".join(n for n, m in methods.METHODS.items() if m.EMA_TARGET)
+    raise ConfigError(
+        f"optim.accum_steps={k} cannot split a {config.method} step: its loss needs the online "
+        "embeddings of the whole batch with their gradients (no EMA target to embed the batch "
+        f"first); set --config.optim.accum_steps=1, or use a method with one ({exact}).")
+  if config.batch_size % (num_devices * k):
+    raise ConfigError(
+        f"batch_size={config.batch_size} does not split into {num_devices} devices x "
+        f"optim.accum_steps={k} micro-batches; set --config.batch_size to a multiple of "
+        f"{num_devices * k}, e.g. {_multiple(config.batch_size, num_devices * k)}, or "
+        "--config.optim.accum_steps to a divisor of the rows a device holds.")
 
 
 def _check_model(config):

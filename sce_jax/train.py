@@ -84,13 +84,15 @@ def _describe(config, splits, parts, mesh, start, workdir, on_device):
                  "--workdir for a fresh run, or more --config.epochs (or max_steps) to go on.",
                  workdir, start)
     return
+  k = config.optim.accum_steps
+  micro = f" in {k} micro-batches" if k > 1 else ""
   logging.info(
-      "%s pretraining of %s (%d-d features, %s) on %d images (%s; %s); batch %d on "
+      "%s pretraining of %s (%d-d features, %s) on %d images (%s; %s); batch %d%s on "
       "%d %s device(s); steps %d to %d (%d an epoch, %d in the schedules); workdir %s.",
       config.method, config.model.trunk, feature_dim(config.model), config.model.dtype,
       splits.train.num_examples,
       f"{splits.num_classes} classes" if splits.num_classes else "unlabelled", source,
-      config.batch_size, mesh.devices.size, jax.default_backend(),
+      config.batch_size, micro, mesh.devices.size, jax.default_backend(),
       start + 1, parts.num_steps, parts.steps_per_epoch, parts.total_steps, workdir)
 
 

@@ -9,11 +9,18 @@ permutation of the batch); the online branch on every crop it sees, one forward 
 the target after it; FIFO queue update (methods with a queue) with the target embeddings of the
 whole global batch. Everything outside the shard_map is written for the global batch, so
 BatchNorm statistics are those of the global batch (synchronised BN).
+
+optim.accum_steps = k > 1 (docs/SCE.md 5): the target embeds the whole batch first; then the
+online branch and the loss run on k micro-batches in turn (each against the whole batch's
+target keys), their gradients averaged into the one update, EMA and queue write of the step.
+Only the online BatchNorm sees less: each micro-batch's statistics.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sce_jax import losses, methods, sharding
 from sce_jax.sharding import DATA
@@ -89,24 +96,37 @@ def enqueue(queue, ptr, keys):
 def make_loss_fn(method, config, mesh, pairs):
   """The method's loss (`methods`' make_loss) over the mesh, averaged over the devices.
 
-  Returns f(qs, zs, queue) -> (loss, metrics) where qs / zs map view index to (B, D)
-  embeddings sharded over `data`, and queue is (K, D) replicated or None.
+  Returns f(qs, zs, queue, keys=None) -> (loss, metrics) where qs / zs map view index to (B, D)
+  embeddings sharded over `data`, queue is (K, D) replicated or None, and keys is the
+  `losses.BatchKeys` of the whole global batch (embeddings replicated, index sharded like qs),
+  by default zs' own: qs are then the whole batch.
   """
   local = method.make_loss(config, pairs)
 
-  def averaged(qs, zs, queue):
-    return jax.lax.pmean(local(qs, zs, queue), DATA)
+  def averaged(qs, zs, queue, keys):
+    return jax.lax.pmean(local(qs, zs, queue, keys), DATA)
 
-  def loss_fn(qs, zs, queue):
-    specs = ({k: P(DATA) for k in qs}, {k: P(DATA) for k in zs})
-    if queue is None:
-      fn = jax.shard_map(lambda q, z: averaged(q, z, None), mesh=mesh, in_specs=specs,
-                         out_specs=P())
-      return fn(qs, zs)
-    fn = jax.shard_map(averaged, mesh=mesh, in_specs=(*specs, P()), out_specs=P())
-    return fn(qs, zs, queue)
+  def loss_fn(qs, zs, queue, keys=None):
+    if keys is None:
+      replicated = sharding.replicated(mesh)
+      keys = losses.BatchKeys({i: jax.lax.with_sharding_constraint(z, replicated)
+                               for i, z in zs.items()},
+                              jnp.arange(next(iter(qs.values())).shape[0]))
+    specs = ({k: P(DATA) for k in qs}, {k: P(DATA) for k in zs}, P(),
+             losses.BatchKeys(P(), P(DATA)))
+    fn = jax.shard_map(averaged, mesh=mesh, in_specs=specs, out_specs=P())
+    return fn(qs, zs, queue, keys)
 
   return loss_fn
+
+
+def micro_batches(x, k, mesh):
+  """(B, ...) -> (k, B / k, ...) sharded over `data` (optim.accum_steps): micro-batch j holds
+  rows j x m to (j + 1) x m - 1 of each device's B / devices rows (m = B / devices / k), so no
+  row leaves its device."""
+  x = x.reshape(mesh.shape[DATA], k, -1, *x.shape[1:]).swapaxes(0, 1)
+  return jax.lax.with_sharding_constraint(x.reshape(k, -1, *x.shape[3:]),
+                                          NamedSharding(mesh, P(None, DATA)))
 
 
 def make_train_step(config, mesh, online, target, tx, lr_fn, ema_fn, pairs, prepare=None,
@@ -126,6 +146,7 @@ def make_train_step(config, mesh, online, target, tx, lr_fn, ema_fn, pairs, prep
                    else sorted({*target_views, *online_views}))
   loss_fn = make_loss_fn(method, config, mesh, pairs)
   concat = config.model.concat_views
+  accum = config.optim.accum_steps
   replicated = sharding.replicated(mesh)
 
   def step(state, batch):
@@ -138,7 +159,7 @@ def make_train_step(config, mesh, online, target, tx, lr_fn, ema_fn, pairs, prep
     if config.model.drop_path > 0:
       rng, t_key, o_key = jax.random.split(rng, 3)
 
-    zs, t_stats = None, state.target_batch_stats
+    zs, keys, t_stats = None, None, state.target_batch_stats
     if method.EMA_TARGET:
       orders = None  # shuffle-BN
       if config.sce.target_bn_splits:
@@ -148,29 +169,53 @@ def make_train_step(config, mesh, online, target, tx, lr_fn, ema_fn, pairs, prep
                                 target_views, concat, t_key, orders)
       zs = {i: jax.lax.stop_gradient(losses.l2_normalize(t_out[i]["proj"]))
             for i in target_views}
+      # All devices' keys, gathered view by view (no all-to-all): the in-batch negatives of
+      # every micro-batch, and the queue's update.
+      keys = {i: jax.lax.with_sharding_constraint(zs[i], replicated) for i in target_views}
 
-    def objective(params):
+    def objective(params, views, zs, label, index, key):
+      """The loss of a (micro-)batch: its views, target embeddings, labels and rows' places
+      in the global batch."""
       o_out, stats = _forward(online, params, state.batch_stats, views, online_passes, concat,
-                              o_key)
+                              key)
       qs = {j: losses.l2_normalize(o_out[j]["pred"]) for j in online_passes}
       own = zs if method.EMA_TARGET else {
           i: losses.l2_normalize(o_out[i]["proj"]) for i in target_views}
-      loss, metrics = loss_fn(qs, own, state.queue)
+      batch_keys = None if keys is None else losses.BatchKeys(keys, index)
+      loss, metrics = loss_fn(qs, own, state.queue, batch_keys)
       total = loss
       if "logits" in o_out[online_views[0]]:  # The probe: mean over the full-size views.
         probed = [o_out[j]["logits"] for j in online_views
                   if views[j].shape == views[online_views[0]].shape]
         mean = lambda per_view: sum(per_view) / len(probed)
         probe_loss = mean([optax.softmax_cross_entropy_with_integer_labels(
-            logits, batch["label"]).mean() for logits in probed])
+            logits, label).mean() for logits in probed])
         metrics["probe_loss"] = probe_loss
-        metrics["probe_top1"] = mean([jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+        metrics["probe_top1"] = mean([jnp.mean(jnp.argmax(logits, -1) == label)
                                       for logits in probed])
         total = total + probe_loss
       metrics["loss"] = loss
       return total, (metrics, stats)
 
-    grads, (metrics, stats) = jax.grad(objective, has_aux=True)(state.params)
+    gradient = jax.grad(objective, has_aux=True)
+    inputs = (views, zs, batch["label"], jnp.arange(views[0].shape[0]))
+    if accum == 1:
+      grads, (metrics, stats) = gradient(state.params, *inputs, o_key)
+    else:  # optim.accum_steps: a loop over the micro-batches, gradients summed
+      def accumulate(total, micro):
+        j, inputs = micro
+        key = None if o_key is None else jax.random.fold_in(o_key, j)
+        grads, aux = gradient(state.params, *inputs, key)
+        return jax.tree.map(jnp.add, total, grads), aux
+
+      split = functools.partial(micro_batches, k=accum, mesh=mesh)
+      total, (metrics, stats) = jax.lax.scan(
+          accumulate, jax.tree.map(jnp.zeros_like, state.params),
+          (jnp.arange(accum), jax.tree.map(split, inputs)))
+      grads = jax.tree.map(lambda g: g / accum, total)  # each loss is a mean over its rows
+      # Metrics: the batch's means. BN running statistics: one update a step, as k = 1, by
+      # the micro-batches' mean (each updated from the step's starting statistics).
+      metrics, stats = jax.tree.map(lambda x: jnp.mean(x, axis=0), (metrics, stats))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
 
@@ -180,9 +225,8 @@ def make_train_step(config, mesh, online, target, tx, lr_fn, ema_fn, pairs, prep
       target_params = ema_update(target_params, params, m)
       metrics["ema_momentum"] = m
     queue, ptr = state.queue, state.queue_ptr
-    if queue is not None:  # All devices' keys, gathered view by view: no all-to-all.
-      keys = [jax.lax.with_sharding_constraint(zs[i], replicated) for i in target_views]
-      queue, ptr = enqueue(queue, ptr, jnp.concatenate(keys))
+    if queue is not None:
+      queue, ptr = enqueue(queue, ptr, jnp.concatenate([keys[i] for i in target_views]))
 
     metrics.update(lr=lr_fn(state.step),
                    grad_norm=_global_norm({k: v for k, v in grads.items() if k != "probe"}))

@@ -72,22 +72,24 @@ def test_max_batch_fits_a_line_and_confirms_it():
 def test_collectives_are_read_from_the_optimised_hlo():
   """One op per channel: XLA:TPU repeats an asynchronous all-gather in each fusion that
   advances it; an -start/-done pair counts once. Bytes are the result's on a chip; the backward
-  pass's all-reduces are the gradients."""
+  pass's all-reduces are the gradients, and so is the one XLA:TPU moves out of the
+  micro-batches' loop (optim.accum_steps), named after the loop."""
   hlo = "\n".join([
       '  %a = (f32[10]{0}, bf16[4,4]{1,0}) all-reduce(%x), channel_id=1, metadata={op_name="jit('
       'step)/transpose(jvp(SCENet))/probe"}',
       '  %b = f32[8]{0} all-reduce(%y), channel_id=2, metadata={op_name="jit(step)/jvp()/bn1"}',
+      '  %f = f32[16]{0} all-reduce(%v), channel_id=4, metadata={op_name="jit(step)/while"}',
       "  %c = (f32[2]{0}, f32[8]{0}) all-gather-start(%z), channel_id=3",
       "  %d = f32[8]{0} all-gather-done(%c)",
       "  %g.1 = f32[32,256]{1,0:T(8,128)} all-gather(%p.1), channel_id=9, dimensions={0}",
       "  %g.2 = f32[32,256]{1,0:T(8,128)S(1)} all-gather(%p.2), channel_id=9, dimensions={0}",
       "  ROOT %e = u8[3,5]{1,0} collective-permute(%w)"])
   ops, grads = aot.collectives(hlo)
-  assert ops["all-reduce"] == {"count": 2, "bytes": 40 + 32 + 32}
+  assert ops["all-reduce"] == {"count": 3, "bytes": 40 + 32 + 32 + 64}
   assert ops["all-gather"] == {"count": 2, "bytes": 32 + 32 * 256 * 4}
   assert ops["collective-permute"] == {"count": 1, "bytes": 15}
   assert ops["all-to-all"] == ops["reduce-scatter"] == {"count": 0, "bytes": 0}
-  assert grads == {"f32_bytes": 40, "other_bytes": 32}
+  assert grads == {"f32_bytes": 40 + 64, "other_bytes": 32}
 
 
 def _check_smoke(result):

@@ -210,6 +210,28 @@ def test_batch_not_divisible_by_processes(good):
     schema.validate(good, 1, 2)
 
 
+def test_batch_not_divisible_into_micro_batches(good):
+  good.optim.accum_steps = 3  # 32 images on 8 devices: 4 rows each, not 3 micro-batches
+  with pytest.raises(sce_config.ConfigError, match=r"^batch_size=32 does not split into 8 "
+                     r"devices x optim.accum_steps=3 micro-batches; set --config.batch_size to "
+                     r"a multiple of 24, e.g. 24, or --config.optim.accum_steps to a divisor "
+                     r"of the rows a device holds\.$"):
+    schema.validate(good, 8, 1)
+  good.optim.accum_steps = 4
+  schema.validate(good, 8, 1)
+
+
+def test_accumulation_needs_an_ema_target(good):
+  """SimCLR's NT-Xent needs every row's online embeddings with gradients at once."""
+  good.method, good.optim.accum_steps = "simclr", 2
+  with pytest.raises(sce_config.ConfigError, match=r"^optim.accum_steps=2 cannot split a simclr "
+                     r"step: its loss needs the online embeddings of the whole batch with their "
+                     r"gradients .*; set --config.optim.accum_steps=1, or use a method with one "
+                     r"\(sce, .*byol.*\)\.$") as e:
+    schema.validate(good, 1, 1)
+  assert "\n" not in str(e.value)
+
+
 def test_batch_not_divisible_into_shuffle_bn_groups(good):
   good.batch_size, good.sce.queue = 36, 144  # 1 device: the only problem is the 8 groups
   with pytest.raises(sce_config.ConfigError, match=r"sce.target_bn_splits=8 does not divide "

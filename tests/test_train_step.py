@@ -30,11 +30,11 @@ def tiny_config(**overrides):
   return c
 
 
-def batch(seed, views=2):
+def batch(seed, views=2, size=BATCH):
   rng = np.random.default_rng(seed)
-  return {"views": tuple(rng.normal(size=(BATCH, SIZE, SIZE, 3)).astype(np.float32)
+  return {"views": tuple(rng.normal(size=(size, SIZE, SIZE, 3)).astype(np.float32)
                          for _ in range(views)),
-          "label": rng.integers(0, 10, BATCH).astype(np.int32)}
+          "label": rng.integers(0, 10, size).astype(np.int32)}
 
 
 def run(config, devices, steps, seed=0):
@@ -126,6 +126,65 @@ def test_vit_one_device_equals_eight():
     close(a, b, name)
   for field in ("params", "target_params", "opt_state", "queue"):
     jax.tree_util.tree_map_with_path(compare, getattr(one, field), getattr(eight, field))
+
+
+def test_micro_batches_keep_each_device_rows():
+  """32 rows on 8 devices in 4 micro-batches: micro-batch j is row j of each device's 4 rows,
+  and stays on that device."""
+  mesh = sharding.make_mesh()
+  rows = jax.device_put(np.arange(32), sharding.rows(mesh))
+  split = jax.jit(train_step.micro_batches, static_argnums=(1, 2))(rows, 4, mesh)
+  np.testing.assert_array_equal(split, np.arange(32).reshape(8, 4).T)
+  held = {shard.device: np.asarray(shard.data) for shard in rows.addressable_shards}
+  for shard in split.addressable_shards:  # (4, 1): a device's row of each micro-batch
+    np.testing.assert_array_equal(np.asarray(shard.data)[:, 0], held[shard.device])
+
+
+@pytest.mark.slow  # ~40 s on 2 cores: an init and two step compilations
+def test_accumulated_vit_step_equals_the_whole_batch_step():
+  """optim.accum_steps=4 on 8 devices (32 images: each micro-batch one row of every device)
+  against 1, from the same state and batches, for 2 steps: a ViT (no BatchNorm, so nothing
+  couples the rows but the loss), symmetric pairing, SCE with in-batch and queue negatives
+  (`both`: each micro-batch's rows against the whole batch's keys, at their own places), the
+  probe. Same loss, probe loss, gradient norm, parameters, target parameters, momentum and
+  queue; no all-to-all or permute moves a micro-batch. No drop-path (each micro-batch draws
+  its own) and SGD, which passes gradient rounding on linearly (AdamW's first step turns the
+  rounding noise of the qkv key bias's exactly-0 gradient into +-lr, as the test above notes).
+  What differs is the order of float32 sums: the weight gradients over 32 images x 5 tokens
+  in one sum or in 4 of 40 (the mean's 1/32 = 1/8 x 1/4 is exact in binary): ~sqrt(160) x
+  6e-8 = 1e-6 of the terms' scale, then one SGD step; the second step's forward passes start
+  1e-6 apart. `close`'s 1e-4 of each array's scale bounds it with a wide margin (1e-6 was
+  measured)."""
+  size = 32
+  config = load_config("cifar10_vit", "smoke")
+  config.update(batch_size=size)
+  config.data.image_size = SIZE
+  config.model.update(patch_size=8, depth=1, width=16, num_heads=1, drop_path=0.0)
+  config.model.projector.update(hidden_dim=32, out_dim=16)
+  config.model.predictor.update(hidden_dim=32)
+  config.optim.update(name="sgd", warmup_epochs=0, base_lr=1.0)
+  config.sce.update(queue=8 * size, symmetric=True, negatives="both")
+  mesh = sharding.make_mesh()
+  start = None
+  runs = {}
+  for k in (1, 4):
+    config.optim.accum_steps = k
+    parts = train.build(config, mesh, num_classes=10, steps_per_epoch=10, float_views=True)
+    start = start or parts.init(jax.random.key(0))  # the same for both
+    state, metrics = jax.tree.map(jnp.copy, start), []  # the step donates it
+    for i in range(2):
+      state, m = parts.step(state, batch(i, size=size))
+      metrics.append(jax.device_get(m))
+    runs[k] = jax.device_get(state), metrics
+  hlo = parts.step.lower(start, batch(0, size=size)).compile().as_text()  # k = 4's, cached
+  assert "all-to-all" not in hlo and "collective-permute" not in hlo
+  (one, m1), (four, m4) = runs[1], runs[4]
+  for a, b in zip(m1, m4):
+    for k in ("loss", "grad_norm", "pos_sim", "target_entropy", "probe_loss"):
+      close(a[k], b[k], k)
+  for field in ("params", "target_params", "opt_state", "queue"):
+    jax.tree.map(lambda a, b: close(a, b, field), getattr(one, field), getattr(four, field))
+  assert int(one.queue_ptr) == int(four.queue_ptr) == 4 * size  # 2 steps x 2 views
 
 
 def _hand_step(parts, config, state, views, concat):

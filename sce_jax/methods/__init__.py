@@ -11,9 +11,16 @@ A method module owns what differs between methods, for the one training step of
                   apply them with `apply_recipe`.
   pairs(config, num_views)  the (target view, online view) pairs of the loss (crop pairing).
   uses_queue(config)        whether the state holds a queue of target embeddings.
-  make_loss(config, pairs)  local(qs, zs, queue) -> (loss, metrics): the loss of this device's
-                  rows inside `jax.shard_map` over the `data` axis (it gathers what it needs
-                  from the other devices); the step averages both over the devices.
+  make_loss(config, pairs)  local(qs, zs, queue, keys) -> (loss, metrics): the loss of this
+                  device's rows inside `jax.shard_map` over the `data` axis (it gathers what
+                  it needs from the other devices); the step averages both over the devices.
+                  keys (`losses.BatchKeys`): the whole global batch's target embeddings and
+                  each row's place in them, for in-batch negatives: with optim.accum_steps > 1
+                  the rows are one micro-batch's, so a loss that gathered the target
+                  embeddings itself would see only that micro-batch's. The loss is a mean over
+                  rows, so that the micro-batches' mean is the batch's. A method without
+                  EMA_TARGET (its loss needs every row's online embeddings with gradients)
+                  cannot be accumulated (schema.validate).
 Adding a method is adding its module and its line below.
 """
 from sce_jax.config import ConfigError

@@ -54,7 +54,8 @@ def make_loss(config, pairs):
   """The sum over the pairs (byol_experiment.py adds the two directions) of the mean
   normalised MSE. Metric: the online-target cosine of the positives."""
 
-  def local(qs, zs, queue):
+  def local(qs, zs, queue, keys):
+    del keys  # no in-batch keys
     loss, pos_sim = losses.pair_mean(losses.normalized_mse, qs, zs, pairs)
     return loss * len(pairs), {"pos_sim": pos_sim}
 

@@ -48,7 +48,8 @@ def make_loss(config, pairs):
   online-target cosine of the positives."""
   temp = config.sce.temp
 
-  def local(qs, zs, queue):
+  def local(qs, zs, queue, keys):
+    del keys  # no in-batch keys
     info_nce = lambda q, z: losses.info_nce(q, z, queue, temp=temp)
     loss, pos_sim = losses.pair_mean(info_nce, qs, zs, pairs)
     return loss, {"pos_sim": pos_sim}

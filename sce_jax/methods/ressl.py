@@ -49,7 +49,8 @@ def make_loss(config, pairs):
   positives (which the loss does not see)."""
   kw = dict(temp=config.sce.temp, temp_m=config.sce.temp_m)
 
-  def local(qs, zs, queue):
+  def local(qs, zs, queue, keys):
+    del keys  # no in-batch keys
     relational = lambda q, z: losses.relational(q, z, queue, **kw)
     loss, pos_sim = losses.pair_mean(relational, qs, zs, pairs)
     return loss, {"pos_sim": pos_sim}

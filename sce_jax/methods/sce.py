@@ -5,11 +5,9 @@ keys as negatives, `sce.negatives`), the loss of `losses.sce_terms` averaged ove
 pairs of `losses.crop_pairs`. Its recipes are the config files' own values (docs/SCE.md 5, 10),
 so the setting's entries are empty.
 """
-import jax
 import jax.numpy as jnp
 
 from sce_jax import losses
-from sce_jax.sharding import DATA
 
 EMA_TARGET = True
 RECIPES = {"cifar": {}, "imagenet": {}, "cifar_vit": {}, "imagenet_vit": {}}
@@ -23,26 +21,19 @@ def uses_queue(config):
 
 
 def make_loss(config, pairs):
-  """The pair-averaged SCE loss of this device's rows, with cross-device in-batch negatives
-  (`sce.negatives` batch or both: every device's target keys of the view, in global order).
-  Metrics: the online-target cosine of the positives and the target distribution's entropy."""
+  """The pair-averaged SCE loss of this device's rows, with in-batch negatives (`sce.negatives`
+  batch or both: the whole global batch's target keys of the view, `keys`). Metrics: the
+  online-target cosine of the positives and the target distribution's entropy."""
   sce_cfg = config.sce
   use_batch = losses.uses_batch(sce_cfg.negatives)
   kw = dict(temp=sce_cfg.temp, temp_m=sce_cfg.temp_m, coeff=sce_cfg.coeff,
             positive=sce_cfg.positive)
 
-  def local(qs, zs, queue):
+  def local(qs, zs, queue, keys):
     total, pos_sim, entropy = 0.0, 0.0, 0.0
-    keys = {}
     for i, j in pairs:
       q, z = qs[j], zs[i]
-      neg = {}
-      if use_batch:
-        if i not in keys:  # every device's target embeddings of view i, in global order
-          keys[i] = jax.lax.all_gather(z, DATA, tiled=True)
-        n = z.shape[0]
-        neg = dict(batch_keys=keys[i],
-                   batch_index=jax.lax.axis_index(DATA) * n + jnp.arange(n))
+      neg = dict(batch_keys=keys.embeddings[i], batch_index=keys.index) if use_batch else {}
       loss, w = losses.sce_terms(q, z, queue, **kw, **neg)
       total += jnp.mean(loss)
       pos_sim += jnp.mean(jnp.sum(q * z, axis=-1))

@@ -56,7 +56,8 @@ def make_loss(config, pairs):
   Metric: the cosine of the positives."""
   temp = config.sce.temp
 
-  def local(qs, zs, queue):
+  def local(qs, zs, queue, keys):
+    del keys  # the online embeddings, gathered with their gradients below
     a, b = qs[0], qs[1]
     gather = lambda x: jax.lax.all_gather(x, DATA, tiled=True)
     index = jax.lax.axis_index(DATA) * a.shape[0] + jnp.arange(a.shape[0])
