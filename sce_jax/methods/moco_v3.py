@@ -6,11 +6,9 @@ ImageNet: facebookresearch/moco-v3 (main_moco.py defaults, CONFIG.md's ResNet-50
 commands, moco/builder.py's heads); CIFAR: solo-learn's mocov3.yaml. The target is a copy of
 the online trunk + projector at the start (builder.py), then an EMA of it.
 """
-import jax
 import jax.numpy as jnp
 
 from sce_jax import losses
-from sce_jax.sharding import DATA
 
 EMA_TARGET = True
 
@@ -90,16 +88,15 @@ def uses_queue(config):
 
 def make_loss(config, pairs):
   """The sum over the pairs (builder.py: ctr(q1, k2) + ctr(q2, k1)) of the mean over rows of
-  `losses.moco_v3`, each target view's keys gathered from every device, in global order.
-  Metric: the online-target cosine of the positives."""
+  `losses.moco_v3` against the target view's keys of the whole global batch (`keys`, every
+  device's in global order). Metric: the online-target cosine of the positives."""
   temp = config.sce.temp
 
-  def local(qs, zs, queue):
-    n = next(iter(zs.values())).shape[0]
-    index = jax.lax.axis_index(DATA) * n + jnp.arange(n)  # this device's rows' keys
-    ctr = lambda q, z: losses.moco_v3(q, jax.lax.all_gather(z, DATA, tiled=True), index,
-                                      temp=temp)
-    loss, pos_sim = losses.pair_mean(ctr, qs, zs, pairs)
-    return loss * len(pairs), {"pos_sim": pos_sim}
+  def local(qs, zs, queue, keys):
+    del queue
+    loss = sum(jnp.mean(losses.moco_v3(qs[j], keys.embeddings[i], keys.index, temp=temp))
+               for i, j in pairs)
+    pos_sim = sum(jnp.mean(jnp.sum(qs[j] * zs[i], axis=-1)) for i, j in pairs) / len(pairs)
+    return loss, {"pos_sim": pos_sim}
 
   return local
