@@ -380,7 +380,8 @@ def check(config, name, find_max_batch=False, num_examples=None, num_classes=Non
       "topology": name, "chips": chips, "processes": processes,
       "device_kind": devs[0].device_kind, "batch_per_chip": first.batch_per_chip,
       "hbm_gib_per_chip": first.hbm_bytes / GIB, "hbm_capacity_gib": capacity / GIB,
-      "sharding_params": config.sharding.params, "state_gib_per_chip": per_chip(first.state) / GIB,
+      "sharding_params": config.sharding.params,
+      "state_gib_per_chip": per_chip(first.state) / GIB,
       "fits": first.fits and first.hbm_bytes <= capacity, "compile_s": first.compile_s,
       "max_batch_per_chip": None, "jax": jax.__version__,
       "libtpu": importlib.metadata.version("libtpu")}
@@ -415,7 +416,8 @@ def table(r):
   rows = [("batch per chip", f"{r['batch_per_chip']}"),
           ("HBM per chip", f"{r['hbm_gib_per_chip']:.2f} GiB of {r['hbm_capacity_gib']:g} GiB: "
                            f"{'fits' if r['fits'] else 'does NOT fit'}"),
-          ("state (sharding.params)", f"{r['state_gib_per_chip']:.2f} GiB ({r['sharding_params']})")]
+          ("state (sharding.params)",
+           f"{r['state_gib_per_chip']:.3g} GiB ({r['sharding_params']})")]
   if r["max_batch_per_chip"] is not None:
     rows.append(("largest batch per chip that fits", f"{r['max_batch_per_chip']}"))
   if r["collectives"] is not None:
