@@ -36,7 +36,8 @@ def fsdp(tree, mesh, min_bytes):
   (big_vision/sharding.py): each array split over DATA along its largest dimension that the
   axis divides (of equal ones, the last), arrays of at most `min_bytes` (and those no dimension
   of which divides) replicated. Inside a jitted step XLA's SPMD partitioner then gathers each
-  layer's weights where they are used and reduce-scatters their gradients (FSDP, ZeRO-3)."""
+  layer's weights where they are used and sums each device's share of their gradients (FSDP,
+  ZeRO-3)."""
   size = mesh.shape[DATA]
 
   def one(x):
