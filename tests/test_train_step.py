@@ -147,6 +147,20 @@ def vit_close(config, steps):
   return compare
 
 
+def test_fsdp_rule_is_big_visions():
+  """sharding.fsdp on 8 devices at big_vision's 4 MiB: arrays of more than 4 MiB split along
+  their largest dimension that 8 divides (of equal ones, the last); ViT-L's 1024 x 1024
+  float32 projection (exactly 4 MiB), arrays no dimension of which 8 divides, and scalars
+  whole."""
+  shapes = {"qkv": (1024, 3072), "square": (2048, 2048), "tall": (4104, 1025),
+            "proj": (1024, 1024), "odd": (1025, 1027), "count": ()}
+  tree = {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in shapes.items()}
+  specs = {k: s.spec for k, s in sharding.fsdp(tree, sharding.make_mesh(), 4 * 2**20).items()}
+  data = sharding.DATA
+  assert specs == {"qkv": P(None, data), "square": P(None, data), "tall": P(data),
+                   "proj": P(), "odd": P(), "count": P()}
+
+
 @pytest.mark.slow  # 50-60 s of CPU each: two compilations of the step and of init
 @pytest.mark.parametrize("family", ["resnet", "vit"])
 def test_fsdp_step_equals_replicated(family):
