@@ -128,13 +128,13 @@ def data_size(config, num_examples=None, num_classes=None):
 
 
 def step_inputs(config, parts, mesh, on_device, num_examples):
-  """The step's arguments as ShapeDtypeStructs with its shardings: the abstract state, and the
+  """The step's arguments as ShapeDtypeStructs with its shardings: the abstract state (replicated,
+  or its parameters and optimiser state split with sharding.params='fsdp'), and the
   batch as train.py feeds it (host-cropped uint8 views, or the resident set, flat as
   `resident.flat` holds square images, and indices)."""
   spec = lambda shape, dtype, where: jax.ShapeDtypeStruct(shape, dtype, sharding=where)
-  replicated, rows, n = sharding.replicated(mesh), sharding.rows(mesh), config.batch_size
-  state = jax.tree.map(lambda s: spec(s.shape, s.dtype, replicated),
-                       jax.eval_shape(parts.init, jax.random.key(0)))
+  rows, n = sharding.rows(mesh), config.batch_size
+  state = jax.eval_shape(parts.init, jax.random.key(0))  # with init's shardings (state.shardings)
   if on_device:
     size, where = config.data.image_size, resident.batch_sharding(mesh)
     batch = {"index": spec((n,), "int32", where["index"]),
@@ -187,6 +187,12 @@ def _out_of_memory(error, arguments):
   return None if match is None else float(match[1]) * units[match[2]] + arguments
 
 
+def per_chip(tree):
+  """Bytes of a chip's shards of `tree`'s ShapeDtypeStructs."""
+  return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+             for x in jax.tree.leaves(tree))
+
+
 def compile_step(config, devs, family, num_examples, num_classes):
   """The step of `config` compiled for the abstract devices `devs`."""
   mesh = sharding.make_mesh(devs)
@@ -195,8 +201,7 @@ def compile_step(config, devs, family, num_examples, num_classes):
                       steps_per_epoch=max(1, num_examples // config.batch_size),
                       on_device=on_device)
   state, batch = step_inputs(config, parts, mesh, on_device, num_examples)
-  per_chip = lambda x: math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
-  arguments = sum(per_chip(x) for x in jax.tree.leaves((state, batch)))
+  arguments = per_chip((state, batch))
   start = time.perf_counter()
   try:
     program = parts.step.lower(state, batch).compile()
@@ -380,6 +385,8 @@ def check(config, name, find_max_batch=False, num_examples=None, num_classes=Non
       "device_kind": devs[0].device_kind, "batch_per_chip": first.batch_per_chip,
       "accum_steps": config.optim.accum_steps,
       "hbm_gib_per_chip": first.hbm_bytes / GIB, "hbm_capacity_gib": capacity / GIB,
+      "sharding_params": config.sharding.params,
+      "state_gib_per_chip": per_chip(first.state) / GIB,
       "fits": first.fits and first.hbm_bytes <= capacity, "compile_s": first.compile_s,
       "max_batch_per_chip": None, "jax": jax.__version__,
       "libtpu": importlib.metadata.version("libtpu")}
@@ -415,7 +422,9 @@ def table(r):
   rows = [("batch per chip", f"{r['batch_per_chip']}" + (
               f", in {k} micro-batches of {r['batch_per_chip'] // k}" if k > 1 else "")),
           ("HBM per chip", f"{r['hbm_gib_per_chip']:.2f} GiB of {r['hbm_capacity_gib']:g} GiB: "
-                           f"{'fits' if r['fits'] else 'does NOT fit'}")]
+                           f"{'fits' if r['fits'] else 'does NOT fit'}"),
+          ("state (sharding.params)",
+           f"{r['state_gib_per_chip']:.3g} GiB ({r['sharding_params']})")]
   if r["max_batch_per_chip"] is not None:
     rows.append(("largest batch per chip that fits", f"{r['max_batch_per_chip']}"))
   if r["collectives"] is not None:

@@ -98,6 +98,13 @@ def base() -> ml_collections.ConfigDict:
 
   c.probe = ml_collections.ConfigDict(dict(enabled=True, lr=0.1))  # online linear probe
 
+  # Where the state lives on the data-parallel mesh (sharding.PARAMS, docs/SCE.md 11):
+  # "replicate" (every device holds it all) or "fsdp" (parameters, target parameters and
+  # optimiser state split over the devices by big_vision's rule, gathered layer by layer in
+  # the step: for ViT-L and larger). Arrays of at most min_size_mib MiB stay replicated
+  # (big_vision's min_size_to_shard_mb).
+  c.sharding = ml_collections.ConfigDict(dict(params="replicate", min_size_mib=4.0))
+
   # Start from existing weights (pretrained.py): any file `python -m sce_jax.convert in` reads
   # ("" = a random init); its trunk starts the online and target trunks, heads "keep" its
   # projector and predictor too (else "fresh"). Read only on a fresh workdir.

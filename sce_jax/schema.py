@@ -16,7 +16,7 @@ import flax.traverse_util
 from etils import epath
 
 from sce_jax import config as config_lib
-from sce_jax import losses, methods, optim, state
+from sce_jax import losses, methods, optim, sharding, state
 from sce_jax.config import ConfigError
 from sce_jax.data import crop, folders, pipeline, presets, sources
 from sce_jax.evaluators import finetune, transfer, voc07
@@ -63,6 +63,7 @@ ENUMS = {
     "data.host_stage": crop.HOST_STAGES,
     "data.views": tuple(presets.PRESETS),
     "data.eval_interpolation": crop.INTERPOLATIONS,
+    "sharding.params": sharding.PARAMS,
 }
 
 
@@ -128,6 +129,7 @@ RANGES = {
     "optim.warmup_epochs": _SOME,
     "optim.accum_steps": _COUNT,  # and a divisor of the batch's rows on each device
     "probe.lr": _RATE,
+    "sharding.min_size_mib": _SOME,  # 0: every array a dimension of which the devices divide
     "data.image_size": _COUNT,
     "data.shuffle_buffer": _COUNT,
     "data.decode_size": _COUNT,

@@ -1,10 +1,13 @@
 """The device mesh, and arrays between the hosts and the mesh.
 
-One data-parallel axis, `DATA`: batches are split over it and the state is replicated, so
-everything written for the global batch outside `jax.shard_map` sees global-batch statistics
-(synchronised BatchNorm, docs/SCE.md section 3). Each process feeds its own share of a batch.
+One data-parallel axis, `DATA`: batches are split over it, so everything written for the global
+batch outside `jax.shard_map` sees global-batch statistics (synchronised BatchNorm, docs/SCE.md
+section 3). Each process feeds its own share of a batch. The state is replicated, or with
+sharding.params='fsdp' its parameters and optimiser state are split over `DATA` too (`fsdp`,
+docs/SCE.md 11).
 """
 import collections
+import math
 
 import jax
 import numpy as np
@@ -12,6 +15,9 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 DATA = "data"
+# sharding.params: every device holds the whole state, or the parameters, target parameters and
+# optimiser state are split over DATA (`fsdp`).
+PARAMS = ("replicate", "fsdp")
 
 
 def make_mesh(devices=None):
@@ -23,6 +29,26 @@ def make_mesh(devices=None):
 
 def replicated(mesh):
   return NamedSharding(mesh, P())
+
+
+def fsdp(tree, mesh, min_bytes):
+  """NamedShardings of `tree`'s arrays (or ShapeDtypeStructs) by big_vision's `fsdp` rule
+  (big_vision/sharding.py): each array split over DATA along its largest dimension that the
+  axis divides (of equal ones, the last), arrays of at most `min_bytes` (and those no dimension
+  of which divides) replicated. Inside a jitted step XLA's SPMD partitioner then gathers each
+  layer's weights where they are used and sums each device's share of their gradients (FSDP,
+  ZeRO-3)."""
+  size = mesh.shape[DATA]
+
+  def one(x):
+    dims = sorted(range(x.ndim), key=lambda i: (x.shape[i], i), reverse=True)
+    if math.prod(x.shape) * x.dtype.itemsize > min_bytes:
+      for i in dims:
+        if x.shape[i] % size == 0:
+          return NamedSharding(mesh, P(*[None] * i, DATA))
+    return NamedSharding(mesh, P())
+
+  return jax.tree.map(one, tree)
 
 
 def rows(mesh):

@@ -5,7 +5,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from sce_jax import methods
+from sce_jax import methods, sharding
 
 # sce.target_init: a copy of the online weights (eztorch), or an independent random init (the
 # WACV code); docs/SCE.md section 3.
@@ -56,3 +56,18 @@ def init_state(config, online, target, tx, rng, image_size):
       target_params=jax.tree.map(jnp.copy, t_vars["params"]),
       target_batch_stats=jax.tree.map(jnp.copy, t_vars["batch_stats"]),
       opt_state=tx.init(params), queue=queue, queue_ptr=jnp.zeros((), jnp.int32), rng=rng)
+
+
+def shardings(abstract, mesh, sharding_cfg):
+  """Where each leaf of the TrainState `abstract` (of ShapeDtypeStructs) lives on `mesh`: all
+  replicated, or with sharding_cfg.params='fsdp' the parameters, target parameters and
+  optimiser state split over the data axis (`sharding.fsdp`, arrays of more than
+  sharding_cfg.min_size_mib). BN statistics, queue, step and rng stay replicated: small, and
+  read whole by every device."""
+  replicated = sharding.replicated(mesh)
+  out = jax.tree.map(lambda _: replicated, abstract)
+  if sharding_cfg.params == "fsdp":
+    split = lambda tree: sharding.fsdp(tree, mesh, sharding_cfg.min_size_mib * 2**20)
+    out = out.replace(params=split(abstract.params), target_params=split(abstract.target_params),
+                      opt_state=split(abstract.opt_state))
+  return out

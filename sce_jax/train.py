@@ -28,7 +28,7 @@ class Parts(NamedTuple):
   steps_per_epoch: int
   total_steps: int    # what the schedules see: epochs x steps_per_epoch
   num_steps: int      # where this run stops: total_steps, or config.max_steps if smaller
-  init: Callable      # rng -> TrainState, placed replicated on the mesh
+  init: Callable      # rng -> TrainState, placed on the mesh as state.shardings says
   step: Callable      # (state, batch) -> (state, metrics), jitted, state donated
 
 
@@ -55,9 +55,11 @@ def build(config, mesh, *, num_classes, steps_per_epoch, float_views=False, on_d
   # Initialisation runs once, but XLA:CPU spends ~50 s optimising a ResNet-18's random
   # initialisers at its default level against ~5 s at level 0 (measured on 2 cores).
   cold = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
-  init = jax.jit(functools.partial(state_lib.init_state, config, online, target, tx,
-                                   image_size=data.image_size),
-                 out_shardings=sharding.replicated(mesh), compiler_options=cold)
+  init = functools.partial(state_lib.init_state, config, online, target, tx,
+                           image_size=data.image_size)
+  state_sharding = state_lib.shardings(jax.eval_shape(init, jax.random.key(0)), mesh,
+                                       config.sharding)
+  init = jax.jit(init, out_shardings=state_sharding, compiler_options=cold)
   stage = dict(specs=views, mean=data.mean, std=data.std)
   prepare, batch_sharding = None, None  # float_views
   if on_device:
@@ -67,7 +69,7 @@ def build(config, mesh, *, num_classes, steps_per_epoch, float_views=False, on_d
     prepare = functools.partial(augment.crop_and_augment if data.host_stage == "decode" else
                                 augment.augment_batch, **stage)
   step = train_step.make_train_step(config, mesh, online, target, tx, lr_fn, ema_fn, pairs,
-                                    prepare, batch_sharding)
+                                    prepare, batch_sharding, state_sharding)
   return Parts(online, target, views, pairs, steps_per_epoch, total_steps, num_steps, init,
                step)
 

@@ -130,7 +130,7 @@ def micro_batches(x, k, mesh):
 
 
 def make_train_step(config, mesh, online, target, tx, lr_fn, ema_fn, pairs, prepare=None,
-                    batch_sharding=None):
+                    batch_sharding=None, state_sharding=None):
   """Builds the jitted step(state, batch) -> (state, metrics).
 
   prepare(key, batch) -> {'views': tuple of normalised float (B, H_v, W_v, 3) views, 'label':
@@ -138,6 +138,8 @@ def make_train_step(config, mesh, online, target, tx, lr_fn, ema_fn, pairs, prep
   data on the device: `resident.prepare`); without it, batch is such a dict, used as given.
   batch_sharding: the batch's shardings (default: every leaf split over `data`); arrays in the
   batch are arguments of the step, never donated. pairs: `losses.crop_pairs` of the views.
+  state_sharding: the state's shardings (`state.shardings`; default: replicated), in and out:
+  with FSDP XLA gathers each layer's weights where the step uses them.
   """
   method = methods.get(config.method)
   target_views, online_views = losses.target_views(pairs), losses.online_views(pairs)
@@ -235,5 +237,6 @@ def make_train_step(config, mesh, online, target, tx, lr_fn, ema_fn, pairs, prep
                               opt_state=opt_state, queue=queue, queue_ptr=ptr, rng=rng)
     return new_state, metrics
 
-  return jax.jit(step, in_shardings=(replicated, batch_sharding or sharding.rows(mesh)),
-                 out_shardings=(replicated, replicated), donate_argnums=0)
+  state_sharding = state_sharding or replicated
+  return jax.jit(step, in_shardings=(state_sharding, batch_sharding or sharding.rows(mesh)),
+                 out_shardings=(state_sharding, replicated), donate_argnums=0)

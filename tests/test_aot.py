@@ -175,3 +175,21 @@ def test_vit_smoke_step_on_a_v5e_slice():
   result = aot.check(config, "v5e:2x2", log=lambda *_: None)
   assert result["fits"] and result["tflop_per_chip"] > 0
   assert result["grad_allreduce_float32"]
+
+
+def test_fsdp_state_per_chip():
+  """sharding.params='fsdp' (every array of more than min_size_mib split, here 0): a chip's
+  share of the step's state, as aot reports it, is about an eighth of the whole on 8 devices
+  (the queue, step and rng stay whole); replicated, it is the whole state. No compile."""
+  config = load_config("cifar10_vit", "smoke")
+  mesh = sharding.make_mesh()
+  share = {}
+  for params in ("replicate", "fsdp"):
+    config.sharding.update(params=params, min_size_mib=0.0)
+    parts = train.build(config, mesh, num_classes=10, steps_per_epoch=10)
+    state, _ = aot.step_inputs(config, parts, mesh, on_device=False, num_examples=320)
+    share[params] = aot.per_chip(state)
+  whole = aot.per_chip(jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=sharding.replicated(mesh)), state))
+  assert share["replicate"] == whole
+  assert whole / 8 < share["fsdp"] < whole / 6

@@ -7,10 +7,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sce_jax import checkpoint, sharding
+from sce_jax import state as state_lib
 
 CFG = ml_collections.ConfigDict(dict(every_steps=2, keep=2))
 # After a failed read, TensorStore's callbacks land on orbax's closed event loop, harmlessly, at
@@ -158,3 +160,37 @@ def test_a_non_finite_state_is_not_saved(tmp_path, mesh):
     checkpoint.save(mngr, 4, state)
   mngr.wait_until_finished()
   assert mngr.all_steps() == [2]
+
+
+@pytest.mark.parametrize("saved_as, restored_as", [("replicate", "fsdp"), ("fsdp", "replicate")])
+def test_restores_across_param_shardings(tmp_path, mesh, saved_as, restored_as):
+  """A TrainState saved with one sharding.params restores into the other (orbax reads each
+  device's slice for the target sharding), values and checksums equal (they are of the whole
+  arrays): params, target params and Adam's moments split over `data`, the rest replicated."""
+  params = {"kernel": jnp.arange(8 * 24, dtype=jnp.float32).reshape(8, 24), "bias": jnp.ones(3)}
+  fresh = state_lib.TrainState(
+      step=jnp.array(7), params=params, batch_stats={"mean": jnp.zeros(8)},
+      target_params=jax.tree.map(lambda x: -x, params), target_batch_stats={},
+      opt_state=optax.adam(1e-3).init(params), queue=jnp.full((16, 4), 0.5),
+      queue_ptr=jnp.array(8), rng=jax.random.key(3))
+  shapes = jax.eval_shape(lambda: fresh)
+
+  def abstract(params):
+    where = state_lib.shardings(shapes, mesh, ml_collections.ConfigDict(
+        dict(params=params, min_size_mib=0.0)))
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        shapes, where)
+
+  mngr = checkpoint.manager(tmp_path, CFG)
+  checkpoint.save(mngr, 2, jax.device_put(fresh, jax.tree.map(lambda x: x.sharding,
+                                                              abstract(saved_as))))
+  mngr.wait_until_finished()
+  state = checkpoint.restore(mngr, abstract(restored_as))  # checksums verified
+  split = P(None, sharding.DATA) if restored_as == "fsdp" else P()
+  for tree in (state.params, state.target_params, state.opt_state[0].mu):
+    assert tree["kernel"].sharding.spec == split
+    assert tree["bias"].sharding.spec == P()  # no dimension that 8 devices divide
+  assert state.queue.sharding.spec == P() and state.batch_stats["mean"].sharding.spec == P()
+  for name, a, b in zip(checkpoint._names(state), jax.tree.leaves(state),
+                        jax.tree.leaves(fresh)):
+    np.testing.assert_array_equal(checkpoint._plain(a), checkpoint._plain(b), err_msg=name)

@@ -304,14 +304,17 @@ def test_command_line_transfer_and_finetune(cifar_root, no_tf, tmp_path):
 
 
 def test_vit_smoke_trains_resumes_exactly_and_evaluates(cifar_root, no_tf, tmp_path):
-  """configs/cifar10_vit.py:smoke from the command line (8 devices, no TensorFlow): 8 steps
-  with checkpoints at 4 and 8, then a run resumed from the step-4 checkpoint alone logs the
-  same finite metrics for steps 5 to 8 (the drop-path draws continue from the saved rng; the
-  empty batch statistics restore); kNN then evaluates the ViT feature of the result."""
+  """configs/cifar10_vit.py:smoke from the command line (8 devices, no TensorFlow), its
+  parameters and optimiser state split over the devices (sharding.params=fsdp, every array):
+  8 steps with checkpoints at 4 and 8, then a run resumed from the step-4 checkpoint alone logs
+  the same finite metrics for steps 5 to 8 (the drop-path draws continue from the saved rng;
+  the empty batch statistics restore); kNN (replicated) then evaluates the ViT feature of the
+  result."""
   def vit_command(workdir, *flags):
     return [sys.executable, "-m", "sce_jax.main", "--config=configs/cifar10_vit.py:smoke",
             f"--config.data.path={cifar_root}", f"--workdir={workdir}", "--config.max_steps=8",
-            "--config.log_every_steps=1", "--config.checkpoint.every_steps=4", *flags]
+            "--config.log_every_steps=1", "--config.checkpoint.every_steps=4",
+            "--config.sharding.params=fsdp", "--config.sharding.min_size_mib=0", *flags]
   whole, resumed = tmp_path / "whole", tmp_path / "resumed"
   run(vit_command(whole), no_tf)
   shutil.copytree(whole / "checkpoints" / "4", resumed / "checkpoints" / "4")

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from sce_jax import losses, sharding, train, train_step
 from tests.helpers import load_config
@@ -37,7 +38,9 @@ def batch(seed, views=2, size=BATCH):
           "label": rng.integers(0, 10, size).astype(np.int32)}
 
 
-def run(config, devices, steps, seed=0):
+def run(config, devices, steps, seed=0, on_devices=False):
+  """(state, metrics of each step, parts) after `steps` steps; the state on the host, or with
+  on_devices as the step left it (its shardings)."""
   mesh = sharding.make_mesh(devices)
   parts = train.build(config, mesh, num_classes=10, steps_per_epoch=10, float_views=True)
   state = parts.init(jax.random.key(seed))
@@ -45,7 +48,7 @@ def run(config, devices, steps, seed=0):
   for i in range(steps):
     state, m = parts.step(state, batch(i))
     metrics.append(jax.device_get(m))
-  return jax.device_get(state), metrics, parts
+  return (state if on_devices else jax.device_get(state)), metrics, parts
 
 
 IMAGENET_LIKE = {"sce.symmetric": True, "model.predictor.num_layers": 2,
@@ -100,12 +103,7 @@ def test_vit_one_device_equals_eight():
   has an exact gradient of 0 (adding a constant to every key of a query leaves its softmax
   unchanged), so its float32 gradient is rounding noise, which Adam normalises into steps of
   up to lr = 6.25e-5 either way on both meshes: it is compared within 3 steps x 2 lr."""
-  config = load_config("cifar10_vit", "smoke")
-  config.update(batch_size=BATCH)
-  config.data.image_size = SIZE
-  config.model.update(patch_size=4, drop_path=0.2)
-  config.optim.update(warmup_epochs=0, base_lr=1e-3)
-  config.sce.update(queue=8 * BATCH, symmetric=True)
+  config = vit_config()
   one, m1, parts = run(config, jax.devices()[:1], 3)
   eight, m8, _ = run(config, jax.devices()[:8], 3)
   for a, b in zip(m1, m8):
@@ -115,17 +113,87 @@ def test_vit_one_device_equals_eight():
   moved = jax.tree.map(lambda a, b: np.abs(a - b).max(),
                        jax.device_get(parts.init(jax.random.key(0)).params), one.params)
   assert min(jax.tree.leaves(moved["trunk"])) > 0  # 3 steps moved every trunk tensor
-  width, lr = config.model.width, 1e-3 * BATCH / 256
+  for field in ("params", "target_params", "opt_state", "queue"):
+    jax.tree_util.tree_map_with_path(vit_close(config, 3), getattr(one, field),
+                                     getattr(eight, field))
+
+
+def vit_config():
+  """The smoke ViT (2 blocks of width 32) at 16 px, patch 4, AdamW, stochastic depth,
+  symmetric pairing."""
+  config = load_config("cifar10_vit", "smoke")
+  config.update(batch_size=BATCH)
+  config.data.image_size = SIZE
+  config.model.update(patch_size=4, drop_path=0.2)
+  config.optim.update(warmup_epochs=0, base_lr=1e-3)
+  config.sce.update(queue=8 * BATCH, symmetric=True)
+  return config
+
+
+def vit_close(config, steps):
+  """compare(path, a, b): `close`, but for the keys' share of each qkv bias (an exact gradient
+  of 0, whose rounding noise Adam turns into steps of up to lr either way: within steps x 2
+  lr)."""
+  width, lr = config.model.width, config.optim.base_lr * BATCH / 256
 
   def compare(path, a, b):
     name = jax.tree_util.keystr(path)
+    a, b = np.asarray(a), np.asarray(b)
     if name.endswith("['attn']['qkv']['bias']"):
       keys = slice(width, 2 * width)
-      np.testing.assert_allclose(a[keys], b[keys], rtol=0, atol=3 * 2 * lr, err_msg=name)
+      np.testing.assert_allclose(a[keys], b[keys], rtol=0, atol=steps * 2 * lr, err_msg=name)
       a, b = np.delete(a, np.r_[keys]), np.delete(b, np.r_[keys])
     close(a, b, name)
-  for field in ("params", "target_params", "opt_state", "queue"):
-    jax.tree_util.tree_map_with_path(compare, getattr(one, field), getattr(eight, field))
+  return compare
+
+
+def test_fsdp_rule_is_big_visions():
+  """sharding.fsdp on 8 devices at big_vision's 4 MiB: arrays of more than 4 MiB split along
+  their largest dimension that 8 divides (of equal ones, the last); ViT-L's 1024 x 1024
+  float32 projection (exactly 4 MiB), arrays no dimension of which 8 divides, and scalars
+  whole."""
+  shapes = {"qkv": (1024, 3072), "square": (2048, 2048), "tall": (4104, 1025),
+            "proj": (1024, 1024), "odd": (1025, 1027), "count": ()}
+  tree = {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in shapes.items()}
+  specs = {k: s.spec for k, s in sharding.fsdp(tree, sharding.make_mesh(), 4 * 2**20).items()}
+  data = sharding.DATA
+  assert specs == {"qkv": P(None, data), "square": P(None, data), "tall": P(data),
+                   "proj": P(), "odd": P(), "count": P()}
+
+
+@pytest.mark.slow  # 50-60 s of CPU each: two compilations of the step and of init
+@pytest.mark.parametrize("family", ["resnet", "vit"])
+def test_fsdp_step_equals_replicated(family):
+  """sharding.params='fsdp' on 8 devices (min_size_mib 0: every array a dimension of which 8
+  divides): the state's parameters, target parameters and optimiser state are split over
+  `data` along their largest such dimension (an eighth of each on a device), the BN
+  statistics, queue, step and rng replicated; 2 steps give the replicated step's loss,
+  parameters, optimiser state and queue. The per-image computation is the same; XLA gathers
+  each weight whole before it is used, and what may differ is the order of the gradients'
+  cross-device sums (a reduce-scatter where it was an all-reduce: 8 float32 partials, ~8 x
+  6e-8 of their scale, then through a second step's layers), which `close` bounds (1e-4 of
+  each array's scale), with `vit_close`'s exception for Adam on zero gradients."""
+  config = vit_config() if family == "vit" else tiny_config(**{"optim.base_lr": 0.01})
+  compare = vit_close(config, 2) if family == "vit" else (
+      lambda path, a, b: close(a, b, jax.tree_util.keystr(path)))
+  replicated, m_r, _ = run(config, jax.devices(), 2)
+  config.sharding.update(params="fsdp", min_size_mib=0.0)
+  split, m_s, _ = run(config, jax.devices(), 2, on_devices=True)
+  for a, b in zip(m_s, m_r):
+    for k in ("loss", "grad_norm", "pos_sim", "probe_loss"):
+      close(a[k], b[k], k)
+  for field in ("params", "target_params", "opt_state", "batch_stats", "queue"):
+    jax.tree_util.tree_map_with_path(compare, getattr(split, field), getattr(replicated, field))
+  big = [x for x in jax.tree.leaves((split.params, split.target_params, split.opt_state))
+         if any(d % 8 == 0 for d in x.shape)]
+  assert len(big) > 20
+  for x in big:
+    dim = max((d, i) for i, d in enumerate(x.shape) if d % 8 == 0)[1]
+    assert x.sharding.spec == P(*[None] * dim, sharding.DATA), (x.shape, x.sharding.spec)
+    assert x.addressable_shards[0].data.size * 8 == x.size
+  for x in jax.tree.leaves((split.batch_stats, split.target_batch_stats, split.queue,
+                            split.queue_ptr, split.step, split.rng)):
+    assert x.sharding.is_fully_replicated
 
 
 def test_micro_batches_keep_each_device_rows():

@@ -50,6 +50,7 @@ def make_step(apply_fn, tx, lr_fn, inputs_fn, mesh, key):
 
 def head_accuracy(head_params, feats, labels):
   """[top-1, top-5] of a linear head {'kernel', 'bias'} on float32 features (host arrays): the
-  linear probe's, the fine-tuned network's and the online probe's held-out score."""
-  head = jax.device_get(head_params)
+  linear probe's, the fine-tuned network's and the online probe's held-out score. The head may
+  be split over the devices of several processes (the online probe's, sharding.params=fsdp)."""
+  head = jax.tree.map(sharding.to_host, head_params)
   return common.topk_accuracy(feats @ head["kernel"] + head["bias"], labels)
