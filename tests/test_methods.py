@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from sce_jax import config as sce_config
-from sce_jax import methods, metrics, schema, sharding, train_step
+from sce_jax import methods, metrics, schema, sharding, train, train_step, weights
+from sce_jax.data import sources
+from sce_jax.evaluators import knn
 from tests import test_main
 from tests.test_main import no_tf  # noqa: F401  (a fixture)
 from tests.helpers import load_config
@@ -177,27 +179,52 @@ def test_one_device_equals_eight(name):
     jax.tree.map(lambda a, b: close(a, b, field), getattr(one, field), getattr(eight, field))
 
 
-@pytest.mark.slow  # a command line run of each method, resumed, then kNN
-@pytest.mark.parametrize("name", BASELINES)
-def test_command_line_trains_resumes_exactly_and_evaluates(name, cifar_root, no_tf, tmp_path):
-  """`python -m sce_jax.main --config=configs/cifar10_r18.py:smoke --config.method=NAME` (8
-  devices, no TensorFlow): 8 steps with checkpoints at 4 and 8 and finite metrics; a run
-  resumed from the step-4 checkpoint alone logs the same metrics for steps 5 to 8 (the queue,
-  target and rng are in the state); --mode=knn then evaluates the result."""
-  compared = ("loss", "probe_loss", "pos_sim", "grad_norm", "lr")
-  def command(workdir, *flags):
-    return test_main.command(cifar_root, workdir, f"--config.method={name}",
-                             "--config.max_steps=8", "--config.log_every_steps=1",
-                             "--config.checkpoint.every_steps=4", *flags)
+def _resumed(run, tmp_path):
+  """`run(workdir)`, 8 steps with checkpoints at 4 and 8, and again from the step-4 checkpoint
+  alone: the metrics must agree step for step from 5 to 8 (the queue, target, centre and rng
+  are in the state). Returns the resumed workdir and the first run's output."""
   whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-  test_main.run(command(whole), no_tf)
+  out = run(whole)
   shutil.copytree(whole / "checkpoints" / "4", resumed / "checkpoints" / "4")
-  test_main.run(command(resumed), no_tf)
+  run(resumed)
   a, b = metrics.read(whole), metrics.read(resumed)
+  compared = ("loss", "probe_loss", "pos_sim", "grad_norm", "lr")
   assert sorted(a) == list(range(1, 9)) and sorted(b) == list(range(5, 9))
   for step in range(5, 9):
     assert {k: a[step][k] for k in compared} == {k: b[step][k] for k in compared}, step
   assert all(np.isfinite(a[s][k]) for s in a for k in compared)
+  return resumed, out
+
+
+@pytest.mark.slow  # a run of each method, resumed, then kNN: ~1 min a method on 2 cores
+@pytest.mark.parametrize("name", BASELINES)
+def test_trains_resumes_exactly_and_evaluates(name, cifar_root, tmp_path):
+  """Each method's smoke run (cifar10_r18.py:smoke with its recipe; one device: the 1-vs-8
+  test compares the meshes) trains with finite metrics and resumes exactly; kNN then evaluates
+  the trunk read back from its checkpoint, as --mode=knn does."""
+  config = load_config("cifar10_r18", f"smoke,method={name}")
+  config.data.path = str(cifar_root)
+  config.update(max_steps=8, log_every_steps=1)
+  config.checkpoint.every_steps = 4
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  resumed, _ = _resumed(lambda workdir: train.train(config, workdir, mesh), tmp_path)
+  result = knn.evaluate(config, weights.load_trunk(resumed, config.model), mesh,
+                        sources.Splits(config.data))
+  assert 0 <= result["knn_top1"] <= result["knn_top5"] <= 1
+
+
+@pytest.mark.slow  # three command-line runs
+def test_command_line_switches_the_method(cifar_root, no_tf, tmp_path):
+  """`python -m sce_jax.main --config=configs/cifar10_r18.py:smoke --config.method=moco_v2`
+  (8 devices, no TensorFlow) trains MoCo v2 (a queue, shuffle-BN), resumes exactly, and
+  --mode=knn evaluates it; every method takes this path (their recipes: the recipe test;
+  their runs: test_trains_resumes_exactly_and_evaluates)."""
+  command = lambda workdir, *flags: test_main.command(
+      cifar_root, workdir, "--config.method=moco_v2", "--config.max_steps=8",
+      "--config.log_every_steps=1", "--config.checkpoint.every_steps=4", *flags)
+  resumed, stderr = _resumed(lambda workdir: test_main.run(command(workdir), no_tf), tmp_path)
+  assert any(m.startswith("moco_v2 pretraining of resnet18 ")
+             for m in test_main.messages(stderr)), stderr
   test_main.run(command(resumed, "--mode=knn"), no_tf)
-  knn = json.loads((resumed / "eval_knn.json").read_text())
-  assert 0 <= knn["knn_top1"] <= knn["knn_top5"] <= 1
+  result = json.loads((resumed / "eval_knn.json").read_text())
+  assert 0 <= result["knn_top1"] <= result["knn_top5"] <= 1
