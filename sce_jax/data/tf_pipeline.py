@@ -125,7 +125,7 @@ def _decode_all(ds, decode=lambda data: {"image": _decode(data)},
 
 
 def _decoded_for_device(ds, views, buffer):
-  """host_stage=decode: each record {'image': uint8 (buffer, buffer, 3), the `_reduced` image
+  """host_stage=decode: each record {'image': uint8 (buffer, buffer, 4), the `_reduced` image
   in its top-left corner on zeros, 'full', 'factor', 'label', 'skipped'}."""
   if ds.element_spec["image"].dtype == tf.string:
     ds = _decode_all(ds, functools.partial(_decode_reduced, views=views, buffer=buffer),
@@ -133,10 +133,14 @@ def _decoded_for_device(ds, views, buffer):
                       ("factor", np.int32(1))))
   else:  # Decoded and cached already.
     ds = ds.map(lambda ex: {**ex, **_reduced(ex["image"], tf.shape(ex["image"])[:2], buffer)})
-  return ds.map(lambda ex: {"image": tf.image.pad_to_bounding_box(ex["image"], 0, 0, buffer,
-                                                                  buffer),
-                            "full": ex["full"], "factor": ex["factor"], "label": ex["label"],
-                            "skipped": ex["skipped"]}, num_parallel_calls=tf.data.AUTOTUNE)
+
+  def padded(ex):  # grain's layout (`grain_pipeline.decode_batch`): a fourth byte, unread.
+    h, w = tf.unstack(tf.shape(ex["image"])[:2])
+    image = tf.pad(ex["image"], [[0, buffer - h], [0, buffer - w], [0, 1]])
+    return {"image": tf.ensure_shape(image, (buffer, buffer, 4)),
+            **{k: ex[k] for k in ("full", "factor", "label", "skipped")}}
+
+  return ds.map(padded, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def distorted_window(seed, shape, scale, ratio):
