@@ -5,6 +5,8 @@ decode (DCT scale, integer factor) on both loaders, the step's input stage again
 stage's, and exact resume.
 """
 import dataclasses
+import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,9 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sce_jax import sharding, train
+from sce_jax import aot, sharding, train
 from sce_jax.data import augment, crop, grain_pipeline, images, pipeline, presets, sources
 from tests.conftest import natural_image
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
 
 LOADERS = ("tf", "grain")
 # Widths x heights: two that fit a 64-px buffer whole, one reduced by DCT scale 2 to fit it,
@@ -201,6 +205,27 @@ def test_step_crops_match_the_crops_stage(photos, loader):
     # with weights <= 1.4 (contrast, brightness 1 + 0.4), clipped.
     diff = np.abs(np.asarray(a) - np.asarray(b)) * 255 * np.asarray(std)
     assert diff[whole].mean(axis=(1, 2, 3)).max() <= 1.4 * MAX_MEAN
+
+
+def test_aot_and_throughput_build_the_decode_batch(photos):
+  """`sce_jax.aot`'s abstract batch and benchmarks/throughput.py's synthetic one for
+  host_stage=decode have the keys, shapes and dtypes of grain's host batch, and the step
+  lowers with them (its compile and timing are the benchmarks')."""
+  import throughput  # benchmarks/, on the path below.
+  from tests import test_train_step
+  config = test_train_step.tiny_config(**{"data.host_stage": "decode",
+                                          "data.decode_size": BUFFER})
+  mesh = sharding.make_mesh()
+  parts = train.build(config, mesh, num_classes=10, steps_per_epoch=2)
+  state, abstract = aot.step_inputs(config, parts, mesh, False, 100)
+  inputs = throughput._inputs  # pylint: disable=protected-access
+  synthetic = inputs(throughput.CASES["a"], config, parts.views, mesh)()
+  host = grain_pipeline.decode_batch([photos[i % len(SIZES)] for i in range(config.batch_size)],
+                                     VIEWS, BUFFER)
+  host.pop("skipped")
+  layout = lambda batch: {k: (tuple(x.shape), np.dtype(x.dtype)) for k, x in batch.items()}
+  assert layout(abstract) == layout(synthetic) == layout(host)
+  assert parts.step.lower(state, abstract) is not None
 
 
 @pytest.mark.slow

@@ -143,19 +143,16 @@ def decode_into(out, record, views) -> tuple[tuple[int, int], int, str]:
 
 
 def decode_batch(records, views, buffer):
-  """host_stage=decode's host batch: {'image': uint8 (B, buffer, buffer, 4), each record's image
-  in its top-left corner on zeros as RGBX (`decode_into`; the step reads the first three
-  channels), 'full': int32 (B, 2), 'factor': int32 (B,), 'label', 'skipped'}. No randomness:
-  the step draws the windows (exact resume)."""
-  batch = np.zeros((len(records), buffer, buffer, 4), np.uint8)
-  full = np.empty((len(records), 2), np.int32)
-  factor = np.empty(len(records), np.int32)
+  """host_stage=decode's host batch (`crop.decode_batch_shapes`; each image as RGBX,
+  `decode_into`) and 'skipped'. No randomness: the step draws the windows (exact resume)."""
+  batch = {k: np.zeros(*spec) for k, spec in crop.decode_batch_shapes(len(records),
+                                                                      buffer).items()}
   skipped = []
   for i, record in enumerate(records):
-    full[i], factor[i], name = decode_into(batch[i], record, views)
+    batch["full"][i], batch["factor"][i], name = decode_into(batch["image"][i], record, views)
+    batch["label"][i] = record["label"]
     skipped.append(name)
-  return {"image": batch, "full": full, "factor": factor,
-          "label": np.array([r["label"] for r in records], np.int32), "skipped": np.array(skipped)}
+  return {**batch, "skipped": np.array(skipped)}
 
 
 def _eval_example(shard, data_cfg, i):

@@ -125,8 +125,8 @@ def _decode_all(ds, decode=lambda data: {"image": _decode(data)},
 
 
 def _decoded_for_device(ds, views, buffer):
-  """host_stage=decode: each record {'image': uint8 (buffer, buffer, 4), the `_reduced` image
-  in its top-left corner on zeros, 'full', 'factor', 'label', 'skipped'}."""
+  """host_stage=decode: each record of `crop.decode_batch_shapes` (the `_reduced` image in its
+  buffer's top-left corner on zeros) with 'skipped'."""
   if ds.element_spec["image"].dtype == tf.string:
     ds = _decode_all(ds, functools.partial(_decode_reduced, views=views, buffer=buffer),
                      (("image", images.PLACEHOLDER), ("full", np.ones(2, np.int32)),
@@ -134,10 +134,10 @@ def _decoded_for_device(ds, views, buffer):
   else:  # Decoded and cached already.
     ds = ds.map(lambda ex: {**ex, **_reduced(ex["image"], tf.shape(ex["image"])[:2], buffer)})
 
-  def padded(ex):  # grain's layout (`grain_pipeline.decode_batch`): a fourth byte, unread.
+  def padded(ex):  # Zeros in the channel the step does not read (`crop.DECODE_CHANNELS`).
     h, w = tf.unstack(tf.shape(ex["image"])[:2])
-    image = tf.pad(ex["image"], [[0, buffer - h], [0, buffer - w], [0, 1]])
-    return {"image": tf.ensure_shape(image, (buffer, buffer, 4)),
+    image = tf.pad(ex["image"], [[0, buffer - h], [0, buffer - w], [0, crop.DECODE_CHANNELS - 3]])
+    return {"image": tf.ensure_shape(image, (buffer, buffer, crop.DECODE_CHANNELS)),
             **{k: ex[k] for k in ("full", "factor", "label", "skipped")}}
 
   return ds.map(padded, num_parallel_calls=tf.data.AUTOTUNE)
