@@ -175,10 +175,10 @@ def decode_accuracy(root, count, views, buffer, batch=32):
 
 def bytes_per_image(host_stage, views, buffer):
   """Bytes a host sends the accelerator for one example: its uint8 crops, or (decode) its
-  buffer (RGBX: `grain_pipeline.decode_batch`) with the int32 full size and factor; the int32
-  label either way."""
+  buffer (`crop.decode_batch_shapes`, grain's RGBX; tf.data's 3 channels send 3/4 of it) with
+  the int32 full size and factor; the int32 label either way."""
   if host_stage == "decode":
-    return buffer * buffer * 4 + 3 * 4 + 4
+    return buffer * buffer * crop.DECODE_CHANNELS + 3 * 4 + 4
   return sum(v.size * v.size * 3 for v in views) + 4
 
 

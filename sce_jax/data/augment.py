@@ -199,8 +199,8 @@ def random_resized_crop(key, images, size, scale, ratio, full=None, factor=None)
 
 def crop_and_augment(key, batch, specs, mean, std):
   """The step's input stage for whole images {'image': uint8 (B, H, W, 3), 'label'} (data on the
-  device, or host_stage=decode with the host's 'full' and 'factor' and a fourth channel, unread:
-  `crop.decode_batch_shapes`): one `random_resized_crop` per view, then `augment_batch`.
+  device, or host_stage=decode with the host's 'full' and 'factor' and on grain a fourth
+  channel, unread: `crop.decode_batch_shapes`): one `random_resized_crop` per view, then `augment_batch`.
   Every draw comes from `key`, one key per image, so the crops do not depend on the host, the
   sharding or where a run resumed."""
   crop_key, colour_key = jax.random.split(key)

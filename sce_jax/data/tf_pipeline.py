@@ -125,22 +125,18 @@ def _decode_all(ds, decode=lambda data: {"image": _decode(data)},
 
 
 def _decoded_for_device(ds, views, buffer):
-  """host_stage=decode: each record of `crop.decode_batch_shapes` (the `_reduced` image in its
-  buffer's top-left corner on zeros) with 'skipped'."""
+  """host_stage=decode: each record of `crop.decode_batch_shapes` with 3 channels (the
+  `_reduced` image in its buffer's top-left corner on zeros) and 'skipped'."""
   if ds.element_spec["image"].dtype == tf.string:
     ds = _decode_all(ds, functools.partial(_decode_reduced, views=views, buffer=buffer),
                      (("image", images.PLACEHOLDER), ("full", np.ones(2, np.int32)),
                       ("factor", np.int32(1))))
   else:  # Decoded and cached already.
     ds = ds.map(lambda ex: {**ex, **_reduced(ex["image"], tf.shape(ex["image"])[:2], buffer)})
-
-  def padded(ex):  # Zeros in the channel the step does not read (`crop.DECODE_CHANNELS`).
-    h, w = tf.unstack(tf.shape(ex["image"])[:2])
-    image = tf.pad(ex["image"], [[0, buffer - h], [0, buffer - w], [0, crop.DECODE_CHANNELS - 3]])
-    return {"image": tf.ensure_shape(image, (buffer, buffer, crop.DECODE_CHANNELS)),
-            **{k: ex[k] for k in ("full", "factor", "label", "skipped")}}
-
-  return ds.map(padded, num_parallel_calls=tf.data.AUTOTUNE)
+  return ds.map(lambda ex: {"image": tf.image.pad_to_bounding_box(ex["image"], 0, 0, buffer,
+                                                                  buffer),
+                            "full": ex["full"], "factor": ex["factor"], "label": ex["label"],
+                            "skipped": ex["skipped"]}, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def distorted_window(seed, shape, scale, ratio):
