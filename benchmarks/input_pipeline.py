@@ -140,9 +140,9 @@ def crop_accuracy(root, count, views):
 
 def decode_accuracy(root, count, views, buffer, batch=32):
   """{loader: (mean, max)} of `_diff` over the crops of `count` examples by the full decode path:
-  each loader's host decode (grain's `decode_reduced`, tf.data's `_decode_reduced`) padded into
-  the buffer, then the step's `augment.random_resized_crop` (jitted, on the first JAX device),
-  against Pillow's resize of the same windows of the fully decoded image."""
+  each loader's host batch (grain's `decode_batch`; tf.data's `_decode_reduced`, padded into
+  the buffer), then the step's `augment.crop_and_augment` crops (`random_resized_crop`, jitted,
+  on the first JAX device), against Pillow's resize of the same windows of the full decode."""
   from sce_jax.data import tf_pipeline
   import tensorflow as tf
   folder = sources.ImageFolder(root)
@@ -151,20 +151,21 @@ def decode_accuracy(root, count, views, buffer, batch=32):
   for start in range(0, count, batch):
     records = [folder[p % len(folder)] for p in range(start, min(start + batch, count))]
     for name in diffs:
-      stored = np.zeros((len(records), buffer, buffer, 3), np.uint8)
-      full = np.empty((len(records), 2), np.int32)
-      factor = np.empty(len(records), np.int32)
-      for i, record in enumerate(records):
-        if name == "grain":
-          image, full[i], factor[i], _ = grain_pipeline.decode_reduced(record, views, buffer)
-          image = np.asarray(image)
-        else:
+      if name == "grain":
+        host = grain_pipeline.decode_batch(records, views, buffer)
+      else:
+        host = {"image": np.zeros((len(records), buffer, buffer, 3), np.uint8),
+                "full": np.empty((len(records), 2), np.int32),
+                "factor": np.empty(len(records), np.int32)}
+        for i, record in enumerate(records):
           out = tf_pipeline._decode_reduced(  # pylint: disable=protected-access
               tf.constant(record["image"]), views, buffer)
-          image, full[i], factor[i] = (out[k].numpy() for k in ("image", "full", "factor"))
-        stored[i, :image.shape[0], :image.shape[1]] = image
+          image, host["full"][i], host["factor"][i] = (out[k].numpy()
+                                                       for k in ("image", "full", "factor"))
+          host["image"][i, :image.shape[0], :image.shape[1]] = image
+      full, stored = host["full"], host["image"][..., :3]
       for v, key in zip(views, jax.random.split(jax.random.key(start), len(views))):
-        crops = np.asarray(crop_fn(key, stored, v.size, v.scale, v.ratio, full, factor))
+        crops = np.asarray(crop_fn(key, stored, v.size, v.scale, v.ratio, full, host["factor"]))
         windows = np.stack(augment.crop_windows(key, len(records), full[:, 0], full[:, 1],
                                                 v.scale, v.ratio), -1)
         for out, record, window in zip(crops, records, windows):
@@ -174,9 +175,10 @@ def decode_accuracy(root, count, views, buffer, batch=32):
 
 def bytes_per_image(host_stage, views, buffer):
   """Bytes a host sends the accelerator for one example: its uint8 crops, or (decode) its
-  buffer with the int32 full size and factor; the int32 label either way."""
+  buffer (`crop.decode_batch_shapes`, grain's RGBX; tf.data's 3 channels send 3/4 of it) with
+  the int32 full size and factor; the int32 label either way."""
   if host_stage == "decode":
-    return buffer * buffer * 3 + 3 * 4 + 4
+    return buffer * buffer * crop.DECODE_CHANNELS + 3 * 4 + 4
   return sum(v.size * v.size * 3 for v in views) + 4
 
 

@@ -8,7 +8,9 @@ Cases:
   e  ViT-S/16, multi-crop 2 x 224 + 4 x 96 (the position table resampled to 6 x 6), 256 images
      per device
 (a), (b), (d) and (e) run the ImageNet step on uint8 crops already on the device (what the
-host would send), the colour stage inside the step; (c) runs the CIFAR step on a synthetic set
+host would send), the colour stage inside the step, or with --host-stage decode on what
+data.host_stage=decode's host sends (`crop.decode_batch_shapes`: 4:3 images the width of a
+data.decode_size buffer, stored whole), the crops drawn and resized inside the step; (c) runs the CIFAR step on a synthetic set
 held on the device (data.on_device): gather, random resized crop and colour inside the step.
 Each case runs with and without the colour stage (jitter, grayscale, blur, solarize; crop, flip
 and normalisation stay), with model.concat_views off and on where the config has that key, and
@@ -21,6 +23,7 @@ steps, then the median of --steps steps, each waited for with block_until_ready.
 per step x steps/s / the device's dense bf16 peak (PEAKS, by jax.devices()[0].device_kind).
 
   python benchmarks/throughput.py --cases a,b,c,d,e --json throughput.json
+  python benchmarks/throughput.py --cases a,b --host-stage crops,decode --f32-weight-grads on
   python benchmarks/throughput.py --smoke   # tiny shapes, any CPU
 """
 import argparse
@@ -40,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from sce_jax import config as sce_config  # noqa: E402  pylint: disable=g-import-not-at-top
 from sce_jax import losses, schema, sharding, train  # noqa: E402
-from sce_jax.data import presets, resident  # noqa: E402
+from sce_jax.data import crop, presets, resident  # noqa: E402
 from sce_jax.models import trunks  # noqa: E402
 
 # Dense bf16 tensor peaks per device, TFLOP/s, by device_kind (first match). NVIDIA's datasheets
@@ -125,6 +128,7 @@ def case_config(case, small, devices=None):
     c.model.projector.hidden_dim = c.model.predictor.hidden_dim = 32
     c.model.projector.out_dim = 16
     c.data.image_size //= 7 if c.data.image_size > 32 else 1
+    c.data.decode_size //= 7
     c.model.dtype = "float32"
   views, pairs = schema.crops(c, case.views)
   written = c.batch_size * len(losses.target_views(pairs))
@@ -139,8 +143,9 @@ def without_colour(views):
 
 
 def _inputs(case, config, views, mesh):
-  """next_batch() -> the step's input: the same uint8 crops every step (ImageNet step), or the
-  next indices into a synthetic resident set (CIFAR step)."""
+  """next_batch() -> the step's input: the same uint8 crops every step (ImageNet step), the same
+  decoded images (host_stage=decode), or the next indices into a synthetic resident set (CIFAR
+  step)."""
   rng = np.random.default_rng(0)
   n = config.batch_size
   labels = rng.integers(0, 1000, n).astype(np.int32)
@@ -153,6 +158,14 @@ def _inputs(case, config, views, mesh):
                                      mesh=mesh)
     return lambda: next(batches)
   rows = sharding.rows(mesh)
+  if config.data.host_stage == "decode":
+    shapes = crop.decode_batch_shapes(n, config.data.decode_size)
+    size = config.data.decode_size
+    batch = {"image": rng.integers(0, 256, *shapes["image"]),
+             "full": np.tile(np.array([size * 3 // 4, size], np.int32), (n, 1)),
+             "factor": np.ones(*shapes["factor"]), "label": labels}
+    batch = {k: sharding.put(x, rows) for k, x in batch.items()}
+    return lambda: batch
   batch = {"views": tuple(sharding.put(rng.integers(0, 256, (n, v.size, v.size, 3), np.uint8),
                                        rows) for v in views),
            "label": sharding.put(labels, rows)}
@@ -165,10 +178,12 @@ def _flops(compiled):
   return float(cost.get("flops", 0.0)) if cost else 0.0
 
 
-def measure(case, *, colour, concat, steps, warmup, small, f32_weight_grads=True):
+def measure(case, *, colour, concat, steps, warmup, small, f32_weight_grads=True,
+            host_stage="crops"):
   """One row: compile, warm up, time `steps` steps; returns a dict of what was measured."""
   config, views = case_config(case, small)
   config.model.f32_weight_grads = f32_weight_grads
+  config.data.host_stage = host_stage
   if concat is not None:
     config.model.concat_views = concat
   views = views if colour else without_colour(views)
@@ -196,6 +211,7 @@ def measure(case, *, colour, concat, steps, warmup, small, f32_weight_grads=True
       "case": case.name, "batch": config.batch_size, "views": [v.size for v in views],
       "colour": colour, "concat_views": config.model.get("concat_views"),
       "f32_weight_grads": f32_weight_grads, "dtype": config.model.dtype,
+      "host_stage": "on device" if case.on_device else host_stage,
       "compile_s": round(compile_s, 2), "step_ms": step_s * 1e3, "steps_per_s": 1 / step_s,
       "images_per_s": config.batch_size / step_s, "step_tflop": flops / 1e12,
       "mfu": flops / step_s / (tflops * 1e12) if tflops and flops else None,
@@ -203,10 +219,10 @@ def measure(case, *, colour, concat, steps, warmup, small, f32_weight_grads=True
 
 
 def run(cases, *, colours=(True, False), both_concat=True, f32_grads=(True, False), steps=20,
-        warmup=3, small=False, log=print):
-  """Rows for each case, colour setting and model.f32_weight_grads setting, and with
-  model.concat_views off and on where the config has that key and both_concat (else at the
-  config's value)."""
+        warmup=3, small=False, log=print, host_stages=("crops",)):
+  """Rows for each case, colour setting, model.f32_weight_grads setting and data.host_stage (of
+  the cases with a host stage), and with model.concat_views off and on where the config has
+  that key and both_concat (else at the config's value)."""
   rows = []
   for key in cases:
     case = smoke(CASES[key]) if small else CASES[key]
@@ -214,10 +230,11 @@ def run(cases, *, colours=(True, False), both_concat=True, f32_grads=(True, Fals
     for colour in colours:
       for concat in ((False, True) if has_concat and both_concat else (None,)):
         for f32 in f32_grads:
-          row = measure(case, colour=colour, concat=concat, steps=steps, warmup=warmup,
-                        small=small, f32_weight_grads=f32)
-          rows.append({"key": key, **row})
-          log(format_row(rows[-1]))
+          for stage in ("crops",) if case.on_device else host_stages:
+            row = measure(case, colour=colour, concat=concat, steps=steps, warmup=warmup,
+                          small=small, f32_weight_grads=f32, host_stage=stage)
+            rows.append({"key": key, **row})
+            log(format_row(rows[-1]))
   return rows
 
 
@@ -229,15 +246,16 @@ def header():
           "peak_source": source}
 
 
-TABLE = ("| case | batch | colour | concat_views | f32 weight grads | compile s | step ms | "
-         "steps/s | images/s | TFLOP/step | MFU |\n|---|---|---|---|---|---|---|---|---|---|---|")
+TABLE = ("| case | batch | colour | concat_views | f32 weight grads | host stage | compile s | "
+         "step ms | steps/s | images/s | TFLOP/step | MFU |\n"
+         "|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def format_row(r):
   mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
   return (f"| ({r['key']}) {r['case']} | {r['batch']} | {'on' if r['colour'] else 'off'} | "
           f"{r['concat_views']} | {'on' if r['f32_weight_grads'] else 'off'} | "
-          f"{r['compile_s']:.0f} | {r['step_ms']:.1f} | "
+          f"{r['host_stage']} | {r['compile_s']:.0f} | {r['step_ms']:.1f} | "
           f"{r['steps_per_s']:.2f} | {r['images_per_s']:.0f} | {r['step_tflop']:.3g} | {mfu} |")
 
 
@@ -249,11 +267,15 @@ def main():
                       help="model.concat_views off and on, or the config's value")
   parser.add_argument("--f32-weight-grads", default="on,off",
                       help="model.f32_weight_grads: on, off or on,off")
+  parser.add_argument("--host-stage", default="crops",
+                      help="data.host_stage of the ImageNet cases: crops, decode or crops,decode")
   parser.add_argument("--steps", type=int, default=20, help="timed steps (median)")
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--smoke", action="store_true", help="tiny shapes (CPU)")
   parser.add_argument("--json", help="write the results here")
   args = parser.parse_args()
+  if set(args.host_stage.split(",")) - set(crop.HOST_STAGES):
+    parser.error(f"--host-stage {args.host_stage}: choose from {', '.join(crop.HOST_STAGES)}")
   info = header()
   print(f"{info['device_count']} x {info['device_kind']} ({info['backend']}, jax "
         f"{info['jax']}); peak {info['peak_tflops']} TFLOP/s bf16 dense per device")
@@ -261,7 +283,7 @@ def main():
   rows = run(args.cases.split(","), colours=[c == "on" for c in args.colour.split(",")],
              both_concat=args.concat == "both",
              f32_grads=[g == "on" for g in args.f32_weight_grads.split(",")], steps=args.steps,
-             warmup=args.warmup, small=args.smoke)
+             warmup=args.warmup, small=args.smoke, host_stages=args.host_stage.split(","))
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps({**info, "rows": rows}, indent=1))
 

@@ -30,7 +30,7 @@ from jax.experimental import topologies
 
 from sce_jax import cli, losses, methods, schema, sharding, train
 from sce_jax import config as sce_config
-from sce_jax.data import resident
+from sce_jax.data import crop, resident
 
 _TOPOLOGY = flags.DEFINE_string(
     "topology", None, "A slice as libtpu names it (v5e:4x4, v4:2x2x2, v5p:2x2x1, v6e:2x2) or "
@@ -129,9 +129,10 @@ def data_size(config, num_examples=None, num_classes=None):
 
 def step_inputs(config, parts, mesh, on_device, num_examples):
   """The step's arguments as ShapeDtypeStructs with its shardings: the abstract state (replicated,
-  or its parameters and optimiser state split with sharding.params='fsdp'), and the
-  batch as train.py feeds it (host-cropped uint8 views, or the resident set, flat as
-  `resident.flat` holds square images, and indices)."""
+  or its parameters and optimiser state split with sharding.params='fsdp'), and the batch as
+  train.py feeds it (host-cropped uint8 views; with data.host_stage=decode the host's decoded
+  images, `crop.decode_batch_shapes`; or the resident set, flat as `resident.flat` holds square
+  images, and indices)."""
   spec = lambda shape, dtype, where: jax.ShapeDtypeStruct(shape, dtype, sharding=where)
   rows, n = sharding.rows(mesh), config.batch_size
   state = jax.eval_shape(parts.init, jax.random.key(0))  # with init's shardings (state.shardings)
@@ -140,6 +141,9 @@ def step_inputs(config, parts, mesh, on_device, num_examples):
     batch = {"index": spec((n,), "int32", where["index"]),
              "images": spec((num_examples, size * size * 3), "uint8", where["images"]),
              "labels": spec((num_examples,), "int32", where["labels"])}
+  elif config.data.host_stage == "decode":
+    batch = {k: spec(shape, dtype, rows) for k, (shape, dtype) in
+             crop.decode_batch_shapes(n, config.data.decode_size).items()}
   else:
     batch = {"views": tuple(spec((n, v.size, v.size, 3), "uint8", rows) for v in parts.views),
              "label": spec((n,), "int32", rows)}

@@ -5,6 +5,8 @@ decode (DCT scale, integer factor) on both loaders, the step's input stage again
 stage's, and exact resume.
 """
 import dataclasses
+import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,9 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sce_jax import sharding, train
+from sce_jax import aot, sharding, train
 from sce_jax.data import augment, crop, grain_pipeline, images, pipeline, presets, sources
 from tests.conftest import natural_image
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
 
 LOADERS = ("tf", "grain")
 # Widths x heights: two that fit a 64-px buffer whole, one reduced by DCT scale 2 to fit it,
@@ -120,7 +124,8 @@ def test_host_decode_stage(photos, loader, cache):
   resumed = jax.tree.map(np.asarray, next(make(1)))
   assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(second),
                                                   jax.tree.leaves(resumed)))
-  assert first["image"].shape == (len(SIZES), BUFFER, BUFFER, 3)
+  channels = crop.DECODE_CHANNELS if loader == "grain" else 3
+  assert first["image"].shape == (len(SIZES), BUFFER, BUFFER, channels)
   by_size = {tuple(f): (image, int(k)) for image, f, k in
              zip(first["image"], first["full"], first["factor"])}
   assert set(by_size) == {(h, w) for w, h in SIZES}
@@ -137,7 +142,36 @@ def test_host_decode_stage(photos, loader, cache):
     if not cache and k > 1:
       expected = expected.reduce(k)
     # TF and Pillow decode with the same accurate IDCT; TF's box reduction rounds half to even.
-    assert np.abs(image[:stored[0], :stored[1]].astype(int) - np.asarray(expected)).max() <= 1
+    assert np.abs(image[:stored[0], :stored[1], :3].astype(int) - np.asarray(expected)).max() <= 1
+
+
+def test_decode_in_place(photos, tmp_path):
+  """grain's decode stage writes each image straight into its batch (`images.decode`'s `into`):
+  RGB equal to Pillow's own decode at the same DCT scale, a fourth byte of 255, zeros past it;
+  an image that does not fit is left out; a greyscale JPEG and a PNG take the copying path to
+  the same layout; an undecodable image leaves zeros, even after a partial decode."""
+  quarter = lambda w, h: (w // 4, h // 4)
+  small = images.decode(photos[3], quarter)  # 200 x 150 at DCT scale 4: 50 x 38.
+  files = {"rgb.jpg": small, "grey.jpg": small.convert("L"), "rgb.png": small}
+  for name, image in files.items():
+    image.save(tmp_path / name)
+  records = [photos[3]] + [{"image": (tmp_path / n).read_bytes()} for n in files]
+  for record, draft in zip(records, (quarter, None, None, None)):
+    out = np.zeros((BUFFER, BUFFER, 4), np.uint8)
+    image = images.decode(record, draft, into=out)
+    assert image.mode == "RGB" and image.size == (50, 38)
+    np.testing.assert_array_equal(out[:38, :50, :3], np.asarray(image))
+    assert (out[:38, :50, 3] == 255).all() and not out[38:].any() and not out[:, 50:].any()
+  np.testing.assert_array_equal(images.decode(records[0], quarter), small)
+  out = np.zeros((BUFFER, BUFFER, 4), np.uint8)
+  images.decode(photos[3], into=out)  # 200 x 150 does not fit: left alone.
+  assert not out.any()
+  cut = {"image": photos[3]["image"][:len(photos[3]["image"]) * 3 // 4], "name": "cut"}
+  out = np.zeros((160, 208, 4), np.uint8)  # Fits the 200 x 150 JPEG.
+  with pytest.raises(images.UndecodableImage):
+    images.decode(cut, into=out)
+  assert out.any()  # Its first rows.
+  assert images.decode_or_placeholder(cut, into=out)[1] == "cut" and not out.any()
 
 
 @pytest.mark.parametrize("loader", LOADERS)
@@ -172,6 +206,27 @@ def test_step_crops_match_the_crops_stage(photos, loader):
     # with weights <= 1.4 (contrast, brightness 1 + 0.4), clipped.
     diff = np.abs(np.asarray(a) - np.asarray(b)) * 255 * np.asarray(std)
     assert diff[whole].mean(axis=(1, 2, 3)).max() <= 1.4 * MAX_MEAN
+
+
+def test_aot_and_throughput_build_the_decode_batch(photos):
+  """`sce_jax.aot`'s abstract batch and benchmarks/throughput.py's synthetic one for
+  host_stage=decode have the keys, shapes and dtypes of grain's host batch, and the step
+  lowers with them (its compile and timing are the benchmarks')."""
+  import throughput  # benchmarks/, on the path below.
+  from tests import test_train_step
+  config = test_train_step.tiny_config(**{"data.host_stage": "decode",
+                                          "data.decode_size": BUFFER})
+  mesh = sharding.make_mesh()
+  parts = train.build(config, mesh, num_classes=10, steps_per_epoch=2)
+  state, abstract = aot.step_inputs(config, parts, mesh, False, 100)
+  inputs = throughput._inputs  # pylint: disable=protected-access
+  synthetic = inputs(throughput.CASES["a"], config, parts.views, mesh)()
+  host = grain_pipeline.decode_batch([photos[i % len(SIZES)] for i in range(config.batch_size)],
+                                     VIEWS, BUFFER)
+  host.pop("skipped")
+  layout = lambda batch: {k: (tuple(x.shape), np.dtype(x.dtype)) for k, x in batch.items()}
+  assert layout(abstract) == layout(synthetic) == layout(host)
+  assert parts.step.lower(state, abstract) is not None
 
 
 @pytest.mark.slow

@@ -199,11 +199,13 @@ def random_resized_crop(key, images, size, scale, ratio, full=None, factor=None)
 
 def crop_and_augment(key, batch, specs, mean, std):
   """The step's input stage for whole images {'image': uint8 (B, H, W, 3), 'label'} (data on the
-  device, or host_stage=decode with the host's 'full' and 'factor'): one `random_resized_crop`
-  per view, then `augment_batch`. Every draw comes from `key`, one key per image, so the crops
-  do not depend on the host, the sharding or where a run resumed."""
+  device, or host_stage=decode with the host's 'full' and 'factor' and on grain a fourth
+  channel, unread: `crop.decode_batch_shapes`): one `random_resized_crop` per view, then `augment_batch`.
+  Every draw comes from `key`, one key per image, so the crops do not depend on the host, the
+  sharding or where a run resumed."""
   crop_key, colour_key = jax.random.split(key)
-  crops = [random_resized_crop(k, batch["image"], s.size, s.scale, s.ratio, batch.get("full"),
+  image = batch["image"][..., :3]
+  crops = [random_resized_crop(k, image, s.size, s.scale, s.ratio, batch.get("full"),
                                batch.get("factor"))
            for k, s in zip(jax.random.split(crop_key, len(specs)), specs)]
   return augment_batch(colour_key, {"views": crops, "label": batch["label"]}, specs, mean, std)

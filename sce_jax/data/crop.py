@@ -51,6 +51,20 @@ def crop_window(u, height, width, scale, ratio, xp=np):
 # (the host only decodes, into a buffer; the step crops, `augment.random_resized_crop`).
 HOST_STAGES = ("crops", "decode")
 DCT_SCALES = (1, 2, 4, 8)  # libjpeg's reduced-size decodes (PIL's draft, TF's ratio).
+# host_stage=decode's buffer on grain: RGB and a fourth byte the step does not read, Pillow's own
+# layout of RGB pixels, which grain decodes into with no repacking (`images.decode`). tf.data's
+# keeps 3: padding a channel there cost it ~40 % of its rate (benchmarks/RESULTS.md).
+DECODE_CHANNELS = 4
+
+
+def decode_batch_shapes(batch, buffer, channels=DECODE_CHANNELS):
+  """host_stage=decode's host batch, {key: (shape, dtype)}: each image in the top-left corner
+  of its buffer on zeros, its full (height, width), its total reduction factor (`reduction`),
+  its label. Its one description: the host stages fill it (tf.data with 3 channels),
+  `sce_jax.aot` and benchmarks/throughput.py stand in for it."""
+  return {"image": ((batch, buffer, buffer, channels), np.uint8),
+          "full": ((batch, 2), np.int32), "factor": ((batch,), np.int32),
+          "label": ((batch,), np.int32)}
 
 
 def reduction(height, width, views, buffer, xp=np):

@@ -7,8 +7,9 @@ at 1/2 (1/4, 1/8) scale and the windows are mapped onto the smaller image. Each 
 straight from the decoded image (PIL's `box`), with no intermediate copy. An undecodable image
 comes out as crops of a black pixel, named in 'skipped' for pipeline.py to skip.
 
-With data_cfg.host_stage='decode' the host only decodes (`decode_reduced`: at the DCT scale
-`crop.reduction` gives, reduced to fit data_cfg.decode_size) and the step crops.
+With data_cfg.host_stage='decode' the host only decodes (`decode_into`: at the DCT scale
+`crop.reduction` gives, reduced to fit data_cfg.decode_size, straight into the batch) and the
+step crops.
 
 Everything is a grain MapDataset indexed by position in the infinite stream, so a batch depends
 only on (seed, process, step): resuming at `start_step` is slicing, and the number of worker
@@ -117,10 +118,13 @@ _SCALAR_OPS = types.SimpleNamespace(
     where=lambda condition, x, y: x if condition else y)
 
 
-def decode_reduced(record, views, buffer) -> tuple[Image.Image, tuple[int, int], int, str]:
-  """host_stage=decode: (the image decoded at its DCT scale and reduced by its integer factor,
-  `crop.reduction`; its full (height, width); the total factor; '' or the name of an
+def decode_into(out, record, views) -> tuple[tuple[int, int], int, str]:
+  """host_stage=decode: the record's image decoded at its DCT scale and reduced by its integer
+  factor (`crop.reduction`) into the top-left corner of `out`, a C-contiguous uint8 (S, S, 4)
+  array on zeros, as RGBX (`images.decode`: in place, no copy, for an RGB JPEG that needs no
+  integer factor). Returns (its full (height, width), the total factor, '' or the name of an
   undecodable image)."""
+  buffer = out.shape[0]
   full = {}
 
   def draft(width, height):  # Called with the JPEG header's size, before decoding.
@@ -128,32 +132,28 @@ def decode_reduced(record, views, buffer) -> tuple[Image.Image, tuple[int, int],
     s = int(crop.reduction(height, width, views, buffer, xp=_SCALAR_OPS)[0])
     return (width // s, height // s) if s > 1 else None
 
-  image, skipped = images.decode_or_placeholder(record, draft)
+  image, skipped = images.decode_or_placeholder(record, draft, into=out)
   if skipped or "size" not in full:  # The placeholder, or a decoded array or another format.
     full["size"] = (image.height, image.width)
-  height, width = full["size"]
-  s = round(width / image.width)  # 1, or the decode scale: image is ceil(size / s).
+  s = round(full["size"][1] / image.width)  # 1, or the decode scale: image is ceil(size / s).
   k = -(-max(image.size) // buffer)
-  if k > 1:
+  if k > 1:  # Too large for `out`, so `decode` left it alone.
     image = image.reduce(k)
-  return image, full["size"], s * k, skipped
+    out[:image.height, :image.width] = np.asarray(image.convert("RGBX"))
+  return full["size"], s * k, skipped
 
 
-def _decode_batch(step, records, *, views, buffer):
-  """Batch `step` for host_stage=decode: {'image': uint8 (B, buffer, buffer, 3), each record's
-  `decode_reduced` image in its top-left corner on zeros, 'full': int32 (B, 2), 'factor': int32
-  (B,), 'label', 'skipped'}. No randomness: the step draws the windows (exact resume)."""
-  del step
-  batch = np.zeros((len(records), buffer, buffer, 3), np.uint8)
-  full = np.empty((len(records), 2), np.int32)
-  factor = np.empty(len(records), np.int32)
+def decode_batch(records, views, buffer):
+  """host_stage=decode's host batch (`crop.decode_batch_shapes`; each image as RGBX,
+  `decode_into`) and 'skipped'. No randomness: the step draws the windows (exact resume)."""
+  batch = {k: np.zeros(*spec) for k, spec in crop.decode_batch_shapes(len(records),
+                                                                      buffer).items()}
   skipped = []
   for i, record in enumerate(records):
-    image, full[i], factor[i], name = decode_reduced(record, views, buffer)
-    batch[i, :image.height, :image.width] = np.asarray(image)
+    batch["full"][i], batch["factor"][i], name = decode_into(batch["image"][i], record, views)
+    batch["label"][i] = record["label"]
     skipped.append(name)
-  return {"image": batch, "full": full, "factor": factor,
-          "label": np.array([r["label"] for r in records], np.int32), "skipped": np.array(skipped)}
+  return {**batch, "skipped": np.array(skipped)}
 
 
 def _eval_example(shard, data_cfg, i):
@@ -199,7 +199,7 @@ def _iterate(ds, data_cfg):
 def train_batches(source, data_cfg, *, views, batch_size, seed, start_step, process_index,
                   process_count):
   """Infinite host batches {'views': tuple of uint8 (B, s, s, 3), 'label': int32 (B,)}, or with
-  data_cfg.host_stage='decode' the decoded images for the step to crop (`_decode_batch`).
+  data_cfg.host_stage='decode' the decoded images for the step to crop (`decode_batch`).
 
   Reshuffled every epoch (grain folds the epoch into the shuffle seed); batches run across
   epoch boundaries, so none is ever short. A `sources.Mixture` is grain's mix of its parts'
@@ -217,8 +217,7 @@ def train_batches(source, data_cfg, *, views, batch_size, seed, start_step, proc
     ds = stream(source)
   ds = ds.batch(batch_size, drop_remainder=True, batch_fn=list)
   if data_cfg.host_stage == "decode":
-    ds = ds.map_with_index(functools.partial(_decode_batch, views=views,
-                                             buffer=data_cfg.decode_size))
+    ds = ds.map(functools.partial(decode_batch, views=views, buffer=data_cfg.decode_size))
   else:
     ds = ds.map_with_index(functools.partial(_train_batch, views=views, seed=seed,
                                              process_index=process_index))

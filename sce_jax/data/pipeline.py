@@ -132,8 +132,8 @@ def train_iterator(source, data_cfg, *, global_batch_size, views, seed, start_st
   """Infinite training batches {'views': tuple of uint8 (B, s_v, s_v, 3), 'label': int32 (B,)}.
 
   One random resized crop per ViewSpec in `views` (size, scale, ratio; no flip or colour); with
-  data_cfg.host_stage='decode' the decoded images instead, {'image': uint8 (B, S, S, 3), 'full':
-  int32 (B, 2), 'factor': int32 (B,), 'label'}, for the step to crop.
+  data_cfg.host_stage='decode' the decoded images instead (`crop.decode_batch_shapes`: 'image',
+  'full', 'factor', 'label'), for the step to crop.
   Reshuffled every epoch; deterministic for (seed, process); started at `start_step` it yields
   what the uninterrupted stream yields from that step on. A `sources.Mixture` is drawn by the
   loader's mixing; unlabelled, its labels are 0.

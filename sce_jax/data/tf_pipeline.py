@@ -125,8 +125,8 @@ def _decode_all(ds, decode=lambda data: {"image": _decode(data)},
 
 
 def _decoded_for_device(ds, views, buffer):
-  """host_stage=decode: each record {'image': uint8 (buffer, buffer, 3), the `_reduced` image
-  in its top-left corner on zeros, 'full', 'factor', 'label', 'skipped'}."""
+  """host_stage=decode: each record of `crop.decode_batch_shapes` with 3 channels (the
+  `_reduced` image in its buffer's top-left corner on zeros) and 'skipped'."""
   if ds.element_spec["image"].dtype == tf.string:
     ds = _decode_all(ds, functools.partial(_decode_reduced, views=views, buffer=buffer),
                      (("image", images.PLACEHOLDER), ("full", np.ones(2, np.int32)),
