@@ -14,10 +14,18 @@ A method module owns what differs between methods, for the one training step of
   make_loss(config, pairs)  local(qs, zs, queue) -> (loss, metrics): the loss of this device's
                   rows inside `jax.shard_map` over the `data` axis (it gathers what it needs
                   from the other devices); the step averages both over the devices.
+Optional (DINO's; `embed`, `init_memory` and `make_targets` below give the defaults):
+  embed(x)        a head's output (B, D) as the loss reads it; default: unit rows.
+  init_memory(config)  the method's state kept in the queue's place (state.queue) when it has
+                  no queue: DINO's centre.
+  make_targets(config, steps_per_epoch)  targets(zs, memory, step) -> (zs, memory, metrics):
+                  the target's embeddings as the loss reads them and the memory after the step,
+                  on the global batch before the loss (DINO: centring and sharpening).
 Adding a method is adding its module and its line below.
 """
+from sce_jax import losses
 from sce_jax.config import ConfigError
-from sce_jax.methods import byol, moco_v2, ressl, sce, simclr
+from sce_jax.methods import byol, dino, moco_v2, ressl, sce, simclr
 
 METHODS = {
     "sce": sce,
@@ -25,11 +33,29 @@ METHODS = {
     "simclr": simclr,
     "byol": byol,
     "ressl": ressl,
+    "dino": dino,
 }
 
 
 def get(name):
   return METHODS[name]
+
+
+def embed(method):
+  """How `method`'s heads' outputs become its loss's inputs (its `embed`, else unit rows)."""
+  return getattr(method, "embed", losses.l2_normalize)
+
+
+def init_memory(method, config):
+  """`method`'s state in the queue's place (its `init_memory`), or None."""
+  return method.init_memory(config) if hasattr(method, "init_memory") else None
+
+
+def make_targets(method, config, steps_per_epoch):
+  """`method`'s targets(zs, memory, step) (its `make_targets`), or None: the target's
+  embeddings go to the loss as they are."""
+  make = getattr(method, "make_targets", None)
+  return make and make(config, steps_per_epoch)
 
 
 def settings(name):
