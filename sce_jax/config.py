@@ -291,7 +291,8 @@ def parse_arg(arg, **defaults) -> ml_collections.ConfigDict:
     name, eq, value = item.partition("=")
     if name == "method" and name not in defaults:  # what --config.method=NAME passes
       raise ConfigError("This config file has no other methods' recipes; --config.method works "
-                        "with configs/cifar10_r18.py, cifar100_r18.py and imagenet_r50.py.")
+                        "with configs/cifar10_r18.py, cifar100_r18.py, imagenet_r50.py, "
+                        "cifar10_vit.py and imagenet_vit_s16.py.")
     if name not in defaults:
       raise ConfigError(f"Unknown config variant {name!r}; known: {sorted(defaults)} "
                         "(e.g. --config=configs/FILE.py:name,key=value).")
