@@ -116,7 +116,7 @@ def test_head_shapes_weight_norm_and_init(norm_last_layer):
   if not norm_last_layer:
     assert (np.asarray(params["last_layer"]["scale"]) == 1).all()
   out = np.asarray(jax.jit(head.apply)({"params": params}, x), np.float64)
-  mlp = heads.MLP(512, 64, 3, norm="none", activation="gelu", init="dino")
+  mlp = heads.MLP(512, 64, 3, norm="none", activation="gelu", weight_init="dino")
   hidden = np.asarray(jax.jit(mlp.apply)({"params": params["mlp"]}, x), np.float64)
   hidden /= np.linalg.norm(hidden, axis=-1, keepdims=True)
   np.testing.assert_allclose(out, hidden @ (v / np.linalg.norm(v, axis=0)), atol=1e-5)

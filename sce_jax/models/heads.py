@@ -44,12 +44,12 @@ class MLP(nn.Module):
   activation: str = "relu"  # ACTIVATIONS
   dtype: Any = jnp.float32
   f32_weight_grads: bool = True  # of bfloat16/float16 layers (models/precision.py)
-  init: str = "torch"     # INITS
+  weight_init: str = "torch"  # INITS (not `init`: a Module method)
 
   @nn.compact
   def __call__(self, x, train: bool = True):
     bn = self.norm == "batch"
-    kernel_init, bias_init = INITS[self.init]
+    kernel_init, bias_init = INITS[self.weight_init]
     for i in range(self.num_layers - 1):
       x = nn.Dense(self.hidden_dim, use_bias=not bn, kernel_init=kernel_init,
                    bias_init=bias_init(x.shape[-1]), dtype=self.dtype,
@@ -91,7 +91,7 @@ class DINOHead(nn.Module):
   def __call__(self, x, train: bool = True):
     x = MLP(self.hidden_dim, self.bottleneck_dim, self.num_layers, norm=self.norm,
             activation=self.activation, dtype=self.dtype, f32_weight_grads=self.f32_weight_grads,
-            init="dino", name="mlp")(x, train)
+            weight_init="dino", name="mlp")(x, train)
     x = x.astype(jnp.float32)
     x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)  # F.normalize
     return WeightNormDense(self.out_dim, self.norm_last_layer, name="last_layer")(x)
