@@ -1,6 +1,6 @@
 """DINO (sce_jax/methods/dino.py, docs/SCE.md 12): its loss and centre against a float64 NumPy
 statement of facebookresearch/dino's DINOLoss on 8 fake devices and 1; its head's shapes,
-weight normalisation and initialisation; the teacher-temperature schedule; the optimiser's
+weight normalisation and initialisation, and its config read back from the weights; the teacher-temperature schedule; the optimiser's
 per-tensor clipping, weight-decay cosine, lr floor and the last layer frozen in epoch 1; its
 recipes."""
 import jax
@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sce_jax import methods, optim, schema, sharding, train_step
+from sce_jax import methods, optim, schema, sharding, train_step, weights
 from sce_jax.config import ConfigError
 from sce_jax.methods import dino
 from sce_jax.models import heads
@@ -97,12 +97,13 @@ def test_head_shapes_weight_norm_and_init(norm_last_layer):
   v torch's nn.Linear default, U(+-1 / sqrt(64)); g no parameter with norm_last_layer, else
   ones. Smaller than DINO's 2048-256-65536 (the recipes' values, test_recipes). Std tolerance:
   512 x 512 draws, standard error 0.02 / sqrt(2 x 262144) ~ 3e-5; 1e-4 is 3.6 of them."""
-  head = heads.make(dict(hidden_dim=512, out_dim=256, num_layers=3, last_bn=False,
-                         last_bias=True, norm="none", activation="gelu", bottleneck_dim=64,
-                         norm_last_layer=norm_last_layer))
+  cfg = dict(hidden_dim=512, out_dim=256, num_layers=3, last_bn=False, last_bias=True,
+             norm="none", activation="gelu", bottleneck_dim=64, norm_last_layer=norm_last_layer)
+  head = heads.make(cfg)
   x = jax.random.normal(jax.random.key(1), (4, 32))
   params = jax.jit(head.init)(jax.random.key(0), x)["params"]
   shapes = jax.tree.map(jnp.shape, params)
+  assert weights._projector_config(params, {}) == cfg  # what convert infers from the weights
   assert shapes["mlp"] == {"linear0": {"kernel": (32, 512), "bias": (512,)},
                            "linear1": {"kernel": (512, 512), "bias": (512,)},
                            "linear2": {"kernel": (512, 64), "bias": (64,)}}
