@@ -35,6 +35,7 @@ def base() -> ml_collections.ConfigDict:
   c.model.trunk = "resnet18"   # models.TRUNKS: resnet18/34/50/101, vit_tiny/small/base/large
   c.model.width = 0            # 0: the trunk's (64 for ResNets; 192/384/768/1024 for ViT-Ti/S/B/L)
   c.model.small_stem = True    # 3x3 stride-1 stem without max-pool for 32-pixel images
+  c.model.zero_init_residual = False  # ResNets: each block's last BN scale starts at 0 (MoCo v3)
   c.model.dtype = "bfloat16"   # computation; parameters stay float32
   # bfloat16/float16 layers compute and sum their weight gradients in float32, as the authors'
   # AMP (models/precision.py, docs/SCE.md 5); False: plain Flax (bf16 gradient sums), to compare.
@@ -123,6 +124,11 @@ def base() -> ml_collections.ConfigDict:
   # a class folder, else none; the run says which).
   c.data.labels = "auto"
   c.data.eval_path = ""          # "" finds the test split beside path
+  # Training data from several sources, drawn in proportion to their weights (sources.Mixture):
+  # "KIND:WHAT=WEIGHT,..." with KIND folder (WHAT a data.path) or tfds (WHAT a data.name), e.g.
+  # "tfds:imagenet2012=0.7,folder:/data/mine=0.3"; "" = the one source of data.source. Its
+  # evaluations read eval.data.
+  c.data.mixture = ""
   c.data.data_dir = ""           # TFDS data_dir ("" = TFDS default)
   c.data.train_split = "train"
   c.data.eval_split = "test"

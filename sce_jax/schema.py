@@ -198,6 +198,7 @@ def validate(config, num_devices, num_processes, workdir=None):
         f"data.path={config.data.path} is read by data.source='folder' only, and this config's "
         f"source is {config.data.source!r} ({config.data.name!r}); add "
         "--config.data.source=folder to read the path, or leave data.path empty.")
+  _check_mixture(config.data)
   for key in ("batch_size", "eval.batch_size", "eval.linear.batch_size",
               "eval.finetune.batch_size"):
     for count, what in ((num_devices, "devices"), (num_processes, "processes")):
@@ -223,6 +224,27 @@ def validate(config, num_devices, num_processes, workdir=None):
   _validate_evaluations(config)
   if workdir is not None:
     _check_writable(workdir)
+
+
+def _check_mixture(data):
+  """data.mixture's form (`sources.parse_mixture`: positive weights), its folders, and that it
+  alone names the training data; its TFDS names, labels and image sizes are checked when it is
+  opened (`sources.Mixture`)."""
+  if not data.mixture:
+    return
+  try:
+    parts = sources.parse_mixture(data.mixture)
+  except ValueError as e:
+    raise ConfigError(f"{e}; fix --config.data.mixture.") from e
+  for kind, what, _ in parts:
+    if kind == "folder" and not epath.Path(what).exists():
+      raise ConfigError(f"data.mixture's folder:{what} does not exist; fix "
+                        "--config.data.mixture (a folder of images, a .tar/.tar.gz of one, or a "
+                        "text file listing images).")
+  if data.path:
+    raise ConfigError(f"data.path={data.path} and data.mixture both name the training data; "
+                      "put the path in the mixture (folder:PATH=WEIGHT) and pass "
+                      "--config.data.path=''.")
 
 
 def _validate_evaluations(config):

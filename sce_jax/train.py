@@ -75,7 +75,8 @@ def build(config, mesh, *, num_classes, steps_per_epoch, float_views=False, on_d
 def _describe(config, splits, parts, mesh, start, workdir, on_device):
   """The run in one line (the whole config is logged at --verbosity=1)."""
   data = config.data
-  source = data.path if data.source == "folder" else f"{data.source} {data.name}"
+  source = (f"mixture {data.mixture}" if data.mixture else
+            data.path if data.source == "folder" else f"{data.source} {data.name}")
   if on_device:
     source += ", held on the devices"
   if start >= parts.num_steps:

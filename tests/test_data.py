@@ -4,6 +4,7 @@ import gzip
 import io
 import math
 import os
+import pathlib
 import pickle
 import socket
 import subprocess
@@ -317,6 +318,22 @@ def test_tf_decodes_jpeg_as_pillow(cifar_root):
     # Both are libjpeg-turbo's accurate integer IDCT (bit-identical here); the fast IDCT, TF's
     # default, is ~0.75 grey levels off on photographs, so 0.1 tells the two apart.
     assert np.abs(ours.astype(int) - np.asarray(images.decode(folder[i]), int)).mean() < 0.1
+
+
+def test_tf_shuffles_a_folder_by_name(cifar_root):
+  """tf.data's uncached epoch shuffle holds a folder's file names, not its bytes (a shuffle
+  over an ImageNet folder would hold ~140 GB): the records shuffled are names, the stream
+  reads each file after the shuffle."""
+  pytest.importorskip("tensorflow")
+  from sce_jax.data import tf_pipeline  # pylint: disable=g-import-not-at-top
+  cfg = _cfg(path=str(cifar_root), loader="tf", cache=False)
+  folder = sources.ImageFolder(cifar_root, "train")
+  records = tf_pipeline._records(folder, cfg, 0, 1, train=True)  # pylint: disable=protected-access
+  assert all(ex["image"] == ex["name"] for ex in records.take(3).as_numpy_iterator())
+  stream = tf_pipeline._stream(  # pylint: disable=protected-access
+      folder, cfg, 0, 1, seed=0, key=[0, 0], start=0)
+  for ex in stream.take(3).as_numpy_iterator():
+    assert ex["image"] == pathlib.Path(ex["name"].decode()).read_bytes()
 
 
 @pytest.fixture(scope="module")

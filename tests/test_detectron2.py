@@ -12,7 +12,7 @@ import pytest
 import safetensors.numpy
 
 from sce_jax import convert
-from tests.test_convert import torchvision_state
+from tests.test_convert import timm_vit_state, torchvision_state
 
 STAGES = (3, 4, 6, 3)  # ResNet-50
 BN = ("weight", "bias", "running_mean", "running_var")
@@ -82,3 +82,17 @@ def test_loads_into_torchvision_resnet50(tmp_path):
   for k, v in model.state_dict().items():
     if not k.startswith("fc.") and not k.endswith("num_batches_tracked"):
       assert torch.equal(v, torch.from_numpy(sd[k])), k
+
+
+def test_a_vit_is_refused_in_one_line(tmp_path, capsys):
+  """detectron2's layout holds a ResNet: a ViT's weights stop with one line naming the
+  family."""
+  src = tmp_path / "vit.safetensors"
+  safetensors.numpy.save_file(
+      timm_vit_state(np.random.default_rng(0), width=32, depth=1, patch=8, grid=2), str(src))
+  assert convert.main(["out", "--layout", "detectron2", "--num_heads=2", str(src),
+                       str(tmp_path / "vit.pkl")]) != 0
+  assert capsys.readouterr().err.strip().splitlines()[-1] == (
+      "Error: the detectron2 layout holds a torchvision-layout (ResNet) trunk; this one is a "
+      "ViT.")
+  assert not (tmp_path / "vit.pkl").exists()

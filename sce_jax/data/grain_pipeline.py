@@ -29,6 +29,7 @@ from PIL import Image
 
 from sce_jax.data import crop
 from sce_jax.data import images
+from sce_jax.data import sources
 
 
 def _windows(u, height, width, views):
@@ -201,11 +202,20 @@ def train_batches(source, data_cfg, *, views, batch_size, seed, start_step, proc
   data_cfg.host_stage='decode' the decoded images for the step to crop (`_decode_batch`).
 
   Reshuffled every epoch (grain folds the epoch into the shuffle seed); batches run across
-  epoch boundaries, so none is ever short.
+  epoch boundaries, so none is ever short. A `sources.Mixture` is grain's mix of its parts'
+  streams, each shuffled with a seed of its own, in its proportions.
   """
-  ds = _shard(source, data_cfg, process_index, process_count, equal=True)
-  shuffle_seed = np.random.SeedSequence([seed, process_index]).generate_state(1)[0]
-  ds = ds.shuffle(int(shuffle_seed)).repeat().batch(batch_size, drop_remainder=True, batch_fn=list)
+  def stream(part, *key):
+    ds = _shard(part, data_cfg, process_index, process_count, equal=True)
+    shuffle_seed = np.random.SeedSequence([seed, process_index, *key]).generate_state(1)[0]
+    return ds.shuffle(int(shuffle_seed)).repeat()
+
+  if isinstance(source, sources.Mixture):
+    ds = grain.MapDataset.mix([stream(part, k) for k, part in enumerate(source.parts)],
+                              source.proportions)
+  else:
+    ds = stream(source)
+  ds = ds.batch(batch_size, drop_remainder=True, batch_fn=list)
   if data_cfg.host_stage == "decode":
     ds = ds.map_with_index(functools.partial(_decode_batch, views=views,
                                              buffer=data_cfg.decode_size))

@@ -43,8 +43,9 @@ LOADERS = ("auto", "tf", "grain")
 
 
 def _host_stage(source, loader):
-  """The host pipeline module for `source` under data.loader."""
-  if loader == "auto" and not isinstance(source, sources.InMemory):
+  """The host pipeline module for `source` (or its mixture's parts) under data.loader."""
+  parts = source.parts if isinstance(source, sources.Mixture) else (source,)
+  if loader == "auto" and not any(isinstance(p, sources.InMemory) for p in parts):
     try:
       from sce_jax.data import tf_pipeline  # pylint: disable=g-import-not-at-top
       return tf_pipeline
@@ -117,6 +118,15 @@ def _skip_undecodable(batches, strict, train):
       batches.close()
 
 
+def _unlabelled(batches):
+  """The batches with labels 0: an unlabelled mixture's sources' own labels mean nothing."""
+  try:
+    for batch in batches:
+      yield {**batch, "label": np.zeros_like(batch["label"])}
+  finally:
+    batches.close()
+
+
 def train_iterator(source, data_cfg, *, global_batch_size, views, seed, start_step=0,
                    sharding):
   """Infinite training batches {'views': tuple of uint8 (B, s_v, s_v, 3), 'label': int32 (B,)}.
@@ -125,14 +135,17 @@ def train_iterator(source, data_cfg, *, global_batch_size, views, seed, start_st
   data_cfg.host_stage='decode' the decoded images instead, {'image': uint8 (B, S, S, 3), 'full':
   int32 (B, 2), 'factor': int32 (B,), 'label'}, for the step to crop.
   Reshuffled every epoch; deterministic for (seed, process); started at `start_step` it yields
-  what the uninterrupted stream yields from that step on.
+  what the uninterrupted stream yields from that step on. A `sources.Mixture` is drawn by the
+  loader's mixing; unlabelled, its labels are 0.
   """
   batches = _host_stage(source, data_cfg.loader).train_batches(
       source, data_cfg, views=tuple(views), batch_size=_local_batch(global_batch_size),
       seed=seed, start_step=start_step, process_index=jax.process_index(),
       process_count=jax.process_count())
-  return sharding_lib.to_global(_skip_undecodable(batches, data_cfg.strict, train=True),
-                                sharding)
+  batches = _skip_undecodable(batches, data_cfg.strict, train=True)
+  if isinstance(source, sources.Mixture) and not source.num_classes:
+    batches = _unlabelled(batches)
+  return sharding_lib.to_global(batches, sharding)
 
 
 def eval_iterator(source, data_cfg, *, global_batch_size, sharding):

@@ -30,6 +30,7 @@ from absl import logging
 
 from sce_jax import sharding
 from sce_jax.data import augment
+from sce_jax.data import sources
 from sce_jax.data.images import DataError, UndecodableImage, decode, decode_into
 
 # The data set may take this share of a device's memory; the rest is the model's and the step's.
@@ -70,7 +71,10 @@ def load(source, mesh):
   """`source` (a `sources` object) replicated on `mesh`, or None, with a log line saying why,
   when it takes more than MEMORY_FRACTION of a device's memory, or its images differ in size or
   do not all decode (the host path skips those, pipeline.py): the run then reads it on the
-  host."""
+  host. A `sources.Mixture` is read on the host (its loader mixes it)."""
+  if isinstance(source, sources.Mixture):
+    logging.info("data.on_device: a data.mixture is read on the host.")
+    return None
   try:
     shape = np.asarray(decode(source[0])).shape
     need = source.num_examples * int(np.prod(shape))

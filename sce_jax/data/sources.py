@@ -4,8 +4,9 @@ A source has `__len__` and `__getitem__(i) -> {'image', 'label'}` (grain's Rando
 protocol), and knows its `num_examples` and `num_classes`. 'image' is encoded bytes
 (`ImageFolder`, whose records also hold the file's 'name'), or a decoded uint8 (H, W, 3) array
 (`InMemory`, `Tfds`); images.py decodes either. `Splits(data_cfg)` resolves the config's
-`source` string once; everything downstream receives source objects. Nothing here imports
-TensorFlow at module level; `Tfds` imports tensorflow_datasets when opened.
+`source` string once (or its `mixture` of several sources, `Mixture`); everything downstream
+receives source objects. Nothing here imports TensorFlow at module level; `Tfds` imports
+tensorflow_datasets when opened.
 
 An archive (.tar/.tar.gz) of images of one size (CIFAR, STL-10, Tiny ImageNet) is read from the
 array cache in data.cache_dir (archive_cache.py) as `InMemory`; an archive of images of several
@@ -13,12 +14,14 @@ sizes (ImageNet) is unpacked into a temporary folder (folders.py).
 """
 import copy
 import functools
+import math
 import os
 import pathlib
 import socket
 import urllib.parse
 import urllib.request
 
+import grain
 import numpy as np
 from absl import logging
 
@@ -190,6 +193,10 @@ class Tfds:
   def num_classes(self):
     return self.builder.info.features["label"].num_classes
 
+  @property
+  def classes(self):
+    return self.builder.info.features["label"].names
+
   @functools.cached_property
   def _source(self):
     return import_tfds().data_source(self.name, split=self.split, data_dir=self.data_dir)
@@ -308,6 +315,122 @@ SOURCES = {
 }
 
 
+# data.mixture's kinds of source -> the data key its WHAT sets: a part is opened as data.source
+# KIND would open it, with the other data keys as set (data.labels, data.data_dir,
+# data.train_split, ...).
+MIXTURE_KINDS = {"folder": "path", "tfds": "name"}
+_MIXTURE_EXAMPLE = "e.g. 'tfds:imagenet2012=0.7,folder:/data/mine=0.3'"
+
+
+def parse_mixture(text) -> list[tuple[str, str, float]]:
+  """data.mixture, 'KIND:WHAT=WEIGHT,...', as [(kind, what, weight)]; a ValueError names the
+  first item that is not one, a weight that is not positive, or a mixture of one source."""
+  parts = []
+  for item in text.split(","):
+    spec, _, weight = item.strip().rpartition("=")
+    kind, _, what = spec.partition(":")
+    if kind not in MIXTURE_KINDS or not what:
+      raise ValueError(f"data.mixture item {item!r} is not KIND:WHAT=WEIGHT with KIND one of "
+                       f"{', '.join(MIXTURE_KINDS)} ({_MIXTURE_EXAMPLE})")
+    try:
+      weight = float(weight)
+    except ValueError:
+      weight = math.nan
+    if not (math.isfinite(weight) and weight > 0):
+      raise ValueError(f"data.mixture item {item!r} has no positive weight after its '=' "
+                       f"({_MIXTURE_EXAMPLE})")
+    parts.append((kind, what, weight))
+  if len(parts) < 2:
+    raise ValueError(f"data.mixture={text!r} names one source; name two or more "
+                     f"({_MIXTURE_EXAMPLE}), or set data.source and data.path (or data.name)")
+  return parts
+
+
+def _image_size(source):
+  """(height, width) of every image of `source` where it is fixed and known (arrays of one
+  shape, a TFDS image feature of one shape), else None (a folder: any sizes)."""
+  if isinstance(source, InMemory) and isinstance(source.images, np.ndarray):
+    return tuple(source.images.shape[1:3])
+  if isinstance(source, Tfds):
+    shape = tuple(source.builder.info.features["image"].shape[:2])
+    return None if None in shape else shape
+  return None
+
+
+class Mixture:
+  """Training sources drawn in proportion to their weights (data.mixture), by grain's mixing
+  law (`grain.MapDataset.mix`): a fixed interleaving in which every prefix of the stream holds
+  each source's share to within one image, so batches hold the proportions too. Each source
+  keeps its own stream (shuffled every epoch); position p of the mixture is the next image of
+  the source the law names for p, so the mixture's position in a checkpoint is the step, as a
+  single source's. Both loaders follow the one law (`cycle`, `drawn`).
+
+  Labelled when every source is labelled with the same class names in the same order (an
+  ImageNet class-folder tree and TFDS imagenet2012 both name classes by WordNet id); otherwise
+  unlabelled (`num_classes` 0; pipeline.py sets the labels to 0). Its evaluations read
+  eval.data either way (`labelled`). Sources whose images have a fixed size must agree on it:
+  one pipeline (data.views, data.image_size) crops them all.
+  """
+
+  def __init__(self, parts, weights, names):
+    self.parts, self.names = list(parts), list(names)
+    # grain scales the weights so that the smallest is 100 and truncates the others
+    # (grain.MapDataset.mix); scaled so here, they are its proportions as they are: each weight
+    # is kept to 1 % of the smallest.
+    self.proportions = [round(100 * w / min(weights)) for w in weights]
+    classes = [list(getattr(p, "classes", None) or []) for p in self.parts]
+    self.classes = classes[0] if all(c and c == classes[0] for c in classes) else []
+    sizes = {n: _image_size(p) for n, p in zip(self.names, self.parts) if _image_size(p)}
+    if len(set(sizes.values())) > 1:
+      raise DataError(
+          "data.mixture: its sources' images differ in size ("
+          + ", ".join(f"{n} {h}x{w}" for n, (h, w) in sizes.items()) + "), and one pipeline "
+          "(data.views, data.image_size) crops them all; mix sources of one image size.")
+
+  def __len__(self):
+    return sum(map(len, self.parts))
+
+  @property
+  def num_examples(self):
+    return len(self)
+
+  @property
+  def num_classes(self):
+    return len(self.classes)
+
+  @functools.cached_property
+  def cycle(self) -> np.ndarray:
+    """The source of each position of one period of the law, read from grain's mix; the law
+    repeats itself every sum(proportions) / gcd(proportions) positions."""
+    ids = grain.MapDataset.mix([grain.MapDataset.source([k]).repeat()
+                                for k in range(len(self.parts))], self.proportions)
+    return np.array([ids[p] for p in range(sum(self.proportions) //
+                                           math.gcd(*self.proportions))], np.int64)
+
+  def drawn(self, position) -> np.ndarray:
+    """How many images of each source the positions before `position` hold."""
+    period, rest = divmod(position, len(self.cycle))
+    count = lambda cycle: np.bincount(cycle, minlength=len(self.parts))
+    return period * count(self.cycle) + count(self.cycle[:rest])
+
+
+def _mixture(data_cfg):
+  """data.mixture's sources, each opened as data.source KIND opens it, as a `Mixture`."""
+  parts, weights, names = [], [], []
+  for kind, what, weight in parse_mixture(data_cfg.mixture):
+    cfg = data_cfg.copy_and_resolve_references()
+    cfg.update({"source": kind, MIXTURE_KINDS[kind]: what, "mixture": ""})
+    parts.append(SOURCES[kind](cfg, cfg.train_split))
+    weights.append(weight)
+    names.append(f"{kind}:{what}")
+  mixture = Mixture(parts, weights, names)
+  logging.info("data.mixture: %s; %s.", ", ".join(
+      f"{n} ({len(p)} images, weight {w:g})" for n, p, w in zip(names, parts, weights)),
+      f"labelled by their {mixture.num_classes} common classes" if mixture.num_classes else
+      "unlabelled (its sources have no labels or not the same classes)")
+  return mixture
+
+
 class Splits:
   """The training and evaluation sources of a data config, each opened once.
 
@@ -320,10 +443,14 @@ class Splits:
 
   def __init__(self, data_cfg):
     self._cfg = data_cfg
-    self.train = SOURCES[data_cfg.source](data_cfg, data_cfg.train_split)
+    self.train = (_mixture(data_cfg) if data_cfg.get("mixture") else
+                  SOURCES[data_cfg.source](data_cfg, data_cfg.train_split))
 
   @functools.cached_property
   def eval(self):
+    if isinstance(self.train, Mixture):
+      raise DataError("data.mixture has no evaluation split of its own; set "
+                      "--config.eval.data.path (or eval.data.name) to a labelled set.")
     return SOURCES[self._cfg.source](self._cfg, self._cfg.eval_split, self.train)
 
   def open_eval(self):
@@ -337,10 +464,12 @@ class Splits:
 
 def labelled(splits, data_cfg, eval_data_cfg):
   """The splits that the evaluations needing labels (kNN, the probes, fine-tuning) read:
-  `splits` when its training data have labels, else the labelled set given apart in
-  config.eval.data (`eval_data_cfg`: a class-folder path with its evaluation split beside it,
-  or a TFDS name), opened with data config `data_cfg`'s other values; None without one."""
-  if splits.num_classes:
+  `splits` when its training data have labels and are not a mixture, else the labelled set
+  given apart in config.eval.data (`eval_data_cfg`: a class-folder path with its evaluation
+  split beside it, or a TFDS name), opened with data config `data_cfg`'s other values; None
+  without one. A labelled mixture's set must have its classes (the online probe's)."""
+  mixture = isinstance(splits.train, Mixture)
+  if splits.num_classes and not mixture:
     return splits
   changes = (dict(source="folder", path=eval_data_cfg.path, eval_path="", labels="folders")
              if eval_data_cfg.path else
@@ -348,5 +477,11 @@ def labelled(splits, data_cfg, eval_data_cfg):
   if changes is None:
     return None
   cfg = data_cfg.copy_and_resolve_references()
-  cfg.update(changes)
-  return Splits(cfg)
+  cfg.update(changes, mixture="")
+  out = Splits(cfg)
+  if mixture and splits.num_classes and list(out.train.classes) != splits.train.classes:
+    raise DataError(
+        f"eval.data ({eval_data_cfg.path or eval_data_cfg.name}) has other classes than "
+        "data.mixture, whose labels train the online probe; give a labelled set of the same "
+        "classes, or --config.probe.enabled=False.")
+  return out

@@ -213,14 +213,25 @@ def _(source: sources.ImageFolder, process_index, process_count, train, seed):
   return tf.data.Dataset.from_tensor_slices(
       (source.paths[process_index:end:process_count],
        source.labels[process_index:end:process_count])).map(
-           lambda path, label: {"image": tf.io.read_file(path), "label": label, "name": path})
+           lambda path, label: {"image": path, "label": label, "name": path})
+
+
+def _fetch(source, ds):
+  """The records with their encoded images: a folder's records hold file names until here, so
+  that an epoch's shuffle holds names, not a folder's bytes (host memory bounded for
+  ImageNet-size folders); other sources' records hold them already."""
+  if not isinstance(source, sources.ImageFolder):
+    return ds
+  return ds.map(lambda ex: {**ex, "image": tf.io.read_file(ex["image"])},
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 def _records(source, data_cfg, process_index, process_count, train, seed=None):
-  """This process's records, decoded and cached when data_cfg.cache."""
+  """This process's records (a folder's unread: `_fetch`), decoded and cached when
+  data_cfg.cache."""
   ds = _read(source, process_index, process_count, train, seed)
   if data_cfg.cache:
-    ds = _decode_all(ds).cache()
+    ds = _decode_all(_fetch(source, ds)).cache()
   return ds
 
 
@@ -230,25 +241,48 @@ def _to_numpy(ds, data_cfg):
   return ds.prefetch(data_cfg.prefetch).with_options(options).as_numpy_iterator()
 
 
+def _stream(source, data_cfg, process_index, process_count, seed, key, start):
+  """The records of `source`'s infinite stream from its element `start` on: epoch e is its
+  own shuffle, seeded by (`key`, e) (full for folders and cached data, a `shuffle_buffer`
+  window over TFDS records read in a seeded file order); an epoch is rebuilt to resume."""
+  records = _records(source, data_cfg, process_index, process_count, train=True, seed=seed)
+  per_epoch = int(records.cardinality())
+  windowed = isinstance(source, sources.Tfds) and not data_cfg.cache
+  buffer = data_cfg.shuffle_buffer if windowed else per_epoch
+
+  def epoch(e):
+    shuffle_seed = tf.random.stateless_uniform(
+        [], tf.random.experimental.stateless_fold_in(key, e), minval=None, maxval=None,
+        dtype=tf.int64)
+    return records.shuffle(buffer, seed=shuffle_seed)
+
+  ds = tf.data.Dataset.range(start // per_epoch, np.iinfo(np.int64).max).flat_map(epoch)
+  ds = ds.skip(start % per_epoch)
+  return ds if data_cfg.cache else _fetch(source, ds)
+
+
 def train_batches(source, data_cfg, *, views, batch_size, seed, start_step, process_index,
                   process_count):
   """Infinite host batches {'views': tuple of uint8 (B, s, s, 3), 'label': int32 (B,)}, or with
   data_cfg.host_stage='decode' the decoded images for the step to crop (`_decoded_for_device`).
 
-  Each epoch is its own shuffle (full for folders and cached data, a `shuffle_buffer` window
-  over TFDS records read in a seeded file order); batches run across epoch boundaries.
+  Each epoch is its own shuffle (`_stream`); batches run across epoch boundaries. A
+  `sources.Mixture` is tf.data's choose_from_datasets over its parts' streams (each shuffled by
+  seeds of its own), the choices following its law (`Mixture.cycle`), each stream resumed at
+  the images of it the positions before `start_step` hold (`Mixture.drawn`).
   """
-  records = _records(source, data_cfg, process_index, process_count, train=True, seed=seed)
-  per_epoch = int(records.cardinality())
-  windowed = isinstance(source, sources.Tfds) and not data_cfg.cache
-  buffer = data_cfg.shuffle_buffer if windowed else per_epoch
   base = tf.constant([seed, process_index], tf.int64)
-
-  def epoch(e):
-    shuffle_seed = tf.random.stateless_uniform(
-        [], tf.random.experimental.stateless_fold_in(base, e), minval=None, maxval=None,
-        dtype=tf.int64)
-    return records.shuffle(buffer, seed=shuffle_seed)
+  stream = functools.partial(_stream, data_cfg=data_cfg, process_index=process_index,
+                             process_count=process_count, seed=seed)
+  start = start_step * batch_size
+  if isinstance(source, sources.Mixture):
+    choices = tf.data.Dataset.from_tensor_slices(source.cycle).repeat().skip(
+        start % len(source.cycle))
+    ds = tf.data.Dataset.choose_from_datasets(
+        [stream(part, key=tf.random.experimental.stateless_fold_in(base, k), start=int(n))
+         for k, (part, n) in enumerate(zip(source.parts, source.drawn(start)))], choices)
+  else:
+    ds = stream(source, key=base, start=start)
 
   def crops(ex):
     seeds = tf.random.experimental.stateless_split(
@@ -257,9 +291,7 @@ def train_batches(source, data_cfg, *, views, batch_size, seed, start_step, proc
                            for s, v in zip(tf.unstack(seeds), views)),
             "label": ex["label"], "skipped": ex["skipped"]}
 
-  start = start_step * batch_size
-  ds = tf.data.Dataset.range(start // per_epoch, np.iinfo(np.int64).max).flat_map(epoch)
-  ds = tf.data.Dataset.zip(tf.data.Dataset.counter(start), ds.skip(start % per_epoch)).map(
+  ds = tf.data.Dataset.zip(tf.data.Dataset.counter(start), ds).map(
       lambda position, ex: {**ex, "position": position})
   if data_cfg.host_stage == "decode":  # No randomness here: the step draws the windows.
     ds = _decoded_for_device(ds, views, data_cfg.decode_size)
@@ -273,7 +305,7 @@ def eval_batches(source, data_cfg, *, batch_size, num_batches, process_index, pr
   process's share once, then padding (`pipeline.eval_iterator`)."""
   records = _records(source, data_cfg, process_index, process_count, train=False)
   size = data_cfg.image_size
-  ds = _decode_all(records).map(
+  ds = _decode_all(records if data_cfg.cache else _fetch(source, records)).map(
       lambda ex: {"image": center_crop(ex["image"], size, data_cfg.eval_resize,
                                        data_cfg.eval_interpolation), "label": ex["label"],
                   "mask": tf.equal(ex["skipped"], ""), "skipped": ex["skipped"]},

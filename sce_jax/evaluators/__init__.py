@@ -53,7 +53,7 @@ def _every(every_epochs, steps_per_epoch):
 
 def periodic(config, mesh, splits, labelled, steps_per_epoch) -> list[loop.Evaluator]:
   """kNN on the online trunk over `labelled` (`sources.labelled`: the training splits, or the
-  labelled set given apart), and the online probe on the eval split when it is enabled and the
+  labelled set given apart), and the online probe on its eval split when it is enabled and the
   training data have labels; one skipped for want of labels says so in one line."""
   trunk = common.trunk_variables
   evaluators, skipped = [], []
@@ -65,15 +65,17 @@ def periodic(config, mesh, splits, labelled, steps_per_epoch) -> list[loop.Evalu
   elif knn_every >= 0:
     skipped.append("kNN")
   probe_every = _every(config.eval.probe.every_epochs, steps_per_epoch)
-  if config.probe.enabled and splits.num_classes:
+  if config.probe.enabled and splits.num_classes and labelled is not None:
     evaluators.append(loop.Evaluator(
         "online probe", probe_every,
         lambda state: online_probe.evaluate(config, trunk(state), state.params["probe"],
-                                            mesh, splits).items()))
-  elif config.probe.enabled:
-    skipped.append("the online probe")
+                                            mesh, labelled).items()))
+  elif config.probe.enabled:  # a labelled mixture's probe trains, but has no eval split
+    skipped.append("the online probe's evaluation" if splits.num_classes else "the online probe")
   if skipped:
-    logging.info("Skipping %s: the training data have no labels%s.", " and ".join(skipped),
+    logging.info("Skipping %s: %s%s.", " and ".join(skipped),
+                 "the training data have no labels" if not splits.num_classes else
+                 "a data.mixture has no evaluation split of its own",
                  "" if labelled is not None else
                  " (--config.eval.data.path or eval.data.name gives kNN a labelled set)")
   return evaluators

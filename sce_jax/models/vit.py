@@ -257,12 +257,15 @@ MODULE = ViT
 HAS_BATCH_STATS = False  # no BatchNorm, so no shuffle-BN
 TORCH_LAYOUT = "timm"    # the weights' torch layout (weights.py)
 MARK = "cls_token"       # a top-level name of its weights, flax or torch
+TORCH_HEAD = "head"      # torch's name of its classifier (MoCo v3: of its projector)
 # Parameters without weight decay besides norms and biases (ndim <= 1): the position embedding
 # and class token (eztorch's keys_without_decay, docs/SCE.md 10).
 NO_DECAY = ("pos_embed", "cls_token")
 # model keys the features of an evaluation depend on besides the weights (its provenance).
 EVAL_KEYS = ("pos_resample",)
 TINY = dict(width=16, depth=2, num_heads=2, patch_size=4)  # the benchmarks' CPU stand-in
+# What infer_config cannot read from the weights (convert.py says it), and the flag that sets it.
+UNINFERRED = "heads: width / 64, which the weights do not hold; set --num_heads"
 
 
 def build(model_cfg, bn_splits=0, module=ViT, remat_blocks=False) -> ViT:
