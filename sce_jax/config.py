@@ -55,10 +55,12 @@ def base() -> ml_collections.ConfigDict:
   c.model.drop_path = 0.0      # stochastic depth of the last block (block i: i / (depth - 1))
   c.model.freeze_patch_embed = False  # MoCo v3's frozen random patch projection
   # Heads (docs/SCE.md 4, 10): norm "batch" (BN after each hidden layer) or "none" (a bias
-  # instead), activation "relu" or "gelu".
+  # instead), activation "relu" or "gelu". bottleneck_dim > 0 makes the projector DINO's head
+  # (docs/SCE.md 12): the MLP to bottleneck_dim, L2-normalised, a weight-normalised layer to
+  # out_dim, whose scale is fixed at 1 with norm_last_layer.
   c.model.projector = ml_collections.ConfigDict(dict(
       hidden_dim=512, out_dim=128, num_layers=2, last_bn=False, last_bias=True, norm="batch",
-      activation="relu"))
+      activation="relu", bottleneck_dim=0, norm_last_layer=True))
   c.model.predictor = ml_collections.ConfigDict(dict(
       hidden_dim=4096, out_dim=c.model.projector.get_ref("out_dim"), num_layers=0,
       last_bn=False, last_bias=False, norm="batch",
@@ -81,6 +83,13 @@ def base() -> ml_collections.ConfigDict:
   c.sce.m_final = 1.0            # the cosine schedule's last momentum
   c.sce.target_init = "copy"     # or "random" (the authors' separate init)
   c.sce.target_bn_splits = 8     # shuffle-BN in the target trunk (docs/SCE.md 3); 0: off
+  c.sce.target_drop_path = True  # the target's trunk drops paths too (eztorch); DINO's: not
+  # DINO (docs/SCE.md 12): the target temperature temp_m reached linearly from temp_m_warmup
+  # over temp_m_warmup_epochs epochs (0: temp_m throughout); the centre of the target's outputs,
+  # an EMA of their global batch mean of momentum center_m.
+  c.sce.temp_m_warmup = 0.04
+  c.sce.temp_m_warmup_epochs = 0
+  c.sce.center_m = 0.9
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "sgd"           # or "lars", "adamw" (optim.OPTIMIZERS)
@@ -91,7 +100,13 @@ def base() -> ml_collections.ConfigDict:
   c.optim.betas = (0.9, 0.999)   # adamw
   c.optim.eps = 1e-8             # adamw
   c.optim.clip_norm = 0.0        # > 0: gradients clipped to this global norm first; 0: off
+  c.optim.clip_scope = "global"  # or "tensor": each tensor's gradient to clip_norm (DINO)
   c.optim.warmup_epochs = 5
+  c.optim.min_lr = 0.0           # the cosine's end (not scaled by the batch; DINO: 1e-6)
+  # "cosine": the weight decay goes from weight_decay to weight_decay_end (DINO), "constant".
+  c.optim.wd_schedule = "constant"
+  c.optim.weight_decay_end = 0.4
+  c.optim.freeze_last_layer = 0  # epochs in which DINO's head's last layer does not train
   # Gradient accumulation: each step's batch in this many micro-batches, one update a step;
   # less memory, the online BatchNorm's statistics the micro-batch's (docs/SCE.md 5).
   c.optim.accum_steps = 1
@@ -214,6 +229,7 @@ def smoke(c):
   c.model.dtype = "float32"
   c.model.projector.hidden_dim = 32
   c.model.projector.out_dim = 16
+  c.model.projector.bottleneck_dim = min(c.model.projector.bottleneck_dim, 8)  # DINO's head
   c.model.predictor.hidden_dim = 32
   c.sce.queue = 128
   c.data.cache = False  # decode only the images the few steps read
@@ -291,7 +307,8 @@ def parse_arg(arg, **defaults) -> ml_collections.ConfigDict:
     name, eq, value = item.partition("=")
     if name == "method" and name not in defaults:  # what --config.method=NAME passes
       raise ConfigError("This config file has no other methods' recipes; --config.method works "
-                        "with configs/cifar10_r18.py, cifar100_r18.py and imagenet_r50.py.")
+                        "with configs/cifar10_r18.py, cifar100_r18.py, imagenet_r50.py, "
+                        "cifar10_vit.py and imagenet_vit_s16.py.")
     if name not in defaults:
       raise ConfigError(f"Unknown config variant {name!r}; known: {sorted(defaults)} "
                         "(e.g. --config=configs/FILE.py:name,key=value).")

@@ -179,3 +179,10 @@ def nt_xent(a, b, a_all, b_all, index, *, temp):
     return -jnp.take_along_axis(log_p, index[:, None], axis=1)[:, 0]
 
   return side(a, a_all, b_all) + side(b, b_all, a_all)
+
+
+def dino(s, t, *, temp):
+  """DINO's loss (facebookresearch/dino main_dino.py DINOLoss), per row: the cross-entropy of
+  the student's softmax(s / temp) against the teacher's probabilities t (its outputs centred
+  and sharpened, no gradient)."""
+  return -jnp.sum(jax.lax.stop_gradient(t) * jax.nn.log_softmax(s / temp, axis=-1), axis=-1)

@@ -20,6 +20,9 @@ OPTIMIZERS = ("sgd", "lars", "adamw")
 # (trunks.NO_DECAY: the ViT's position embedding and class token, docs/SCE.md 10).
 NO_DECAY = trunks.NO_DECAY
 M_SCHEDULES = ("constant", "cosine")
+WD_SCHEDULES = ("constant", "cosine")
+# optim.clip_scope: clip_norm bounds the global norm of the gradients, or each tensor's (DINO).
+CLIP_SCOPES = ("global", "tensor")
 LINEAR_SCHEDULES = ("cosine", "step")
 
 
@@ -34,13 +37,25 @@ def lr_schedule(optim_cfg, *, global_batch, steps_per_epoch, total_steps):
   Their LinearWarmupCosineAnnealingLR, stepped after each of the W warmup steps, gives step t
   peak * t / (W - 1): 0 at the first step, the peak at the last warmup step, where
   optax.warmup_cosine_decay_schedule is still at peak * (W - 1) / W. Then step t >= W has
-  peak * (1 + cos(pi * (t - W) / (T - W))) / 2.
+  peak * (1 + cos(pi * (t - W) / (T - W))) / 2, or with optim.min_lr DINO's
+  min_lr + (peak - min_lr) * (1 + cos(...)) / 2 (utils.cosine_scheduler: the same steps).
   """
   peak = scaled_lr(optim_cfg.base_lr, global_batch)
   warmup = int(optim_cfg.warmup_epochs * steps_per_epoch)
   return optax.join_schedules(
       [optax.linear_schedule(0.0, peak, warmup - 1),
-       optax.cosine_decay_schedule(peak, max(total_steps - warmup, 1))], [warmup])
+       optax.cosine_decay_schedule(peak, max(total_steps - warmup, 1),
+                                   alpha=optim_cfg.min_lr / peak)], [warmup])
+
+
+def wd_schedule(optim_cfg, total_steps):
+  """The weight decay: optim.weight_decay, or (wd_schedule 'cosine') DINO's
+  utils.cosine_scheduler from it to weight_decay_end over the run, per step:
+  end + (wd - end) * (1 + cos(pi * t / T)) / 2."""
+  wd, end = optim_cfg.weight_decay, optim_cfg.weight_decay_end
+  if optim_cfg.wd_schedule == "constant":
+    return wd
+  return lambda step: end + (wd - end) * (1 + jnp.cos(jnp.pi * step / total_steps)) / 2
 
 
 def linear_eval_schedule(lin_cfg, *, steps_per_epoch, total_steps):
@@ -99,30 +114,57 @@ def sgd(learning_rate, *, weight_decay, momentum=0.9, nesterov=False):
       optax.scale_by_learning_rate(learning_rate))
 
 
+def clip_by_tensor_norm(max_norm):
+  """DINO's utils.clip_gradients: each tensor's gradient times max_norm / (|g| + 1e-6) where
+  that is below 1."""
+  def clip(g, _):
+    return g * jnp.minimum(1.0, max_norm / (jnp.sqrt(jnp.sum(jnp.square(g))) + 1e-6))
+  return optax.stateless_with_tree_map(clip)
+
+
 def make_optimizer(config, lr_fn, total_steps):
-  """SCE parameters by config.optim, their gradients first clipped to the global norm
-  optim.clip_norm (> 0; optax's, as torch's clip_grad_norm_ over the trained parameters); the
-  trunk family's `frozen` ones (a ViT's, docs/SCE.md 10) left as they are; the online probe by
-  its own SGD with a cosine lr."""
+  """SCE parameters by config.optim, their gradients first clipped to optim.clip_norm (> 0):
+  the global norm (optax's, as torch's clip_grad_norm_ over the trained parameters), or each
+  tensor's (clip_scope 'tensor', DINO); the trunk family's `frozen` ones (a ViT's, docs/SCE.md
+  10) left as they are; DINO's head's last layer (`last_layer`) untouched for its first
+  optim.freeze_last_layer epochs; the online probe by its own SGD with a cosine lr."""
   o = config.optim
-  if o.name == "lars":
-    main = lars(lr_fn, weight_decay=o.weight_decay, momentum=o.momentum,
-                trust_coefficient=o.trust_coefficient)
-  elif o.name == "adamw":
-    main = adamw(lr_fn, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps)
-  else:
-    main = sgd(lr_fn, weight_decay=o.weight_decay, momentum=o.momentum)
-  if o.clip_norm > 0:
-    main = optax.chain(optax.clip_by_global_norm(o.clip_norm), main)
+  wd_fn = wd_schedule(o, total_steps)
+
+  def main(shift=0):
+    """The optimiser, its schedules `shift` steps on (for a transform that starts late)."""
+    lr = (lambda n: lr_fn(n + shift)) if shift else lr_fn
+    wd = (lambda n: wd_fn(n + shift)) if shift and callable(wd_fn) else wd_fn
+    if o.name == "lars":
+      tx = lars(lr, weight_decay=wd, momentum=o.momentum, trust_coefficient=o.trust_coefficient)
+    elif o.name == "adamw":
+      tx = adamw(lr, weight_decay=wd, betas=tuple(o.betas), eps=o.eps)
+    else:
+      tx = sgd(lr, weight_decay=wd, momentum=o.momentum)
+    if o.clip_norm > 0:
+      clip = (optax.clip_by_global_norm if o.clip_scope == "global" else clip_by_tensor_norm)
+      tx = optax.chain(clip(o.clip_norm), tx)
+    return tx
+
   probe_lr = optax.cosine_decay_schedule(scaled_lr(config.probe.lr, config.batch_size),
                                          total_steps)
   probe = optax.sgd(probe_lr, momentum=0.9)
   fixed = trunks.family(config.model).frozen(config.model)
+  transforms = {"sce": main(), "probe": probe, "frozen": optax.set_to_zero()}
+  # DINO's cancel_gradients_last_layer sets the layer's gradients to None in the first epochs:
+  # torch's AdamW then skips it (no moments, no step count, no decay), as this mask does; its
+  # optimiser starts at step F with the schedules' values at F.
+  freeze = round(o.freeze_last_layer * total_steps / config.epochs)
+  if freeze > 0 and config.model.projector.bottleneck_dim > 0:
+    transforms["last_layer"] = optax.transforms.conditionally_mask(
+        main(shift=freeze), lambda n: n >= freeze)
 
   def label(params):
     out = {k: "probe" if k == "probe" else "sce" for k in params}
     if fixed:
       out["trunk"] = {k: "frozen" if k in fixed else "sce" for k in params["trunk"]}
+    if "last_layer" in transforms:
+      out["projector"] = {k: "last_layer" if k == "last_layer" else "sce"
+                          for k in params["projector"]}
     return out
-  return optax.multi_transform({"sce": main, "probe": probe, "frozen": optax.set_to_zero()},
-                               label)
+  return optax.multi_transform(transforms, label)

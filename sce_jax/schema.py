@@ -49,6 +49,8 @@ ENUMS = {
     "sce.positive": tuple(losses.POSITIVE_LOGIT),
     "sce.negatives": losses.NEGATIVES,
     "sce.m_schedule": optim.M_SCHEDULES,
+    "optim.wd_schedule": optim.WD_SCHEDULES,
+    "optim.clip_scope": optim.CLIP_SCOPES,
     "sce.target_init": state.TARGET_INITS,
     "init.heads": state.INIT_HEADS,
     "optim.name": optim.OPTIMIZERS,
@@ -109,6 +111,7 @@ RANGES = {
     "model.projector.hidden_dim": _COUNT,
     "model.projector.out_dim": _COUNT,
     "model.projector.num_layers": _COUNT,
+    "model.projector.bottleneck_dim": _SOME,  # 0: no DINO head
     "model.predictor.hidden_dim": _COUNT,
     "model.predictor.num_layers": _SOME,
     "sce.temp": _RATE,
@@ -119,6 +122,9 @@ RANGES = {
     "sce.num_global": _COUNT,
     "sce.queue": _SOME,  # and a multiple of the keys written each step, where it is used
     "sce.target_bn_splits": _SOME,  # and a divisor of the batch; 0: off
+    "sce.temp_m_warmup": _RATE,
+    "sce.temp_m_warmup_epochs": _SOME,
+    "sce.center_m": _FRACTION,
     "optim.base_lr": _RATE,
     "optim.weight_decay": _SOME,
     "optim.momentum": _MOMENTUM,
@@ -128,6 +134,9 @@ RANGES = {
     "optim.clip_norm": _SOME,
     "optim.warmup_epochs": _SOME,
     "optim.accum_steps": _COUNT,  # and a divisor of the batch's rows on each device
+    "optim.min_lr": _SOME,
+    "optim.weight_decay_end": _SOME,
+    "optim.freeze_last_layer": _SOME,
     "probe.lr": _RATE,
     "sharding.min_size_mib": _SOME,  # 0: every array a dimension of which the devices divide
     "data.image_size": _COUNT,
@@ -285,6 +294,9 @@ def _check_model(config):
     if m[head].last_bn and m[head].norm != "batch":
       raise ConfigError(f"model.{head}.last_bn=True needs model.{head}.norm='batch'; set one "
                         "of them.")
+  if m.projector.bottleneck_dim and m.projector.last_bn:
+    raise ConfigError("model.projector.bottleneck_dim > 0 (DINO's head) ends in its weight-"
+                      "normalised layer, without BN; set model.projector.last_bn=False.")
   family = trunks.family(m)
   if config.sce.target_bn_splits and not family.HAS_BATCH_STATS:
     raise ConfigError(

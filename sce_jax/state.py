@@ -23,7 +23,8 @@ class TrainState:
   target_params: Any        # EMA of the online trunk and projector; {} without EMA target
   target_batch_stats: Any   # the target's own running BN statistics (not EMA'd, docs/SCE.md 3)
   opt_state: Any
-  queue: Any               # (K, D) FIFO ring of target embeddings; None without a queue
+  queue: Any               # (K, D) FIFO ring of target embeddings; a method's memory in its
+                           # place (DINO's (D,) centre, methods.init_memory); None without
   queue_ptr: jax.Array
   rng: jax.Array
 
@@ -47,7 +48,7 @@ def init_state(config, online, target, tx, rng, image_size):
               for k, v in variables.items()}
   else:
     t_vars = init(target, target_rng)
-  queue = None
+  queue = methods.init_memory(method, config)
   if method.uses_queue(config):  # random unit vectors, as the reference
     queue = jax.random.normal(queue_rng, (config.sce.queue, config.model.projector.out_dim))
     queue = queue / jnp.linalg.norm(queue, axis=1, keepdims=True)

@@ -69,7 +69,8 @@ def build(config, mesh, *, num_classes, steps_per_epoch, float_views=False, on_d
     prepare = functools.partial(augment.crop_and_augment if data.host_stage == "decode" else
                                 augment.augment_batch, **stage)
   step = train_step.make_train_step(config, mesh, online, target, tx, lr_fn, ema_fn, pairs,
-                                    prepare, batch_sharding, state_sharding)
+                                    prepare, batch_sharding, state_sharding,
+                                    steps_per_epoch=steps_per_epoch)
   return Parts(online, target, views, pairs, steps_per_epoch, total_steps, num_steps, init,
                step)
 

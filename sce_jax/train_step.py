@@ -130,7 +130,7 @@ def micro_batches(x, k, mesh):
 
 
 def make_train_step(config, mesh, online, target, tx, lr_fn, ema_fn, pairs, prepare=None,
-                    batch_sharding=None, state_sharding=None):
+                    batch_sharding=None, state_sharding=None, *, steps_per_epoch):
   """Builds the jitted step(state, batch) -> (state, metrics).
 
   prepare(key, batch) -> {'views': tuple of normalised float (B, H_v, W_v, 3) views, 'label':
@@ -140,8 +140,12 @@ def make_train_step(config, mesh, online, target, tx, lr_fn, ema_fn, pairs, prep
   batch are arguments of the step, never donated. pairs: `losses.crop_pairs` of the views.
   state_sharding: the state's shardings (`state.shardings`; default: replicated), in and out:
   with FSDP XLA gathers each layer's weights where the step uses them.
+  steps_per_epoch: of the method's schedules by epoch (DINO's teacher temperature).
   """
   method = methods.get(config.method)
+  embed = methods.embed(method)
+  targets = methods.make_targets(method, config, steps_per_epoch)
+  uses_queue = method.uses_queue(config)
   target_views, online_views = losses.target_views(pairs), losses.online_views(pairs)
   # Without an EMA target the online network embeds the target views too, with gradients.
   online_passes = (online_views if method.EMA_TARGET
@@ -160,8 +164,9 @@ def make_train_step(config, mesh, online, target, tx, lr_fn, ema_fn, pairs, prep
     t_key = o_key = None
     if config.model.drop_path > 0:
       rng, t_key, o_key = jax.random.split(rng, 3)
+      t_key = t_key if config.sce.target_drop_path else None
 
-    zs, keys, t_stats = None, None, state.target_batch_stats
+    zs, keys, t_stats, memory, t_metrics = None, None, state.target_batch_stats, state.queue, {}
     if method.EMA_TARGET:
       orders = None  # shuffle-BN
       if config.sce.target_bn_splits:
@@ -169,10 +174,11 @@ def make_train_step(config, mesh, online, target, tx, lr_fn, ema_fn, pairs, prep
         orders = shuffle_orders(shuffle_key, target_views, views[0].shape[0])
       t_out, t_stats = _forward(target, state.target_params, state.target_batch_stats, views,
                                 target_views, concat, t_key, orders)
-      zs = {i: jax.lax.stop_gradient(losses.l2_normalize(t_out[i]["proj"]))
-            for i in target_views}
+      zs = {i: jax.lax.stop_gradient(embed(t_out[i]["proj"])) for i in target_views}
+      if targets is not None:  # DINO: centred, sharpened; the centre's update
+        zs, memory, t_metrics = targets(zs, state.queue, state.step)
       # All devices' keys, gathered view by view (no all-to-all): the in-batch negatives of
-      # every micro-batch, and the queue's update.
+      # every micro-batch, and the queue's update (XLA drops the gather where neither is).
       keys = {i: jax.lax.with_sharding_constraint(zs[i], replicated) for i in target_views}
 
     def objective(params, views, zs, label, index, key):
@@ -180,11 +186,10 @@ def make_train_step(config, mesh, online, target, tx, lr_fn, ema_fn, pairs, prep
       in the global batch."""
       o_out, stats = _forward(online, params, state.batch_stats, views, online_passes, concat,
                               key)
-      qs = {j: losses.l2_normalize(o_out[j]["pred"]) for j in online_passes}
-      own = zs if method.EMA_TARGET else {
-          i: losses.l2_normalize(o_out[i]["proj"]) for i in target_views}
+      qs = {j: embed(o_out[j]["pred"]) for j in online_passes}
+      own = zs if method.EMA_TARGET else {i: embed(o_out[i]["proj"]) for i in target_views}
       batch_keys = None if keys is None else losses.BatchKeys(keys, index)
-      loss, metrics = loss_fn(qs, own, state.queue, batch_keys)
+      loss, metrics = loss_fn(qs, own, state.queue if uses_queue else None, batch_keys)
       total = loss
       if "logits" in o_out[online_views[0]]:  # The probe: mean over the full-size views.
         probed = [o_out[j]["logits"] for j in online_views
@@ -226,10 +231,11 @@ def make_train_step(config, mesh, online, target, tx, lr_fn, ema_fn, pairs, prep
       m = ema_fn(state.step)
       target_params = ema_update(target_params, params, m)
       metrics["ema_momentum"] = m
-    queue, ptr = state.queue, state.queue_ptr
-    if queue is not None:
+    queue, ptr = memory, state.queue_ptr
+    if uses_queue:
       queue, ptr = enqueue(queue, ptr, jnp.concatenate([keys[i] for i in target_views]))
 
+    metrics.update(t_metrics)
     metrics.update(lr=lr_fn(state.step),
                    grad_norm=_global_norm({k: v for k, v in grads.items() if k != "probe"}))
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=stats,

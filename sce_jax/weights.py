@@ -382,6 +382,15 @@ def _mlp_config(params, stats):
               activation="gelu" if norm == "none" else "relu")
 
 
+def _projector_config(params, stats):
+  """The projector's config: an MLP's, or DINO's head (its `mlp` and `last_layer`)."""
+  if params and "last_layer" in params:
+    mlp, last = _mlp_config(params["mlp"], (stats or {}).get("mlp")), params["last_layer"]
+    return dict(mlp, out_dim=last["kernel"].shape[1], bottleneck_dim=mlp["out_dim"],
+                norm_last_layer="scale" not in last)
+  return dict(_mlp_config(params, stats), bottleneck_dim=0, norm_last_layer=True)
+
+
 def describe_trunk(model_cfg):
   """The trunk a config builds, for messages: 'vit_small (width 384, 12 blocks, 6 heads, patch
   16)', 'resnet50 (Bottleneck blocks (3, 4, 6, 3)), width 64, small_stem=False'."""
@@ -402,7 +411,7 @@ def infer_model_config(variables, num_heads=0) -> ml_collections.ConfigDict:
   cfg = ml_collections.ConfigDict(dict(
       trunk="", width=0, small_stem=False, dtype="float32", depth=0, num_heads=0,
       patch_size=16, pos_embed="learned", pool="cls", drop_path=0.0, freeze_patch_embed=False,
-      projector=_mlp_config(params.get("projector"), stats.get("projector")),
+      projector=_projector_config(params.get("projector"), stats.get("projector")),
       predictor=(_mlp_config(params["predictor"], stats.get("predictor"))
                  if params.get("predictor") else dict(_mlp_config({}, {}), num_layers=0))))
   cfg.update(trunks.of_weights(trunk).infer_config(trunk, num_heads))

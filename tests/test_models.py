@@ -76,7 +76,7 @@ def test_imagenet_heads():
   pred = heads.MLP(hidden_dim=4096, out_dim=256, num_layers=2, last_bias=False)
   v = jax.eval_shape(pred.init, jax.random.key(0), jnp.zeros((4, 256)))
   assert "bias" not in v["params"]["linear1"]
-  cifar = heads.MLP(**c.model.projector)
+  cifar = heads.make(c.model.projector)
   v = jax.eval_shape(cifar.init, jax.random.key(0), jnp.zeros((4, 512)))
   assert v["params"]["linear1"]["bias"].shape == (128,)
 

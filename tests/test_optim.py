@@ -95,7 +95,7 @@ def test_lr_schedule_is_the_authors(warmup_epochs):
   (optax's warmup_cosine_decay_schedule is a step behind: (W - 1) / W of it) and at the first
   cosine step. float32 against float64: a handful of roundings of 6e-8 relative to values at
   most the peak, so 1e-6 of the peak bounds the gap."""
-  cfg = ml_collections.ConfigDict(dict(base_lr=0.3, warmup_epochs=warmup_epochs))
+  cfg = ml_collections.ConfigDict(dict(base_lr=0.3, warmup_epochs=warmup_epochs, min_lr=0.0))
   fn = optim.lr_schedule(cfg, global_batch=512, steps_per_epoch=10, total_steps=100)
   peak, warmup = 0.3 * 512 / 256, int(warmup_epochs * 10)
   ours = np.array([float(fn(t)) for t in range(100)])

@@ -103,6 +103,16 @@ def cifar_ressl(size=32):
           ViewSpec(size, scale=(0.08, 1.0), blur=0.5))
 
 
+def dino(size=224):
+  """DINO's DataAugmentationDINO (facebookresearch/dino main_dino.py, its defaults): 2 global
+  crops of scale 0.4-1 (blur 1.0; blur 0.1 and solarise 0.2), then 8 local crops of 96 px (at
+  224; 96 / 224 of `size` here) and scale 0.05-0.4 with blur 0.5; flip, jitter (0.4, 0.4, 0.2,
+  0.1) p 0.8 and grey 0.2 on every crop."""
+  local = ViewSpec(round(size * 96 / 224), scale=(0.05, 0.4), blur=0.5)
+  return (ViewSpec(size, scale=(0.4, 1.0), blur=1.0),
+          ViewSpec(size, scale=(0.4, 1.0), blur=0.1, solarize=0.2), *(local,) * 8)
+
+
 PRESETS = {
     "imagenet_two_crop": imagenet_two_crop,
     "imagenet_multi_crop": imagenet_multi_crop,
@@ -114,6 +124,7 @@ PRESETS = {
     "cifar_moco_v2": cifar_moco_v2,
     "cifar_byol": cifar_byol,
     "cifar_ressl": cifar_ressl,
+    "dino": dino,
 }
 
 

@@ -21,10 +21,18 @@ A method module owns what differs between methods, for the one training step of
                   rows, so that the micro-batches' mean is the batch's. A method without
                   EMA_TARGET (its loss needs every row's online embeddings with gradients)
                   cannot be accumulated (schema.validate).
+Optional (DINO's; `embed`, `init_memory` and `make_targets` below give the defaults):
+  embed(x)        a head's output (B, D) as the loss reads it; default: unit rows.
+  init_memory(config)  the method's state kept in the queue's place (state.queue) when it has
+                  no queue: DINO's centre.
+  make_targets(config, steps_per_epoch)  targets(zs, memory, step) -> (zs, memory, metrics):
+                  the target's embeddings as the loss reads them and the memory after the step,
+                  on the global batch before the loss (DINO: centring and sharpening).
 Adding a method is adding its module and its line below.
 """
+from sce_jax import losses
 from sce_jax.config import ConfigError
-from sce_jax.methods import byol, moco_v2, moco_v3, ressl, sce, simclr
+from sce_jax.methods import byol, dino, moco_v2, moco_v3, ressl, sce, simclr
 
 METHODS = {
     "sce": sce,
@@ -33,11 +41,29 @@ METHODS = {
     "simclr": simclr,
     "byol": byol,
     "ressl": ressl,
+    "dino": dino,
 }
 
 
 def get(name):
   return METHODS[name]
+
+
+def embed(method):
+  """How `method`'s heads' outputs become its loss's inputs (its `embed`, else unit rows)."""
+  return getattr(method, "embed", losses.l2_normalize)
+
+
+def init_memory(method, config):
+  """`method`'s state in the queue's place (its `init_memory`), or None."""
+  return method.init_memory(config) if hasattr(method, "init_memory") else None
+
+
+def make_targets(method, config, steps_per_epoch):
+  """`method`'s targets(zs, memory, step) (its `make_targets`), or None: the target's
+  embeddings go to the loss as they are."""
+  make = getattr(method, "make_targets", None)
+  return make and make(config, steps_per_epoch)
 
 
 def settings(name):

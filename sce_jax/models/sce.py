@@ -14,6 +14,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from sce_jax.models import heads, inits, trunks
 
@@ -32,7 +33,7 @@ class SCENet(nn.Module):
     dtype = jnp.dtype(cfg.dtype)
     self.trunk = trunks.make_trunk(cfg, self.trunk_bn_splits)
     f32_grads = cfg.get("f32_weight_grads", True)
-    self.projector = heads.MLP(**cfg.projector, dtype=dtype, f32_weight_grads=f32_grads)
+    self.projector = heads.make(cfg.projector, dtype=dtype, f32_weight_grads=f32_grads)
     if self.with_predictor and cfg.predictor.num_layers > 0:
       self.predictor = heads.MLP(**cfg.predictor, dtype=dtype, f32_weight_grads=f32_grads)
     if self.num_classes:
@@ -55,11 +56,16 @@ class SCENet(nn.Module):
 
 def make_models(config, num_classes, ema_target=True):
   """Online network (with predictor and probe) and target network (trunk + projector, its
-  trunk's BatchNorm split into sce.target_bn_splits groups for shuffle-BN, docs/SCE.md 3), or
-  None for a method without EMA target (`methods`' EMA_TARGET)."""
+  trunk's BatchNorm split into sce.target_bn_splits groups for shuffle-BN, docs/SCE.md 3; no
+  stochastic depth unless sce.target_drop_path), or None for a method without EMA target
+  (`methods`' EMA_TARGET)."""
   probe_classes = num_classes if config.probe.enabled else 0
   online = SCENet(config.model, with_predictor=True, num_classes=probe_classes)
   if not ema_target:
     return online, None
-  return online, SCENet(config.model, with_predictor=False, num_classes=0,
+  target_model = config.model
+  if not config.sce.target_drop_path:  # DINO's teacher: built with drop_path_rate 0
+    target_model = ml_collections.ConfigDict(config.model.to_dict())
+    target_model.drop_path = 0.0
+  return online, SCENet(target_model, with_predictor=False, num_classes=0,
                         trunk_bn_splits=config.sce.target_bn_splits)
