@@ -110,16 +110,10 @@ def _check_smoke(result):
 
 
 @needs_libtpu
-def test_smoke_step_on_a_v5e_slice():
-  config = load_config("cifar10_r18", "smoke")
-  result = aot.check(config, "v5e:2x2", log=lambda *_: None)
-  assert (result["chips"], result["processes"], result["batch_per_chip"]) == (4, 1, 8)
-  _check_smoke(result)
-
-
-@needs_libtpu
 def test_command_on_a_multi_process_slice(tmp_path):
-  """`python -m sce_jax.aot` for v4-16 (8 chips, 2 TPU VMs): the table, the JSON's keys."""
+  """`python -m sce_jax.aot` for v4-16 (8 chips, 2 TPU VMs): the table, the JSON's keys, the
+  smoke step's figures (the one compile of a ResNet step for TPU in the fast tests; a
+  one-process slice: test_vit_smoke_step_on_a_v5e_slice)."""
   out = tmp_path / "check.json"
   run = subprocess.run(
       [sys.executable, "-m", "sce_jax.aot", "--config=configs/cifar10_r18.py:smoke",
