@@ -90,41 +90,41 @@ class SplitBatchNorm(nn.Module):
     return y.astype(self.dtype)
 
 
-class BasicBlock(nn.Module):
-  """Two 3x3 convolutions (ResNet-18/34)."""
+class _Block(nn.Module):
+  """A residual block's fields, and its layers' makers (`_layers`)."""
   planes: int
   stride: int = 1
   dtype: Any = jnp.float32
   bn_splits: int = 0
   f32_weight_grads: bool = True
   zero_init_residual: bool = False
+
+  def _layers(self, train, positions):
+    """(bn, conv): this block's BatchNorm (groups of the batch for shuffle-BN) and convolution."""
+    return (functools.partial(batch_norm, train, dtype=self.dtype, splits=self.bn_splits,
+                              positions=positions),
+            functools.partial(conv, dtype=self.dtype, f32_weight_grads=self.f32_weight_grads))
+
+
+class BasicBlock(_Block):
+  """Two 3x3 convolutions (ResNet-18/34)."""
   expansion = 1
 
   @nn.compact
   def __call__(self, x, train, positions=None):
-    bn = functools.partial(batch_norm, train, dtype=self.dtype, splits=self.bn_splits,
-                           positions=positions)
-    cv = functools.partial(conv, dtype=self.dtype, f32_weight_grads=self.f32_weight_grads)
+    bn, cv = self._layers(train, positions)
     y = nn.relu(bn(name="bn1")(cv(self.planes, 3, self.stride, "conv1")(x)))
     y = bn(name="bn2", scale_init=_last_scale_init(self))(cv(self.planes, 3, 1, "conv2")(y))
     return nn.relu(y + _shortcut(self, x, train, positions))
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_Block):
   """1x1, 3x3 (strided, torchvision's v1.5), 1x1 with 4x expansion (ResNet-50/101)."""
-  planes: int
-  stride: int = 1
-  dtype: Any = jnp.float32
-  bn_splits: int = 0
-  f32_weight_grads: bool = True
-  zero_init_residual: bool = False
   expansion = 4
 
   @nn.compact
   def __call__(self, x, train, positions=None):
-    bn = functools.partial(batch_norm, train, dtype=self.dtype, splits=self.bn_splits,
-                           positions=positions)
-    cv = functools.partial(conv, dtype=self.dtype, f32_weight_grads=self.f32_weight_grads)
+    bn, cv = self._layers(train, positions)
     y = nn.relu(bn(name="bn1")(cv(self.planes, 1, 1, "conv1")(x)))
     y = nn.relu(bn(name="bn2")(cv(self.planes, 3, self.stride, "conv2")(y)))
     y = bn(name="bn3", scale_init=_last_scale_init(self))(cv(self.planes * 4, 1, 1, "conv3")(y))
