@@ -87,19 +87,20 @@ def test_resume_is_exact_and_divergence_stops(cifar_root, tmp_path, mesh, caplog
   assert checkpoint.manager(split, config.checkpoint).all_steps() == [4, 8]
 
 
-def test_accumulated_smoke_run_resumes_exactly(cifar_root, tmp_path, caplog):
-  """The smoke run with optim.accum_steps=2 on 8 devices (32 images: 2 micro-batches of 2 rows
-  a device; a ResNet-18 with BatchNorm and shuffle-BN) trains 4 steps, checkpointing at 2; a run
-  resumed from the step-2 checkpoint alone logs the same metrics for steps 3 and 4."""
+def test_accumulated_smoke_run_resumes_exactly(cifar_root, tmp_path, mesh, caplog):
+  """The smoke run with optim.accum_steps=2 (32 images: 2 micro-batches of 16; a ResNet-18
+  with BatchNorm and shuffle-BN; one device, as the other resume test: the accumulated step on
+  8 devices is test_train_step's) trains 4 steps, checkpointing at 2; a run resumed from the
+  step-2 checkpoint alone logs the same metrics for steps 3 and 4."""
   config = smoke_config(cifar_root, max_steps=4)
   config.optim.accum_steps = 2
   config.checkpoint.every_steps = 2
   whole, resumed = tmp_path / "whole", tmp_path / "resumed"
   caplog.set_level(logging.INFO)
-  train.train(config, whole)
-  assert "; batch 32 in 2 micro-batches on 8 cpu device(s);" in caplog.text
+  train.train(config, whole, mesh)
+  assert "; batch 32 in 2 micro-batches on 1 cpu device(s);" in caplog.text
   shutil.copytree(whole / "checkpoints" / "2", resumed / "checkpoints" / "2")
-  train.train(config, resumed)
+  train.train(config, resumed, mesh)
   a, b = metrics.read(whole), metrics.read(resumed)
   assert sorted(a) == [1, 2, 3, 4] and sorted(b) == [3, 4]
   for step in (3, 4):

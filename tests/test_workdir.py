@@ -94,7 +94,7 @@ def test_every_evaluation_mode_locks_the_workdir(tmp_path, monkeypatch, mode):
   monkeypatch.setitem(evaluators.MODES, mode, evaluate)
   monkeypatch.setattr(main, "_load_trunk", lambda config, workdir, mode: ("weights", {}))
   monkeypatch.setattr(sources, "Splits", lambda data: types.SimpleNamespace(
-      open_eval=lambda: None, num_classes=10))
+      train=None, open_eval=lambda: None, num_classes=10))
   monkeypatch.setattr(evaluators, "provenance", lambda *args: {})
   main._run(load_config("cifar10_r18", "smoke"), str(tmp_path), mode)
   assert seen == [[workdir_lib.LOCK, f"lock_{mode}.json"]]
