@@ -15,10 +15,11 @@ The budget, the same for every method and applied over its recipe: ResNet-18 of 
 --batch images a step for --steps steps (epochs: what those steps cover, so the schedules end
 with the run when --steps is a whole number of epochs; no warm-up: the recipes' 5-10 of
 200-1000 epochs, scaled to the budget's, are under one step), XLA optimisation level 0
-(--fast-compile: compiling costs more than the steps save at this budget), the queue capped at
+(--fast-compile; a compilation takes about a minute on a loaded 2-core box), the queue capped at
 --max-queue (the recipes' 32,768-65,536 would outlast the subset's epoch and hold keys of the
-current batch's own images), kNN only at the end. The subset: the first --train-images / --test-images of each split
-of the archive, as many of each class, extracted once into --cache as class folders.
+current batch's own images), kNN only at the end. The subset: the first --train-images /
+--test-images of the two archives, as many of each class, extracted once into --cache as class
+folders.
 
   python benchmarks/learning_check.py --methods sce,byol --steps 10    # check it runs
   nice -n 5 python benchmarks/learning_check.py                          # all methods
