@@ -35,6 +35,7 @@ def base() -> ml_collections.ConfigDict:
   c.model.trunk = "resnet18"   # models.TRUNKS: resnet18/34/50/101, vit_tiny/small/base/large
   c.model.width = 0            # 0: the trunk's (64 for ResNets; 192/384/768/1024 for ViT-Ti/S/B/L)
   c.model.small_stem = True    # 3x3 stride-1 stem without max-pool for 32-pixel images
+  c.model.zero_init_residual = False  # ResNets: each block's last BN scale starts at 0 (MoCo v3)
   c.model.dtype = "bfloat16"   # computation; parameters stay float32
   # bfloat16/float16 layers compute and sum their weight gradients in float32, as the authors'
   # AMP (models/precision.py, docs/SCE.md 5); False: plain Flax (bf16 gradient sums), to compare.

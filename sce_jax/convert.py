@@ -7,12 +7,13 @@ Usage:
   python -m sce_jax.convert in  SRC OUT.safetensors [--config FILE[:ARG]] [--num_heads N]
       [--allow_pickle]
   python -m sce_jax.convert out SRC OUT.{safetensors,pth} [--which target]
-      [--layout torchvision|timm|authors] [--config FILE[:ARG]]
+      [--layout torchvision|timm|authors|mocov3] [--config FILE[:ARG]]
   python -m sce_jax.convert out --layout detectron2 SRC OUT.pkl
 SRC: an sce_jax workdir / checkpoint dir, a .safetensors file (any layout), or a
 .pth/.pt/.ckpt/.pth.tar file (needs PyTorch). `out` writes a ResNet trunk in torchvision's
 layout and a ViT trunk in timm's unless --layout says otherwise; detectron2: the ResNet trunk
-as the .pkl detectron2 loads for a pretrained backbone (MODEL.WEIGHTS; launch/detection/).
+as the .pkl detectron2 loads for a pretrained backbone (MODEL.WEIGHTS; launch/detection/);
+authors / mocov3: the whole model (trunks and heads) as the authors' or MoCo v3's checkpoint.
 """
 import argparse
 import json
@@ -40,7 +41,8 @@ def save_safetensors(variables, path, metadata=None):
 
 def save_torch(state_dict, path, layout="torchvision"):
   """A torch-layout state dict -> .safetensors, or .pth/.pt (needs torch). The authors' layout
-  is wrapped in {'state_dict': ...} like a Lightning checkpoint."""
+  and MoCo v3's are wrapped in {'state_dict': ...}, as a Lightning checkpoint and
+  moco-v3's main_moco.py save theirs."""
   path = pathlib.Path(path)
   if path.suffix == ".safetensors":
     import safetensors.numpy  # pylint: disable=g-import-not-at-top
@@ -52,7 +54,7 @@ def save_torch(state_dict, path, layout="torchvision"):
     raise ImportError(f"writing {path.suffix} needs PyTorch: pip install torch, or write "
                       ".safetensors.") from e
   tensors = {k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}
-  torch.save({"state_dict": tensors} if layout == "authors" else tensors, path)
+  torch.save({"state_dict": tensors} if layout in ("authors", "mocov3") else tensors, path)
 
 
 def save_detectron2(state_dict, path):

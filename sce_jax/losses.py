@@ -142,6 +142,16 @@ def normalized_mse(p, z):
   return jnp.sum((l2_normalize(p) - jax.lax.stop_gradient(l2_normalize(z))) ** 2, axis=-1)
 
 
+def moco_v3(q, keys, index, *, temp):
+  """MoCo v3's contrastive loss (facebookresearch/moco-v3, moco/builder.py contrastive_loss),
+  per row: the cross-entropy of q . keys / temp at the row's own key, x 2 temp; keys: every
+  device's target embeddings of the other view (concat_all_gather, no gradient), index: each
+  row's place in them. SCE's loss at coeff 1 with `batch_keys` and no queue."""
+  keys = jax.lax.stop_gradient(keys)
+  log_p = jax.nn.log_softmax(q @ keys.T / temp, axis=-1)
+  return -jnp.take_along_axis(log_p, index[:, None], axis=1)[:, 0] * (2 * temp)
+
+
 def nt_xent(a, b, a_all, b_all, index, *, temp):
   """SimCLR's NT-Xent (google-research/simclr tf2/objective.py add_contrastive_loss), per row:
   loss_a + loss_b, where loss_a is the cross-entropy of row a against [a . b_all, a . a_all

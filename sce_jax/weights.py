@@ -15,7 +15,10 @@ and the writers) converts through it. These layouts, one name mapping (`_PARTS`,
   MoCo v3 ViTs' layout, trunk only; a classifier `head.*` is dropped on import.
 * mocov3: MoCo v3's training checkpoint, a timm ViT (or torchvision ResNet) under
   `base_encoder.` (online) and `momentum_encoder.` (target); its heads (`*.head.*`, `*.fc.*`,
-  `predictor.*`) are not SCE's and are dropped.
+  `predictor.*`) are dropped on import. Export writes the whole model as moco/builder.py names
+  it under DDP's `module.`: the projectors as the encoders' `fc` (ResNet) or `head` (ViT), the
+  predictor, each an nn.Sequential of (Linear, BatchNorm1d, ReLU) groups (the method
+  `moco_v3`'s heads, docs/SCE.md 12); moco-v3's main_lincls.py reads its trunk.
 * detectron2 (export only): a ResNet trunk as detectron2 loads a pretrained backbone, the
   renaming of MoCo's `detection/convert-pretrain-to-detectron2.py` applied to torchvision's
   names (`detectron2_key`): `stem.conv1`, `res2`..`res5` for `layer1`..`layer4`, a BatchNorm as
@@ -73,13 +76,18 @@ _TO_TORCH_LEAF = {(c, f): t for c, f, t in _LEAVES}
 # Trunk-only layouts: each network's trunk prefix; keys starting with _HEADS after it are not
 # the trunk (torchvision's and timm's classifiers, MoCo v3's projector) and are dropped.
 _BARE = trunks.TORCH_LAYOUTS  # a trunk alone, its keys without a prefix: each family's layout
+# MoCo v3's (network, part) prefixes (moco/builder.py); {head}: the family's TORCH_HEAD.
+_MOCOV3 = {("online", "trunk"): "base_encoder.", ("target", "trunk"): "momentum_encoder.",
+           ("online", "projector"): "base_encoder.{head}.",
+           ("target", "projector"): "momentum_encoder.{head}.",
+           ("online", "predictor"): "predictor."}
 _TRUNK_PREFIXES = {
     **{layout: {("online", "trunk"): ""} for layout in _BARE},
-    "mocov3": {("online", "trunk"): "base_encoder.", ("target", "trunk"): "momentum_encoder."},
+    "mocov3": {k: v for k, v in _MOCOV3.items() if k[1] == "trunk"},
 }
-_HEADS = ("fc.", "head.")
-# What `to_torch` writes: a trunk alone, or the authors' whole model.
-EXPORT_LAYOUTS = (*_BARE, "detectron2", "authors")
+_HEADS = tuple(f"{head}." for head in trunks.TORCH_HEADS)
+# What `to_torch` writes: a trunk alone, or a whole model (the authors', MoCo v3's).
+EXPORT_LAYOUTS = (*_BARE, "detectron2", "authors", "mocov3")
 _TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".tar", ".bin")
 
 
@@ -233,8 +241,18 @@ def to_torch(variables, layout="torchvision", which="online") -> dict[str, np.nd
   """sce_jax variables -> a torch-layout state dict of numpy arrays.
 
   torchvision (a ResNet), timm (a ViT), detectron2 (a ResNet, without BatchNorm update
-  counts): the `which` ('online' or 'target') trunk. authors: every network part present.
+  counts): the `which` ('online' or 'target') trunk. authors, mocov3: every network part
+  present (the authors' keys renamed: their MLPs' `layers.N` are MoCo v3's entries N too).
   """
+  if layout == "mocov3":
+    head = trunks.of_weights(variables.get("params", {}).get("trunk", {})).TORCH_HEAD
+    renames = {_PARTS[part] + ("" if part[1] == "trunk" else "layers."): prefix.format(head=head)
+               for part, prefix in _MOCOV3.items()}
+    out = {}
+    for key, x in to_torch(variables, "authors").items():
+      old = next(p for p in renames if key.startswith(p))
+      out[f"module.{renames[old]}{key[len(old):]}"] = x
+    return out
   if layout == "detectron2":
     family = trunks.of_weights(variables.get(NETS[which][0], {}).get("trunk", {}))
     if family.TORCH_LAYOUT != "torchvision":

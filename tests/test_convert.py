@@ -16,6 +16,7 @@ import safetensors.numpy
 from sce_jax import config as sce_config
 from sce_jax import convert, weights
 from sce_jax.models import resnet, sce, trunks
+from tests import helpers
 from tests.helpers import np_vit
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -330,6 +331,47 @@ def test_timm_round_trip_and_mocov3_checkpoint(tmp_path):
       "kernel"], target["blocks.1.mlp.fc2.weight"].T)
   cfg = vit_cfg()
   weights.check_variables(variables, cfg, layout="mocov3")
+
+
+def _moco_v3_head_keys(prefix, dims, last_bn):
+  """moco-v3 builder.py _build_mlp's state-dict keys and shapes: Linear(bias=False) at 3l,
+  BatchNorm1d at 3l + 1 after each hidden layer, the last BN (affine=False) only if last_bn."""
+  bn = lambda k, c, affine: {**({f"{k}.weight": (c,), f"{k}.bias": (c,)} if affine else {}),
+                             f"{k}.running_mean": (c,), f"{k}.running_var": (c,),
+                             f"{k}.num_batches_tracked": ()}
+  keys, n = {}, len(dims) - 1
+  for l in range(n):
+    keys[f"{prefix}{3 * l}.weight"] = (dims[l + 1], dims[l])
+    if l < n - 1 or last_bn:
+      keys.update(bn(f"{prefix}{3 * l + 1}", dims[l + 1], affine=l < n - 1))
+  return keys
+
+
+@pytest.mark.parametrize("file,head", [("cifar10_r18", "fc"), ("cifar10_vit", "head")])
+def test_moco_v3_out_names_the_heads_as_moco_v3(file, head):
+  """`convert out --layout mocov3` of the method moco_v3's networks: every key of moco-v3's
+  MoCo_ResNet / MoCo_ViT (the projectors under the encoders' fc / head, the predictor; BN-in-MLP
+  heads without biases, the last BN without affine) with torch's shapes, under `module.`; read
+  back, it gives the online and target trunks."""
+  cfg = helpers.load_config(file, "smoke,method=moco_v3").model
+  variables = random_variables(cfg, np.random.default_rng(14))
+  sd = weights.to_torch(variables, "mocov3")
+  feat, hid, out = trunks.feature_dim(cfg), cfg.projector.hidden_dim, cfg.projector.out_dim
+  proj = [feat] + [hid] * (cfg.projector.num_layers - 1) + [out]
+  want = {**_moco_v3_head_keys(f"module.base_encoder.{head}.", proj, True),
+          **_moco_v3_head_keys(f"module.momentum_encoder.{head}.", proj, True),
+          **_moco_v3_head_keys("module.predictor.", [out, cfg.predictor.hidden_dim, out],
+                               cfg.predictor.last_bn)}
+  assert {k: v.shape for k, v in sd.items() if k in want} == want
+  trunk = lambda encoder: {k.removeprefix(encoder) for k in sd
+                           if k.startswith(encoder) and k not in want}
+  base, momentum = trunk("module.base_encoder."), trunk("module.momentum_encoder.")
+  assert base == momentum and len(sd) == len(want) + 2 * len(base)
+  back = weights.from_torch(sd)
+  for collection, tree in variables.items():
+    if collection != "params" and tree.get("trunk"):  # the online probe is sce_jax's own
+      assert_trees_equal(back[collection], {"trunk": tree["trunk"]})
+  assert_trees_equal(back["params"], {"trunk": variables["params"]["trunk"]})
 
 
 def test_vit_sce_round_trip_in_the_authors_layout():

@@ -63,7 +63,14 @@ def np_simclr(q, z, queue, pairs, temp, **_):
   return np.mean(np.diag(loss_a[:, :n]) + np.diag(loss_b[:, :n]))
 
 
-REFERENCES = {"moco_v2": np_moco_v2, "ressl": np_ressl, "byol": np_byol, "simclr": np_simclr}
+def np_moco_v3(q, z, queue, pairs, temp, **_):
+  """moco-v3 builder.py: the sum over the pairs of CrossEntropy(q . concat_all_gather(k) / T,
+  own index) x 2T; over the global batch the own index is the row's."""
+  return sum(-np.diag(_log_softmax(q[j] @ z[i].T / temp)).mean() * 2 * temp for i, j in pairs)
+
+
+REFERENCES = {"moco_v2": np_moco_v2, "moco_v3": np_moco_v3, "ressl": np_ressl, "byol": np_byol,
+              "simclr": np_simclr}
 
 
 def test_every_baseline_has_a_reference():
@@ -101,12 +108,17 @@ def test_loss_matches_numpy_on_8_and_1_devices(name, symmetric):
 
 @pytest.mark.parametrize("name", list(methods.METHODS))
 def test_recipes_switch_the_config_files(name):
-  """--config.method=NAME on the CIFAR and ImageNet ResNet files gives the method's recipe
-  (its module's values) and a config that validates; a missing combination is one line."""
+  """--config.method=NAME on the CIFAR and ImageNet files (the ViT ones where the method has a
+  ViT recipe) gives the method's recipe (its module's values) and a config that validates; a
+  missing combination is one line."""
+  recipes = methods.get(name).RECIPES
   for file, setting in (("cifar10_r18", "cifar"), ("cifar100_r18", "cifar"),
-                        ("imagenet_r50", "imagenet")):
+                        ("imagenet_r50", "imagenet"), ("cifar10_vit", "cifar_vit"),
+                        ("imagenet_vit_s16", "imagenet_vit")):
+    if setting not in recipes:
+      continue
     config = load_config(file, f"method={name}")
-    recipe = methods.get(name).RECIPES[setting]
+    recipe = recipes[setting]
     recipe = recipe(config) if callable(recipe) else recipe
     assert config.method == name
     assert all(config[key] == value for key, value in recipe.items()), (file, name)
@@ -114,7 +126,8 @@ def test_recipes_switch_the_config_files(name):
   if "cifar_vit" not in methods.get(name).RECIPES:
     with pytest.raises(sce_config.ConfigError,
                        match=rf"^method '{name}' has no recipe for this config file's "
-                             r"setting, cifar_vit \(.*; cifar_vit has sce\); pick another"):
+                             r"setting, cifar_vit \(.*; cifar_vit has sce, moco_v3\b.*\); "
+                             r"pick another"):
       load_config("cifar10_vit", f"method={name}")
 
 

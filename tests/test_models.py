@@ -51,6 +51,21 @@ def test_stem_resolution(small_stem, side):
   assert inter["layer1_0"]["__call__"][0].shape == (1, side, side, 4)
 
 
+@pytest.mark.parametrize("block,last", [(resnet.BasicBlock, "bn2"), (resnet.Bottleneck, "bn3")])
+def test_zero_init_residual_starts_each_block_as_its_shortcut(block, last):
+  """torchvision's zero_init_residual (MoCo v3's ImageNet ResNet, model.zero_init_residual):
+  the block's last BatchNorm scale starts at 0, every other at 1, so the block starts as
+  relu(its shortcut), exactly."""
+  x = jax.random.normal(jax.random.key(1), (2, 4, 4, 8))
+  net = block(planes=8 // block.expansion, zero_init_residual=True)
+  variables = net.init(jax.random.key(0), x, False)
+  for path, v in traverse_util.flatten_dict(variables["params"]).items():
+    if path[-1] == "scale":
+      np.testing.assert_array_equal(v, 0.0 if path[0] == last else 1.0, err_msg=str(path))
+  np.testing.assert_array_equal(net.apply(variables, x, False), jax.nn.relu(x))
+  assert resnet.build(load_config("imagenet_r50", "method=moco_v3").model).zero_init_residual
+
+
 def test_imagenet_heads():
   c = load_config("cifar10_r18")
   proj = heads.MLP(hidden_dim=2048, out_dim=256, num_layers=3, last_bn=True)

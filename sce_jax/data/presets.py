@@ -80,6 +80,12 @@ def byol(size=224):
           ViewSpec(size, scale=(0.08, 1.0), blur=0.1, solarize=0.2))
 
 
+def moco_v3(size=224):
+  """MoCo v3's ResNet views (moco-v3 main_moco.py augmentation1 / 2, BYOL's pair, with
+  CONFIG.md's --crop-min=.2): `byol` with crops of scale 0.2-1."""
+  return (ViewSpec(size, blur=1.0), ViewSpec(size, blur=0.1, solarize=0.2))
+
+
 def cifar_moco_v2(size=32):
   """solo-learn's symmetric_weak.yaml (MoCo v2+): MoCo v2's aug+ with crops of scale 0.08-1."""
   return (ViewSpec(size, scale=(0.08, 1.0), saturation=0.4, blur=0.5),) * 2
@@ -104,6 +110,7 @@ PRESETS = {
     "moco_v2": moco_v2,
     "simclr": simclr,
     "byol": byol,
+    "moco_v3": moco_v3,
     "cifar_moco_v2": cifar_moco_v2,
     "cifar_byol": cifar_byol,
     "cifar_ressl": cifar_ressl,

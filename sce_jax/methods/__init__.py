@@ -17,11 +17,12 @@ A method module owns what differs between methods, for the one training step of
 Adding a method is adding its module and its line below.
 """
 from sce_jax.config import ConfigError
-from sce_jax.methods import byol, moco_v2, ressl, sce, simclr
+from sce_jax.methods import byol, moco_v2, moco_v3, ressl, sce, simclr
 
 METHODS = {
     "sce": sce,
     "moco_v2": moco_v2,
+    "moco_v3": moco_v3,
     "simclr": simclr,
     "byol": byol,
     "ressl": ressl,

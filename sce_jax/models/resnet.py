@@ -29,10 +29,12 @@ def conv(features, kernel, stride=1, name=None, dtype=jnp.float32, init=inits.to
                  **precision.conv_options(dtype, f32_weight_grads))
 
 
-def batch_norm(train, name=None, dtype=jnp.float32, splits=0, positions=None):
+def batch_norm(train, name=None, dtype=jnp.float32, splits=0, positions=None,
+               scale_init=nn.initializers.ones):
   """nn.BatchNorm, or `SplitBatchNorm` with `splits` > 0 groups of the rows at `positions`."""
   # PyTorch BN momentum 0.1 is Flax momentum 0.9; eps 1e-5 as in torch.
-  kw = dict(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, name=name)
+  kw = dict(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, name=name,
+            scale_init=scale_init)
   if splits:
     return functools.partial(SplitBatchNorm(splits, **kw), positions=positions)
   return nn.BatchNorm(**kw)
@@ -56,13 +58,14 @@ class SplitBatchNorm(nn.Module):
   momentum: float = 0.9
   epsilon: float = 1e-5
   dtype: Any = jnp.float32
+  scale_init: Any = nn.initializers.ones
 
   @nn.compact
   def __call__(self, x, positions=None):
     features = (x.shape[-1],)
     ra_mean = self.variable("batch_stats", "mean", jnp.zeros, features, jnp.float32)
     ra_var = self.variable("batch_stats", "var", jnp.ones, features, jnp.float32)
-    scale = self.param("scale", nn.initializers.ones, features, jnp.float32)
+    scale = self.param("scale", self.scale_init, features, jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, features, jnp.float32)
     y = x.astype(jnp.float32)
     if self.use_running_average:
@@ -94,6 +97,7 @@ class BasicBlock(nn.Module):
   dtype: Any = jnp.float32
   bn_splits: int = 0
   f32_weight_grads: bool = True
+  zero_init_residual: bool = False
   expansion = 1
 
   @nn.compact
@@ -102,7 +106,7 @@ class BasicBlock(nn.Module):
                            positions=positions)
     cv = functools.partial(conv, dtype=self.dtype, f32_weight_grads=self.f32_weight_grads)
     y = nn.relu(bn(name="bn1")(cv(self.planes, 3, self.stride, "conv1")(x)))
-    y = bn(name="bn2")(cv(self.planes, 3, 1, "conv2")(y))
+    y = bn(name="bn2", scale_init=_last_scale_init(self))(cv(self.planes, 3, 1, "conv2")(y))
     return nn.relu(y + _shortcut(self, x, train, positions))
 
 
@@ -113,6 +117,7 @@ class Bottleneck(nn.Module):
   dtype: Any = jnp.float32
   bn_splits: int = 0
   f32_weight_grads: bool = True
+  zero_init_residual: bool = False
   expansion = 4
 
   @nn.compact
@@ -122,8 +127,14 @@ class Bottleneck(nn.Module):
     cv = functools.partial(conv, dtype=self.dtype, f32_weight_grads=self.f32_weight_grads)
     y = nn.relu(bn(name="bn1")(cv(self.planes, 1, 1, "conv1")(x)))
     y = nn.relu(bn(name="bn2")(cv(self.planes, 3, self.stride, "conv2")(y)))
-    y = bn(name="bn3")(cv(self.planes * 4, 1, 1, "conv3")(y))
+    y = bn(name="bn3", scale_init=_last_scale_init(self))(cv(self.planes * 4, 1, 1, "conv3")(y))
     return nn.relu(y + _shortcut(self, x, train, positions))
+
+
+def _last_scale_init(block):
+  """torchvision's zero_init_residual: the last BatchNorm of each block starts with scale 0,
+  so that the block starts as its shortcut (MoCo v3, docs/SCE.md 12); else 1."""
+  return nn.initializers.zeros if block.zero_init_residual else nn.initializers.ones
 
 
 def _shortcut(block, x, train, positions):
@@ -145,6 +156,7 @@ class ResNet(nn.Module):
   bn_splits: int = 0        # > 0: every BatchNorm is a SplitBatchNorm (shuffle-BN target).
   f32_weight_grads: bool = True  # of bfloat16/float16 convolutions (models/precision.py)
   remat: bool = False       # recompute each block's activations in the backward pass (sce.py)
+  zero_init_residual: bool = False  # each block's last BN scale starts at 0 (torchvision's)
 
   @nn.compact
   def __call__(self, x, train: bool = True, positions=None):
@@ -164,7 +176,8 @@ class ResNet(nn.Module):
       for j in range(blocks):
         stride = 2 if i > 0 and j == 0 else 1
         x = block(self.width * 2**i, stride, self.dtype, self.bn_splits,
-                       self.f32_weight_grads, name=f"layer{i + 1}_{j}")(x, train, positions)
+                  self.f32_weight_grads, self.zero_init_residual,
+                  name=f"layer{i + 1}_{j}")(x, train, positions)
     return jnp.mean(x, axis=(1, 2))
 
 
@@ -196,6 +209,7 @@ MODULE = ResNet
 HAS_BATCH_STATS = True        # shuffle-BN (sce.target_bn_splits) splits them
 TORCH_LAYOUT = "torchvision"  # the weights' torch layout (weights.py)
 MARK = "conv1"                # a top-level name of its weights, flax or torch
+TORCH_HEAD = "fc"             # torch's name of its classifier (MoCo v3: of its projector)
 NO_DECAY = ()                 # parameters without weight decay besides norms and biases
 EVAL_KEYS = ()                # model keys evaluation features depend on besides the weights
 TINY = dict(width=8)          # the benchmarks' CPU stand-in
@@ -208,7 +222,8 @@ def build(model_cfg, bn_splits=0, module=ResNet, remat_blocks=False) -> ResNet:
   return resnet(model_cfg.trunk, module=module, remat=remat_blocks,
                 width=model_cfg.width or WIDTH,
                 small_stem=model_cfg.small_stem, dtype=jnp.dtype(model_cfg.dtype),
-                bn_splits=bn_splits, f32_weight_grads=model_cfg.get("f32_weight_grads", True))
+                bn_splits=bn_splits, f32_weight_grads=model_cfg.get("f32_weight_grads", True),
+                zero_init_residual=model_cfg.get("zero_init_residual", False))
 
 
 def feature_width(model_cfg) -> int:

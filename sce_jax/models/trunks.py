@@ -2,9 +2,10 @@
 
 A family is a module of models/ (`resnet.py`, `vit.py`) that defines, at its end:
   NAME, MODULE (its Flax module class), HAS_BATCH_STATS (shuffle-BN needs them), TORCH_LAYOUT (weights.py), MARK (a top-level
-  name of its weights), NO_DECAY (optim.py), EVAL_KEYS (model keys an evaluation records),
-  TINY (a CPU stand-in for benchmarks), ARCHS (its model.trunk values), UNINFERRED (what
-  infer_config cannot read from weights);
+  name of its weights), TORCH_HEAD (torch's name of its classifier, weights.py), NO_DECAY
+  (optim.py), EVAL_KEYS (model keys an evaluation records), TINY (a CPU stand-in for
+  benchmarks), ARCHS (its model.trunk values), UNINFERRED (what infer_config cannot read from
+  weights);
   build(model_cfg, bn_splits, module, remat_blocks), feature_width(model_cfg), frozen(model_cfg) (parameters that
   never train), config_problem(model_cfg, crop_sizes) (schema.py), describe(model_cfg);
   describe_weights(trunk_params), check_weights(trunk_params, model_cfg, net),
@@ -29,6 +30,8 @@ TRUNKS = tuple(name for f in FAMILIES for name in f.ARCHS)
 NO_DECAY = tuple(name for f in FAMILIES for name in f.NO_DECAY)
 # The trunk-only torch layouts (weights.py).
 TORCH_LAYOUTS = tuple(f.TORCH_LAYOUT for f in FAMILIES)
+# Torch's names of the families' classifiers (MoCo v3's projectors), dropped on import (weights.py).
+TORCH_HEADS = tuple(f.TORCH_HEAD for f in FAMILIES)
 
 
 def family(model_cfg):

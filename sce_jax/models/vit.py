@@ -257,6 +257,7 @@ MODULE = ViT
 HAS_BATCH_STATS = False  # no BatchNorm, so no shuffle-BN
 TORCH_LAYOUT = "timm"    # the weights' torch layout (weights.py)
 MARK = "cls_token"       # a top-level name of its weights, flax or torch
+TORCH_HEAD = "head"      # torch's name of its classifier (MoCo v3: of its projector)
 # Parameters without weight decay besides norms and biases (ndim <= 1): the position embedding
 # and class token (eztorch's keys_without_decay, docs/SCE.md 10).
 NO_DECAY = ("pos_embed", "cls_token")
