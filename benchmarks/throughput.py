@@ -25,6 +25,11 @@ per step x steps/s / the device's dense bf16 peak (PEAKS, by jax.devices()[0].de
   python benchmarks/throughput.py --cases a,b,c,d,e --json throughput.json
   python benchmarks/throughput.py --cases a,b --host-stage crops,decode --f32-weight-grads on
   python benchmarks/throughput.py --smoke   # tiny shapes, any CPU
+  python benchmarks/throughput.py --cases a,d --methods sce,moco_v2,moco_v3,byol,simclr,ressl,dino
+
+--methods times other methods' steps (sce_jax/methods/: each case's config file with that
+method's recipe, `--config.method=NAME`) on the same trunk and crops; a method without a recipe
+for a case's file (DINO on the ResNet-50 file) is skipped with a line.
 """
 import argparse
 import dataclasses
@@ -118,9 +123,10 @@ def smoke(case):
   return dataclasses.replace(case, batch=4 if case.per_device else 16, views=views)
 
 
-def case_config(case, small, devices=None):
-  """The case's config and views; a per-device batch is for `devices` (default: JAX's)."""
-  c = sce_config.load(str(ROOT / case.config))
+def case_config(case, small, devices=None, method=None):
+  """The case's config (with `method`'s recipe, else the file's method) and views; a per-device
+  batch is for `devices` (default: JAX's)."""
+  c = sce_config.load(str(ROOT / case.config), method)
   c.unlock()
   c.batch_size = case.batch * ((devices or jax.device_count()) if case.per_device else 1)
   if small:
@@ -179,9 +185,9 @@ def _flops(compiled):
 
 
 def measure(case, *, colour, concat, steps, warmup, small, f32_weight_grads=True,
-            host_stage="crops"):
+            host_stage="crops", method=None):
   """One row: compile, warm up, time `steps` steps; returns a dict of what was measured."""
-  config, views = case_config(case, small)
+  config, views = case_config(case, small, method=method)
   config.model.f32_weight_grads = f32_weight_grads
   config.data.host_stage = host_stage
   if concat is not None:
@@ -208,7 +214,8 @@ def measure(case, *, colour, concat, steps, warmup, small, f32_weight_grads=True
   flops = _flops(compiled)
   tflops, _ = peak(jax.devices()[0].device_kind)
   return {
-      "case": case.name, "batch": config.batch_size, "views": [v.size for v in views],
+      "case": case.name, "method": config.method, "batch": config.batch_size,
+      "views": [v.size for v in views],
       "colour": colour, "concat_views": config.model.get("concat_views"),
       "f32_weight_grads": f32_weight_grads, "dtype": config.model.dtype,
       "host_stage": "on device" if case.on_device else host_stage,
@@ -219,20 +226,24 @@ def measure(case, *, colour, concat, steps, warmup, small, f32_weight_grads=True
 
 
 def run(cases, *, colours=(True, False), both_concat=True, f32_grads=(True, False), steps=20,
-        warmup=3, small=False, log=print, host_stages=("crops",)):
-  """Rows for each case, colour setting, model.f32_weight_grads setting and data.host_stage (of
-  the cases with a host stage), and with model.concat_views off and on where the config has
-  that key and both_concat (else at the config's value)."""
+        warmup=3, small=False, log=print, host_stages=("crops",), methods=(None,)):
+  """Rows for each case, method (None: the file's), colour setting, model.f32_weight_grads
+  setting and data.host_stage (of the cases with a host stage), and with model.concat_views
+  off and on where the config has that key and both_concat (else at the config's value)."""
   rows = []
-  for key in cases:
+  for key, method in ((k, m) for k in cases for m in methods):
     case = smoke(CASES[key]) if small else CASES[key]
-    has_concat = "concat_views" in sce_config.load(str(ROOT / case.config)).model
+    try:
+      has_concat = "concat_views" in sce_config.load(str(ROOT / case.config), method).model
+    except sce_config.ConfigError as e:  # no recipe of this method for the case's file
+      log(f"({key}) {method}: skipped, {e}")
+      continue
     for colour in colours:
       for concat in ((False, True) if has_concat and both_concat else (None,)):
         for f32 in f32_grads:
           for stage in ("crops",) if case.on_device else host_stages:
             row = measure(case, colour=colour, concat=concat, steps=steps, warmup=warmup,
-                          small=small, f32_weight_grads=f32, host_stage=stage)
+                          small=small, f32_weight_grads=f32, host_stage=stage, method=method)
             rows.append({"key": key, **row})
             log(format_row(rows[-1]))
   return rows
@@ -246,14 +257,16 @@ def header():
           "peak_source": source}
 
 
-TABLE = ("| case | batch | colour | concat_views | f32 weight grads | host stage | compile s | "
+TABLE = ("| case | method | batch | colour | concat_views | f32 weight grads | host stage | "
+         "compile s | "
          "step ms | steps/s | images/s | TFLOP/step | MFU |\n"
-         "|---|---|---|---|---|---|---|---|---|---|---|---|")
+         "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def format_row(r):
   mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
-  return (f"| ({r['key']}) {r['case']} | {r['batch']} | {'on' if r['colour'] else 'off'} | "
+  return (f"| ({r['key']}) {r['case']} | {r['method']} | {r['batch']} | "
+          f"{'on' if r['colour'] else 'off'} | "
           f"{r['concat_views']} | {'on' if r['f32_weight_grads'] else 'off'} | "
           f"{r['host_stage']} | {r['compile_s']:.0f} | {r['step_ms']:.1f} | "
           f"{r['steps_per_s']:.2f} | {r['images_per_s']:.0f} | {r['step_tflop']:.3g} | {mfu} |")
@@ -262,6 +275,8 @@ def format_row(r):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--cases", default="a,b,c,d,e", help="comma-separated: a, b, c, d, e")
+  parser.add_argument("--methods", default="",
+                      help="comma-separated methods (sce_jax/methods/); default: each file's")
   parser.add_argument("--colour", default="on,off", help="on, off or on,off")
   parser.add_argument("--concat", default="both", choices=("both", "config"),
                       help="model.concat_views off and on, or the config's value")
@@ -283,7 +298,8 @@ def main():
   rows = run(args.cases.split(","), colours=[c == "on" for c in args.colour.split(",")],
              both_concat=args.concat == "both",
              f32_grads=[g == "on" for g in args.f32_weight_grads.split(",")], steps=args.steps,
-             warmup=args.warmup, small=args.smoke, host_stages=args.host_stage.split(","))
+             warmup=args.warmup, small=args.smoke, host_stages=args.host_stage.split(","),
+             methods=args.methods.split(",") if args.methods else (None,))
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps({**info, "rows": rows}, indent=1))
 
